@@ -13,7 +13,8 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape [..., T, D] for integer positions (any leading dims)."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions_T.device) / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions_T.device) / head_dim)
     )
     angles = positions_T.to(torch.float64)[..., None] * inv_freq
     angles_TD = torch.cat([angles, angles], dim=-1)

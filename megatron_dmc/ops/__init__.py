@@ -1,0 +1,61 @@
+"""Pure-tensor DMC maths: no Megatron import, single device, [batch, heads, time, dim] layout."""
+
+from megatron_dmc.ops.accumulate import windowed_partial_accumulation
+from megatron_dmc.ops.attention import (
+    HARD_MASK_VALUE,
+    attention_bias,
+    dmc_attention,
+    dmc_attention_reference,
+)
+from megatron_dmc.ops.config import DMCConfig
+from megatron_dmc.ops.decisions import (
+    decision_logits,
+    force_first_append,
+    importance_weights,
+    rope_without_decision_channel,
+    zero_decision_channel,
+)
+from megatron_dmc.ops.forward import DMCDecisions, dmc_self_attention, make_decisions
+from megatron_dmc.ops.loss import (
+    CRSchedule,
+    ZeroOutSchedule,
+    achieved_compression_ratio,
+    compression_loss,
+)
+from megatron_dmc.ops.reference import dmc_sequential_reference
+from megatron_dmc.ops.relaxation import (
+    eval_decisions,
+    gumbel_sigmoid,
+    hard_decisions,
+    straight_through,
+)
+from megatron_dmc.ops.rope import apply_rope, rope_cos_sin, rotate_half
+
+__all__ = [
+    "HARD_MASK_VALUE",
+    "CRSchedule",
+    "DMCConfig",
+    "DMCDecisions",
+    "ZeroOutSchedule",
+    "achieved_compression_ratio",
+    "apply_rope",
+    "attention_bias",
+    "compression_loss",
+    "decision_logits",
+    "dmc_attention",
+    "dmc_attention_reference",
+    "dmc_self_attention",
+    "dmc_sequential_reference",
+    "eval_decisions",
+    "force_first_append",
+    "gumbel_sigmoid",
+    "hard_decisions",
+    "importance_weights",
+    "make_decisions",
+    "rope_cos_sin",
+    "rope_without_decision_channel",
+    "rotate_half",
+    "straight_through",
+    "windowed_partial_accumulation",
+    "zero_decision_channel",
+]
