@@ -102,20 +102,21 @@ def dmc_attention(
     k_self_BG1E[..., -1] = 1.0
     keys_BGSE = torch.cat([k_self_BG1E, k_aug_BGTE[:, :, :-1]], dim=2)
 
-    v_aug_BGTF = F.pad(vtilde_BGTD, (0, 1))
+    # Values get the same width as q/k (one-hot channel + one zero channel): the CPU and
+    # GPU fused SDPA kernels fall back to the O(T^2) math path when widths differ.
+    v_aug_BGTF = F.pad(vtilde_BGTD, (0, q_aug_BHTE.shape[-1] - value_dim))
     v_self_BG1F = torch.zeros_like(v_aug_BGTF[:, :, :1])
-    v_self_BG1F[..., -1] = 1.0
+    v_self_BG1F[..., value_dim] = 1.0
     values_BGSF = torch.cat([v_self_BG1F, v_aug_BGTF[:, :, :-1]], dim=2)
 
     out_BHTF = _causal_sdpa(q_aug_BHTE, keys_BGSE, values_BGSF, scale, num_heads // num_groups)
-    self_weight_BHT1 = out_BHTF[..., value_dim:]
+    self_weight_BHT1 = out_BHTF[..., value_dim : value_dim + 1]
     return out_BHTF[..., :value_dim] + self_weight_BHT1 * vtilde_BHTD
 
 
 def _causal_sdpa(
     q_BHTE: torch.Tensor, k_BGSE: torch.Tensor, v_BGSF: torch.Tensor, scale: float, group: int
 ) -> torch.Tensor:
-    if group > 1:
-        k_BGSE = k_BGSE.repeat_interleave(group, dim=1)
-        v_BGSF = v_BGSF.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSF, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(
+        q_BHTE, k_BGSE, v_BGSF, is_causal=True, scale=scale, enable_gqa=group > 1
+    )
