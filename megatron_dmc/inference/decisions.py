@@ -1,0 +1,61 @@
+"""Hard decisions at inference: from the model's channel D-1, or forced to a chosen rate.
+
+Legend: B sequences, H query heads, G KV heads, T time, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_dmc.ops import DMCConfig, decision_logits, eval_decisions, importance_weights
+
+
+@dataclass(frozen=True)
+class ForcedRate:
+    """Benchmark-only decisions: every head appends once per `cr` tokens, merging the rest.
+
+    Gives compression ratio `cr` regardless of the weights, so that speed and memory can
+    be measured at any CR with random weights. Outputs are NOT those of a trained model.
+    KV head g is offset by g tokens so that heads do not all append on the same step.
+    """
+
+    cr: float
+
+    def __post_init__(self) -> None:
+        if not self.cr >= 1.0:
+            raise ValueError(f"forced compression ratio must be >= 1.0; got {self.cr!r}")
+
+    def merges(self, positions_BT: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """alpha [B, G, T]: 1 where token t merges into the previous slot."""
+        offset_G1 = torch.arange(num_kv_heads, device=positions_BT.device)[:, None]
+        shifted_BGT = positions_BT[:, None, :] + offset_G1
+        slot_BGT = torch.floor(shifted_BGT / self.cr)
+        prev_BGT = torch.floor((shifted_BGT - 1) / self.cr)
+        return (slot_BGT == prev_BGT) & (positions_BT[:, None, :] > 0)
+
+
+def layer_decisions(
+    q_BHTD: torch.Tensor,
+    k_BGTD: torch.Tensor,
+    positions_BT: torch.Tensor,
+    dmc: DMCConfig,
+    forced: ForcedRate | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha [B, G, T] bool, omega [B, G, T]); position 0 always appends."""
+    num_groups = k_BGTD.shape[1]
+    omega_BGT = importance_weights(q_BHTD, num_groups, dmc.init_value)
+    if forced is not None:
+        return forced.merges(positions_BT, num_groups), omega_BGT
+    alpha_BGT = eval_decisions(decision_logits(k_BGTD, dmc.init_value)).bool()
+    return alpha_BGT & (positions_BT[:, None, :] > 0), omega_BGT
+
+
+def forced_rate_label(forced: ForcedRate | None) -> str:
+    if forced is None:
+        return "decisions from the model"
+    cr = forced.cr
+    shown = str(int(cr)) if math.isclose(cr, round(cr)) else f"{cr:g}"
+    return f"FORCED-RATE decisions (CR {shown}, not the model's own)"

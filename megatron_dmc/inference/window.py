@@ -1,0 +1,135 @@
+"""The open slot's window state: a ring of the last W contributions of its accumulation run.
+
+Legend: B sequences, G KV heads, T time, D head dim, W window.
+
+Run position p (0 = the token that opened the slot) lives at ring index p % W. Entries
+that belong to no token have weight 0, so the running sums
+    sum_wk = sum_ring w*k,  sum_wv = sum_ring w*v,  sum_w = sum_ring w
+are recomputed from the ring at every merge (W adds per channel) instead of being updated
+by subtraction, so they never drift over long runs. Keys are pre-RoPE, channel D-1 zeroed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WindowState:
+    """Window state of a batch of streams of one layer (a copy; write back with the cache)."""
+
+    k_BGWD: torch.Tensor
+    v_BGWD: torch.Tensor
+    w_BGW: torch.Tensor
+    run_len_BG: torch.Tensor
+    """Tokens in the open slot's accumulation run (may exceed W; 0 for an empty stream)."""
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum_wk [B,G,D], sum_wv [B,G,D], sum_w [B,G]) over the ring."""
+        w_BGW1 = self.w_BGW[..., None]
+        return (w_BGW1 * self.k_BGWD).sum(2), (w_BGW1 * self.v_BGWD).sum(2), self.w_BGW.sum(2)
+
+
+def merge_step(
+    state: WindowState,
+    k_BGD: torch.Tensor,
+    v_BGD: torch.Tensor,
+    w_BG: torch.Tensor,
+    merge_BG: torch.Tensor,
+) -> tuple[WindowState, torch.Tensor, torch.Tensor]:
+    """One token of Algorithm 1: open a new run (merge False) or extend the run (True).
+
+    Returns the new state and the open slot's pre-RoPE key and value [B, G, D]: the
+    token itself after an append, the windowed weighted mean after a merge.
+    """
+    window = state.w_BGW.shape[-1]
+    keep_BG = merge_BG.to(state.w_BGW.dtype)
+    index_BG = torch.where(merge_BG, state.run_len_BG % window, 0)
+    k_BGWD = state.k_BGWD * keep_BG[..., None, None]
+    v_BGWD = state.v_BGWD * keep_BG[..., None, None]
+    w_BGW = state.w_BGW * keep_BG[..., None]
+    index_BG1D = index_BG[..., None, None].expand(*index_BG.shape, 1, k_BGD.shape[-1])
+    k_BGWD = k_BGWD.scatter(2, index_BG1D, k_BGD[:, :, None].to(k_BGWD.dtype))
+    v_BGWD = v_BGWD.scatter(2, index_BG1D, v_BGD[:, :, None].to(v_BGWD.dtype))
+    w_BGW = w_BGW.scatter(2, index_BG[..., None], w_BG[..., None].to(w_BGW.dtype))
+    run_len_BG = torch.where(merge_BG, state.run_len_BG + 1, 1)
+    new = WindowState(k_BGWD, v_BGWD, w_BGW, run_len_BG)
+    sum_wk_BGD, sum_wv_BGD, sum_w_BG = new.sums()
+    merge_BG1 = merge_BG[..., None]
+    slot_k_BGD = torch.where(merge_BG1, sum_wk_BGD / sum_w_BG[..., None], k_BGD.to(k_BGWD.dtype))
+    slot_v_BGD = torch.where(merge_BG1, sum_wv_BGD / sum_w_BG[..., None], v_BGD.to(v_BGWD.dtype))
+    return new, slot_k_BGD, slot_v_BGD
+
+
+def state_after_chunk(
+    state: WindowState,
+    k_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    w_BGT: torch.Tensor,
+    append_BGT: torch.Tensor,
+    lengths_B: torch.Tensor,
+) -> WindowState:
+    """The window state after a chunk of tokens, written in one pass (not token by token).
+
+    append_BGT marks tokens that open a slot; tokens at t >= lengths_B[b] are padding.
+    Only the last W valid tokens of the final run reach the ring.
+    """
+    batch, groups, length, _ = k_BGTD.shape
+    window = state.w_BGW.shape[-1]
+    t_T = torch.arange(length, device=k_BGTD.device)
+    valid_BT = t_T < lengths_B[:, None]
+    opens_BGT = append_BGT.bool() & valid_BT[:, None]
+    start_BGT = torch.where(opens_BGT, t_T, -1).cummax(dim=-1).values
+    run_pos_BGT = torch.where(start_BGT >= 0, t_T - start_BGT, state.run_len_BG[..., None] + t_T)
+
+    last_BG = (lengths_B - 1).clamp_min(0)[:, None].expand(batch, groups)
+    tail_BGW = last_BG[..., None] - torch.arange(window - 1, -1, -1, device=k_BGTD.device)
+    tail_valid_BGW = tail_BGW >= 0
+    tail_BGW = tail_BGW.clamp_min(0)
+    final_start_BG = start_BGT.gather(2, last_BG[..., None]).squeeze(-1)
+    in_run_BGW = (
+        tail_valid_BGW & (tail_BGW >= final_start_BG[..., None]) & (lengths_B > 0)[:, None, None]
+    )
+
+    reset_BG = opens_BGT.any(dim=-1)
+    keep_BG = (~reset_BG).to(state.w_BGW.dtype)
+    k_BGWD = state.k_BGWD * keep_BG[..., None, None]
+    v_BGWD = state.v_BGWD * keep_BG[..., None, None]
+    w_BGW = state.w_BGW * keep_BG[..., None]
+
+    ring_BGW = run_pos_BGT.gather(2, tail_BGW) % window
+    # Out-of-run tail entries are redirected to a scratch index W and dropped afterwards.
+    ring_BGW = torch.where(in_run_BGW, ring_BGW, window)
+    tail_BGWD = tail_BGW[..., None].expand(-1, -1, -1, k_BGTD.shape[-1])
+    k_BGWD = _scatter_with_scratch(k_BGWD, ring_BGW, k_BGTD.gather(2, tail_BGWD))
+    v_BGWD = _scatter_with_scratch(v_BGWD, ring_BGW, v_BGTD.gather(2, tail_BGWD))
+    w_BGW = _scatter_with_scratch(w_BGW[..., None], ring_BGW, w_BGT.gather(2, tail_BGW)[..., None])
+    final_pos_BG = run_pos_BGT.gather(2, last_BG[..., None]).squeeze(-1)
+    run_len_BG = torch.where(lengths_B[:, None] > 0, final_pos_BG + 1, state.run_len_BG)
+    return WindowState(k_BGWD, v_BGWD, w_BGW[..., 0], run_len_BG)
+
+
+def _scatter_with_scratch(
+    ring_BGWX: torch.Tensor, index_BGW: torch.Tensor, src_BGWX: torch.Tensor
+) -> torch.Tensor:
+    scratch_BGWX = torch.cat([ring_BGWX, ring_BGWX[:, :, :1]], dim=2)
+    index_BGWX = index_BGW[..., None].expand(-1, -1, -1, ring_BGWX.shape[-1])
+    scratch_BGWX = scratch_BGWX.scatter(2, index_BGWX, src_BGWX.to(ring_BGWX.dtype))
+    return scratch_BGWX[:, :, :-1]
+
+
+def chronological(state: WindowState) -> WindowState:
+    """The ring rotated so that index W-1 holds the newest contribution (for chunked prefill)."""
+    window = state.w_BGW.shape[-1]
+    order_BGW = (
+        state.run_len_BG[..., None] + torch.arange(window, device=state.w_BGW.device)
+    ) % window
+    order_BGWD = order_BGW[..., None].expand_as(state.k_BGWD)
+    return WindowState(
+        state.k_BGWD.gather(2, order_BGWD),
+        state.v_BGWD.gather(2, order_BGWD),
+        state.w_BGW.gather(2, order_BGW),
+        state.run_len_BG,
+    )

@@ -1,0 +1,115 @@
+"""Single-layer drivers and random DMC inputs for the inference tests (fp64 unless stated)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_dmc.inference import CacheConfig, PagedKVCache
+from megatron_dmc.inference.decode import decode_attention
+from megatron_dmc.inference.prefill import prefill_attention
+from megatron_dmc.ops import DMCConfig, rope_cos_sin
+
+INIT_VALUE = 5.0
+DMC = DMCConfig(window=12, init_value=INIT_VALUE)
+
+
+def random_qkv(batch, heads, groups, length, head_dim, merge_prob=0.6, seed=0, dtype=torch.float64):
+    """Raw pre-RoPE q, k, v whose channel D-1 encodes random merges; long runs included."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, head_dim, generator=gen, dtype=dtype)
+    k = torch.randn(batch, groups, length, head_dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, groups, length, head_dim, generator=gen, dtype=dtype)
+    merge = torch.rand(batch, groups, length, generator=gen) < merge_prob
+    merge[..., length // 3 : length // 3 + 20] = True  # one run longer than the window
+    margin = 0.1 + torch.rand(batch, groups, length, generator=gen, dtype=dtype)
+    k[..., -1] = INIT_VALUE + torch.where(merge, margin, -margin)
+    q[..., -1] = 3.0 * torch.randn(batch, heads, length, generator=gen, dtype=dtype) - 4.0
+    return q, k, v
+
+
+def make_cache(
+    batch,
+    groups,
+    head_dim,
+    max_len,
+    page_size=4,
+    compress=True,
+    dtype=torch.float64,
+    layers=1,
+    num_pages=None,
+    window=12,
+):
+    pages = num_pages or layers * batch * groups * (-(-max_len // page_size))
+    config = CacheConfig(
+        num_layers=layers,
+        num_kv_heads=groups,
+        head_dim=head_dim,
+        num_pages=pages,
+        max_batch=batch,
+        max_seq_len=max_len,
+        page_size=page_size,
+        compress=compress,
+        dtype=dtype,
+        window=window,
+    )
+    return PagedKVCache(config)
+
+
+def run_layer(
+    q, k, v, lengths, prefill_len, chunk=None, page_size=4, backend="padded", dmc=DMC, forced=None
+):
+    """Outputs [B, H, T, D] of one layer: parallel prefill of the first tokens (optionally in
+    chunks), then token-by-token decode. lengths[b] = tokens of sequence b (right padded)."""
+    batch, _, length, head_dim = q.shape
+    cache = make_cache(
+        batch,
+        k.shape[1],
+        head_dim,
+        length,
+        page_size,
+        dmc is not None,
+        q.dtype,
+        window=dmc.window if dmc else 12,
+    )
+    seq = cache.add_sequences(batch)
+    cos, sin = rope_cos_sin(torch.arange(length), head_dim, 10000.0, q.dtype)
+    out = torch.zeros_like(q)
+    prompt = lengths.clamp(max=prefill_len)
+    step = chunk or prefill_len
+    for start in range(0, prefill_len, step):
+        end = min(start + step, prefill_len)
+        pos = torch.arange(start, end).expand(batch, -1)
+        n = (prompt - start).clamp(0, end - start)
+        sl = slice(start, end)
+        out[:, :, sl] = prefill_attention(
+            q[:, :, sl],
+            k[:, :, sl],
+            v[:, :, sl],
+            pos,
+            cos[sl].expand(batch, -1, -1),
+            sin[sl].expand(batch, -1, -1),
+            cache,
+            0,
+            seq,
+            n,
+            dmc,
+            forced,
+        )
+    for t in range(prefill_len, length):
+        live = (lengths > t).nonzero().flatten()
+        pos = torch.full((live.numel(),), t)
+        out[live, :, t] = decode_attention(
+            q[live, :, t],
+            k[live, :, t],
+            v[live, :, t],
+            pos,
+            cos[pos],
+            sin[pos],
+            cache,
+            0,
+            seq[live],
+            dmc,
+            forced,
+            backend,
+        )
+    return out, cache
