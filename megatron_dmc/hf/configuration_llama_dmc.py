@@ -1,0 +1,80 @@
+"""Configuration of a Llama retrofitted with Dynamic Memory Compression (DMC).
+
+Self-contained (imports only transformers) so that it can be copied next to an exported
+checkpoint and loaded with `trust_remote_code=True`. Field names follow the flags of the
+reference DMC release.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+
+@strict
+class LlamaDMCConfig(LlamaConfig):
+    model_type = "llama_dmc"
+
+    dmc_window_size: int = 12
+    """Tokens a merged cache slot averages at most (training uses the same window)."""
+
+    dmc_init_val: int | float = 5.0
+    """c: merge iff k[D-1] > c; importance = sigmoid(mean_group(q[D-1]) + c)."""
+
+    dmc_decision_channel: int = -1
+    """Channel of each head that carries the decision and importance; only -1 (last)."""
+
+    dmc_temperature: int | float = 0.1
+    """Gumbel-sigmoid temperature, used only in training mode."""
+
+    dmc_compression_ratio: int | float | None = None
+    """Target compression ratio of the retrofit (informational)."""
+
+    dmc_layer_head_cr: list | None = None
+    """Optional trained compression ratio per layer and KV head, [layers][kv_heads]."""
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        _check_dmc_fields(self)
+
+
+def _check_dmc_fields(config: LlamaDMCConfig) -> None:
+    if config.dmc_decision_channel != -1:
+        raise ValueError(
+            f"dmc_decision_channel={config.dmc_decision_channel} is not supported: DMC reads "
+            "the decision from the last channel of each head; set dmc_decision_channel=-1"
+        )
+    if config.dmc_window_size < 1:
+        raise ValueError(
+            f"dmc_window_size must be >= 1 (the release uses 12); got {config.dmc_window_size}"
+        )
+    if config.dmc_temperature <= 0:
+        raise ValueError(
+            f"dmc_temperature must be > 0 (0.1 in training); got {config.dmc_temperature}"
+        )
+    if config.head_dim < 2:
+        raise ValueError(f"DMC needs head_dim >= 2 to repurpose one channel; got {config.head_dim}")
+    if config.dmc_compression_ratio is not None and config.dmc_compression_ratio < 1:
+        raise ValueError(
+            f"dmc_compression_ratio must be >= 1 (1 = no compression) or None; "
+            f"got {config.dmc_compression_ratio}"
+        )
+    _check_layer_head_cr(config)
+
+
+def _check_layer_head_cr(config: LlamaDMCConfig) -> None:
+    table = config.dmc_layer_head_cr
+    if table is None:
+        return
+    expected = (config.num_hidden_layers, config.num_key_value_heads)
+    shape_ok = len(table) == expected[0] and all(
+        isinstance(row, list) and len(row) == expected[1] for row in table
+    )
+    if not shape_ok:
+        raise ValueError(
+            "dmc_layer_head_cr must be a list of num_hidden_layers lists of num_key_value_heads "
+            f"ratios, shape {expected}; set it to None when unknown"
+        )
+
+
+__all__ = ["LlamaDMCConfig"]
