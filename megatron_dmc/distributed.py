@@ -1,0 +1,105 @@
+"""Process groups and seeds for Megatron-Core, under torchrun or inside one test process.
+
+`initialize_distributed` joins (or creates) the default process group -- NCCL with
+CUDA, gloo on CPU -- then Megatron-Core's tensor/pipeline/data-parallel groups, and
+seeds every generator. Without torchrun's environment it starts a world of one on
+127.0.0.1, so single-process scripts and tests need no launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_dmc.compat import cuda_available, ensure_cpu_compat
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_sizes(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
+    for name, size in (
+        ("tensor_model_parallel_size", tensor_model_parallel_size),
+        ("pipeline_model_parallel_size", pipeline_model_parallel_size),
+    ):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {size!r}")
+
+
+def _init_process_group(timeout_minutes: int) -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if cuda_available() else "gloo"
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(
+        backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes)
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch generators plus Megatron's model-parallel RNG tracker.
+
+    The default torch generator gets the same seed on every rank, so weights built with
+    `use_cpu_initialization=True` are identical whatever the tensor-parallel size.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> None:
+    """Default process group + Megatron-Core model-parallel groups + seeds.
+
+    The world size must be a multiple of tensor x pipeline size; what is left over
+    is data parallel.
+    """
+    _check_sizes(tensor_model_parallel_size, pipeline_model_parallel_size)
+    ensure_cpu_compat()
+    _init_process_group(timeout_minutes)
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor x pipeline parallel size "
+            f"({tensor_model_parallel_size} x {pipeline_model_parallel_size}); launch a "
+            "multiple of that many processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron-Core's groups and the default process group (idempotent)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

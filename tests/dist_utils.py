@@ -1,0 +1,114 @@
+"""Run a test body in N gloo processes on 127.0.0.1 and bring failures back to pytest.
+
+    from tests.dist_utils import run_distributed
+
+    def _body(tp: int) -> float:          # module level, so spawn can pickle it
+        initialize_distributed(tensor_model_parallel_size=tp)
+        ...
+        return some_picklable_result
+
+    def test_tp2():
+        results = run_distributed(_body, world_size=2, args=(2,))   # one per rank
+
+Each process gets torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
+LOCAL_RANK), one intra-op thread, and `destroy_distributed()` afterwards. Spawned
+ranks import only what `fn`'s module imports (megatron-core alone takes ~10-20 s to
+import on 2 busy cores), so put several checks into one body rather than one per test. An exception
+or failed assert in any rank fails the calling test with that rank's traceback; a rank
+that hangs past `timeout_s` is killed and the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    results: Any,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, True, fn(*args, **kwargs)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            from megatron_dmc.distributed import destroy_distributed
+
+            destroy_distributed()
+
+
+def _collect(procs: list, results: Any, world_size: int, deadline: float) -> dict[int, Any]:
+    outcomes: dict[int, Any] = {}
+    while len(outcomes) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=max(0.1, min(1.0, deadline - time.time())))
+        except queue.Empty:
+            if time.time() > deadline:
+                raise AssertionError(
+                    f"distributed test timed out; ranks done: {sorted(outcomes)}"
+                ) from None
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead and results.empty():
+                raise AssertionError(f"a rank died without reporting (exit codes {dead})") from None
+            continue
+        if not ok:
+            raise AssertionError(f"rank {rank} failed:\n{value}")
+        outcomes[rank] = value
+    return outcomes
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout_s: float = 180.0,
+) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `world_size` spawned ranks; return results by rank."""
+    from megatron_dmc.distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, rank, world_size, port, tuple(args), dict(kwargs or {}), results),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = _collect(procs, results, world_size, time.time() + timeout_s)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return [outcomes[rank] for rank in range(world_size)]
