@@ -1,0 +1,203 @@
+"""The conversions end to end: import-hf, export-hf, roundtrip."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_dmc.convert._model import build_gpt_model
+from megatron_dmc.convert.dmc_export import dmc_fields_from_hf
+from megatron_dmc.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, write_hf_model
+from megatron_dmc.convert.hf_io import HFCheckpoint
+from megatron_dmc.convert.layout import (
+    ASSETS_DIR,
+    check_new_directory,
+    checkpoint_metadata,
+    staging_path,
+)
+from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.convert.megatron_io import (
+    MegatronCheckpoint,
+    TensorSource,
+    load_into_model,
+    read_metadata,
+    save_from_source,
+    save_model,
+)
+from megatron_dmc.convert.parallel import run_parallel
+from megatron_dmc.distributed import destroy_distributed, initialize_distributed
+
+
+def check_parallel_sizes(shape: LlamaShape, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Refuse TP/PP sizes the model cannot be split into (before anything is written)."""
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise ValueError("tensor/pipeline parallel sizes must be >= 1")
+    checks = (
+        ("num_attention_heads", shape.num_attention_heads, tensor_parallel),
+        ("intermediate_size", shape.intermediate_size, tensor_parallel),
+        ("num_hidden_layers", shape.num_hidden_layers, pipeline_parallel),
+    )
+    for field, value, size in checks:
+        if value % size:
+            raise ValueError(f"{field}={value} is not divisible by the parallel size {size}")
+    groups = shape.num_key_value_heads
+    if groups % tensor_parallel and tensor_parallel % groups:
+        raise ValueError(
+            f"num_key_value_heads={groups} and tensor parallel size {tensor_parallel}: one "
+            "must divide the other"
+        )
+
+
+def write_megatron(
+    source_factory: Any,
+    factory_args: tuple[Any, ...],
+    shape: LlamaShape,
+    save_dir: str | Path,
+    metadata: dict[str, Any],
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    assets_from: str | Path | None = None,
+) -> Path:
+    """Write a source (rebuilt in each rank by `source_factory(*factory_args)`) at TP x PP."""
+    check_parallel_sizes(shape, tensor_parallel, pipeline_parallel)
+    final = check_new_directory(save_dir)
+    args = (source_factory, factory_args, str(final), metadata, assets_from)
+    try:
+        run_on_ranks(_write_worker, tensor_parallel, pipeline_parallel, args)
+    except BaseException:
+        shutil.rmtree(staging_path(final), ignore_errors=True)
+        raise
+    return final
+
+
+def run_on_ranks(
+    fn: Any, tensor_parallel: int, pipeline_parallel: int, args: tuple[Any, ...]
+) -> list[Any]:
+    """`fn(*args)` on TP x PP ranks; a world of one runs in this process (no spawn)."""
+    if tensor_parallel * pipeline_parallel > 1 or dist.is_initialized():
+        return run_parallel(fn, tensor_parallel, pipeline_parallel, args)
+    initialize_distributed(1, 1)
+    try:
+        return [fn(*args)]
+    finally:
+        destroy_distributed()
+
+
+def _write_worker(
+    source_factory: Any,
+    factory_args: tuple[Any, ...],
+    save_dir: str,
+    metadata: dict[str, Any],
+    assets_from: str | None,
+) -> None:
+    source: TensorSource = source_factory(*factory_args)
+    model = build_gpt_model(source.shape)
+    save_from_source(model, source, save_dir, metadata, assets_from=assets_from)
+
+
+def import_hf(
+    hf_dir: str | Path,
+    save_dir: str | Path,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> Path:
+    """HF Llama directory -> Megatron torch_dist checkpoint at TP x PP (spawns TP*PP ranks)."""
+    source = HFCheckpoint(hf_dir)
+    metadata = checkpoint_metadata(
+        source.shape, dmc=dmc_fields_from_hf(source.config), hf_config=source.config
+    )
+    return write_megatron(
+        HFCheckpoint,
+        (str(hf_dir),),
+        source.shape,
+        save_dir,
+        metadata,
+        tensor_parallel,
+        pipeline_parallel,
+        assets_from=str(hf_dir),
+    )
+
+
+def reshard(
+    load_dir: str | Path,
+    save_dir: str | Path,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+) -> Path:
+    """Megatron checkpoint -> the same model saved from a TP x PP world (Megatron's loader)."""
+    metadata = read_metadata(load_dir)
+    shape = LlamaShape.from_dict(metadata["llama"])
+    check_parallel_sizes(shape, tensor_parallel, pipeline_parallel)
+    final = check_new_directory(save_dir)
+    args = (str(load_dir), str(final), metadata)
+    try:
+        run_on_ranks(_reshard_worker, tensor_parallel, pipeline_parallel, args)
+    except BaseException:
+        shutil.rmtree(staging_path(final), ignore_errors=True)
+        raise
+    return final
+
+
+def _reshard_worker(load_dir: str, save_dir: str, metadata: dict[str, Any]) -> None:
+    model = build_gpt_model(LlamaShape.from_dict(metadata["llama"]))
+    load_into_model(model, load_dir)
+    save_model(model, save_dir, metadata, assets_from=Path(load_dir) / ASSETS_DIR)
+
+
+def export_hf(
+    load_dir: str | Path,
+    hf_dir: str | Path,
+    dmc: bool | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    assets_from: str | Path | None = None,
+) -> Path:
+    """Megatron checkpoint (any TP/PP) -> HF directory, in one process, layer by layer.
+
+    `dmc=None` exports a DMC model iff the checkpoint metadata says it is one.
+    """
+    check_new_directory(hf_dir)
+    with MegatronCheckpoint(load_dir) as ckpt:
+        dmc_meta = ckpt.metadata.get("dmc")
+        return write_hf_model(
+            ckpt,
+            hf_dir,
+            base_config=ckpt.metadata.get("hf_config"),
+            dmc=dmc_meta,
+            export_dmc=dmc_meta is not None if dmc is None else dmc,
+            assets_from=assets_from or Path(load_dir) / ASSETS_DIR,
+            max_shard_bytes=max_shard_bytes,
+        )
+
+
+def roundtrip(
+    hf_dir: str | Path,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    work_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """HF -> Megatron (TP x PP) -> HF; every tensor must come back bitwise identical.
+
+    Returns the compared tensor names; raises ValueError naming the first mismatch.
+    """
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        megatron_dir = import_hf(hf_dir, Path(tmp) / "megatron", tensor_parallel, pipeline_parallel)
+        back = export_hf(megatron_dir, Path(tmp) / "hf", max_shard_bytes=max_shard_bytes)
+        return compare_hf_dirs(hf_dir, back)
+
+
+def compare_hf_dirs(expected_dir: str | Path, actual_dir: str | Path) -> list[str]:
+    """Bitwise comparison of two HF directories' tensors (names, dtypes, values)."""
+    expected, actual = HFCheckpoint(expected_dir), HFCheckpoint(actual_dir)
+    if set(expected.files) != set(actual.files):
+        raise ValueError(f"tensor names differ: {sorted(set(expected.files) ^ set(actual.files))}")
+    for name in sorted(expected.files):
+        a, b = expected.tensor(name), actual.tensor(name)
+        if a.dtype != b.dtype or not torch.equal(a, b):
+            raise ValueError(f"tensor {name} differs after the round trip")
+    return sorted(expected.files)

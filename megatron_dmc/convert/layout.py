@@ -1,0 +1,90 @@
+"""On-disk layout of converted Megatron checkpoints, their metadata, and atomic writes.
+
+SAVE/latest_checkpointed_iteration.txt   "release" (or an iteration number)
+SAVE/release/                            torch_dist checkpoint (Megatron-LM layout);
+                                         common.pt holds METADATA_KEY
+SAVE/hf_assets/                          tokenizer files of the source, for export
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from megatron_dmc.convert.llama_config import LlamaShape
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+ASSETS_DIR = "hf_assets"
+METADATA_KEY = "megatron_dmc"
+FORMAT_VERSION = 1
+
+
+def checkpoint_metadata(
+    shape: LlamaShape,
+    dmc: dict[str, Any] | None = None,
+    hf_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What export needs besides the tensors; store it under METADATA_KEY in common.pt.
+
+    `dmc` (None for a vanilla model) holds the DMC export fields: window_size, init_val,
+    compression_ratio and optionally layer_head_cr ([layers][kv_heads] trained ratios).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "llama": shape.to_dict(),
+        "dmc": dmc,
+        "hf_config": hf_config or {},
+    }
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return RELEASE if iteration == RELEASE else f"iter_{int(iteration):07d}"
+
+
+def resolve_iteration_dir(path: str | Path) -> Path:
+    """A checkpoint root (with LATEST_FILE) or an iteration directory -> the iteration dir."""
+    root = Path(path)
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        return root / iteration_dir_name(latest.read_text().strip())
+    if root.is_dir():
+        return root
+    raise ValueError(f"{root} is neither a checkpoint directory nor contains {LATEST_FILE}")
+
+
+def check_new_directory(path: str | Path) -> Path:
+    """Refuse to overwrite: the target must not exist or be an empty directory."""
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not empty; remove it or choose a new path")
+    return target
+
+
+def staging_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a staging directory next to `final`; rename it to `final` only on success."""
+    target = check_new_directory(final)
+    staging = staging_path(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, target)
+
+
+def publish(staging: Path, final: Path) -> None:
+    if final.exists():
+        final.rmdir()
+    os.replace(staging, final)

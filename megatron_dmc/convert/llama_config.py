@@ -1,0 +1,171 @@
+"""The Llama architecture as the converters see it, read from (and written to) HF config.json.
+
+Everything that cannot be converted exactly is refused here, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ROPE_TYPES = ("default",)
+"""rope_type values converted exactly; linear, dynamic, yarn, longrope and llama3 are not."""
+
+ACCEPTED_MODEL_TYPES = ("llama", "llama_dmc")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_IGNORED_FIELDS_THAT_MUST_BE_FALSY = ("attention_bias", "mlp_bias", "sliding_window")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Sizes and constants of a Llama decoder; the HF names are kept where they exist."""
+
+    vocab_size: int
+    """Real vocabulary size (rows of the HF embedding; Megatron may pad beyond it)."""
+    hidden_size: int
+    intermediate_size: int
+    """FFN width of one of the two gated projections (gate or up)."""
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    """KV heads; = num_attention_heads for MHA, Megatron's num_query_groups."""
+    head_dim: int
+    """Channels per head (Megatron's kv_channels); may differ from hidden/heads."""
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    """Storage dtype of the weights ("float32", "bfloat16" or "float16")."""
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; fix config.json"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> LlamaShape:
+        return cls(**fields)
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """config.json of an HF model directory, as a plain dict."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: --hf-dir must be a Hugging Face model directory")
+    return json.loads(path.read_text())
+
+
+def llama_shape_from_hf(config: dict[str, Any]) -> LlamaShape:
+    """Validate an HF Llama config.json dict and extract its shape; refuse what is not exact."""
+    _check_convertible(config)
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    return LlamaShape(
+        vocab_size=config["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or hidden // heads,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(_rope_parameters(config).get("rope_theta", 10000.0)),
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        dtype=_dtype_name(config),
+    )
+
+
+def _check_convertible(config: dict[str, Any]) -> None:
+    model_type = config.get("model_type")
+    if model_type not in ACCEPTED_MODEL_TYPES:
+        raise ValueError(
+            f"config.json model_type={model_type!r}: only {ACCEPTED_MODEL_TYPES} are converted"
+        )
+    for field in _IGNORED_FIELDS_THAT_MUST_BE_FALSY:
+        if config.get(field):
+            raise ValueError(
+                f"config.json {field}={config[field]!r} cannot be converted: the Megatron "
+                "model has no attention/MLP biases and no sliding-window attention"
+            )
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={config['hidden_act']!r}: only 'silu' (SwiGLU)")
+    rope_type = _rope_type(config)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"config.json rope scaling type {rope_type!r} is not implemented; supported: "
+            f"{list(SUPPORTED_ROPE_TYPES)} (not linear, dynamic, yarn, longrope, llama3)"
+        )
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if not isinstance(config.get(field), int):
+            raise ValueError(f"config.json field {field} is missing or not an integer")
+
+
+def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "rope_theta" in config:
+        params.setdefault("rope_theta", config["rope_theta"])
+    return params
+
+
+def _rope_type(config: dict[str, Any]) -> str:
+    params = _rope_parameters(config)
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _dtype_name(config: dict[str, Any]) -> str:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"config.json dtype {name!r} is not supported; use one of {list(DTYPES)}")
+    return name
+
+
+def hf_config_from_shape(shape: LlamaShape, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A plain LlamaForCausalLM config.json: `base` (the source config) with the shape on top."""
+    config = {k: v for k, v in (base or {}).items() if not k.startswith("dmc_")}
+    for stale in ("auto_map", "rope_scaling", "rope_theta", "torch_dtype"):
+        config.pop(stale, None)
+    config.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=shape.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        dtype=shape.dtype,
+    )
+    return config
