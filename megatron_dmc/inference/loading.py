@@ -98,3 +98,20 @@ def load_weights(model: LlamaForInference, weights: dict[str, torch.Tensor]) -> 
                     f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)
+
+
+def load_megatron_checkpoint(
+    load_dir: str | Path,
+    mode: str = "auto",
+    forced_cr: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+) -> LlamaForInference:
+    """A Megatron checkpoint (any TP/PP) via megatron_dmc.convert's HF export to a temp dir."""
+    import tempfile
+
+    from megatron_dmc.convert.commands import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export_hf(load_dir, Path(tmp) / "hf")
+        return load_model(hf_dir, mode, forced_cr, dtype, device)

@@ -70,3 +70,37 @@ def test_vanilla_model_matches_transformers_llama(tmp_path):
         expected = reference(tokens).logits
     actual = model(tokens)
     assert float((actual - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+def test_generate_cli_prints_tokens_and_compression_ratio(tmp_path, capsys):
+    from megatron_dmc.generate import main
+
+    path = _save(tiny_model(), tmp_path / "m", DMC_FIELDS)
+    main(
+        [
+            "--model-dir",
+            str(path),
+            "--token-ids",
+            "1,2,3,4",
+            "--token-ids",
+            "9,8",
+            "--max-new-tokens",
+            "5",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert out.count("(length)") == 2
+    assert "achieved compression ratio:" in out and "decisions from the model" in out
+    main(
+        [
+            "--model-dir",
+            str(path),
+            "--token-ids",
+            "1,2,3",
+            "--forced-cr",
+            "4",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
+    assert "FORCED-RATE decisions (CR 4" in capsys.readouterr().out
