@@ -86,7 +86,8 @@ def merge_decisions(
         u = torch.rand(
             logits_BGT.shape, generator=generator, dtype=logits_BGT.dtype, device=logits_BGT.device
         ).clamp(tiny, 1.0 - eps)
-        alpha_BGT = torch.sigmoid((logits_BGT + torch.log(u) - torch.log1p(-u)) / temperature)
+        noise_BGT = torch.log(u) - torch.log1p(-u)
+        alpha_BGT = torch.sigmoid((logits_BGT + noise_BGT) / temperature)
     first_B1T = torch.arange(k_BGTD.shape[2], device=k_BGTD.device) == first_B[:, None, None]
     return alpha_BGT.masked_fill(first_B1T, 0.0)
 
