@@ -11,7 +11,9 @@ available:
 3. The model-parallel RNG tracker forks the CPU generator instead of a CUDA one, and
    activation recompute saves and restores the CPU generator where it would touch the
    "CUDA" RNG state (`tensor_parallel.random._get/_set_cuda_rng_state`).
-4. `cpu_device_mode()`: a context manager that rewrites `device="cuda"` (and
+4. The default causal (and sliding-window) softmax masks, used when no attention mask
+   is passed, are built on the CPU instead of with a hard-coded `device="cuda"`.
+5. `cpu_device_mode()`: a context manager that rewrites `device="cuda"` (and
    `Tensor.cuda()`, `Tensor.to("cuda")`) to the CPU. Wrap calls into code that
    hard-codes the device: the `get_forward_backward_func()` schedules and the
    Megatron optimizer.
@@ -46,6 +48,7 @@ def ensure_cpu_compat() -> bool:
         _patch_current_device()
         _patch_synchronize()
         _patch_rng()
+        _patch_default_masks()
         _applied = True
     return True
 
@@ -122,6 +125,25 @@ class CpuRNGStatesTracker(_BaseTracker):
                 outer_state = self.states_[outer_name]
             torch.set_rng_state(outer_state)
             self._current_state_name = outer_name
+
+
+def _patch_default_masks() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        with _CudaToCpuMode():
+            return original_causal(sq)
+
+    def sliding_window_mask(sq: int, skv: int, window_size: object) -> torch.Tensor:
+        with _CudaToCpuMode():
+            return original_sliding(sq, skv, window_size)
+
+    original_causal = utils.get_default_causal_mask
+    original_sliding = utils.get_sliding_window_causal_mask
+    for module in (utils, fused_softmax):
+        module.get_default_causal_mask = causal_mask
+        module.get_sliding_window_causal_mask = sliding_window_mask
 
 
 def _is_cuda(device: object) -> bool:
