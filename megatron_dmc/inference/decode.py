@@ -5,6 +5,7 @@ Legend: B sequences, H query heads, G KV heads, D head dim.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,16 @@ def register_backend(name: str, fn: PagedAttention) -> None:
     BACKENDS[name] = fn
 
 
+_OPTIONAL_BACKENDS = {
+    "triton": "megatron_dmc.inference.triton_decode",
+    "flash": "megatron_dmc.inference.flash_decode",
+}
+
+
 def get_backend(name: str) -> PagedAttention:
+    """A decode attention by name; triton and flash are imported on first use."""
+    if name not in BACKENDS and name in _OPTIONAL_BACKENDS:
+        importlib.import_module(_OPTIONAL_BACKENDS[name])
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[name]

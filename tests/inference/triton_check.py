@@ -1,0 +1,27 @@
+"""Run under TRITON_INTERPRET=1 (see test_triton.py): Triton decode == reference, or exit 1."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from megatron_dmc.inference.attention import paged_attention_reference
+from megatron_dmc.inference.triton_decode import paged_attention_triton
+from tests.inference.helpers import random_qkv, run_layer
+
+
+def check(heads: int, groups: int, head_dim: int, page_size: int) -> float:
+    q, k, v = random_qkv(3, heads, groups, 30, head_dim, seed=heads + head_dim, dtype=torch.float32)
+    _, cache = run_layer(q, k, v, torch.tensor([30, 17, 5]), 11, page_size=page_size)
+    seq = torch.arange(3)
+    query = torch.randn(3, heads, head_dim)
+    expected = paged_attention_reference(query, cache, 0, seq)
+    actual = paged_attention_triton(query, cache, 0, seq)
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+if __name__ == "__main__":
+    worst = max(check(4, 4, 8, 4), check(6, 2, 12, 8), check(3, 1, 16, 2))
+    print(f"max relative error {worst:.2e}")
+    sys.exit(0 if worst <= 1e-5 else 1)
