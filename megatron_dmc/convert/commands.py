@@ -20,7 +20,7 @@ from megatron_dmc.convert.layout import (
     checkpoint_metadata,
     staging_path,
 )
-from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.convert.llama_config import LlamaShape, read_hf_config
 from megatron_dmc.convert.megatron_io import (
     MegatronCheckpoint,
     TensorSource,
@@ -30,6 +30,7 @@ from megatron_dmc.convert.megatron_io import (
     save_model,
 )
 from megatron_dmc.convert.parallel import run_parallel
+from megatron_dmc.convert.release import ReleaseCheckpoint
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed
 
 
@@ -201,3 +202,54 @@ def compare_hf_dirs(expected_dir: str | Path, actual_dir: str | Path) -> list[st
         if a.dtype != b.dtype or not torch.equal(a, b):
             raise ValueError(f"tensor {name} differs after the round trip")
     return sorted(expected.files)
+
+
+def import_release(
+    load_dir: str | Path,
+    save_dir: str | Path,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    vocab_size: int | None = None,
+    trust_pickle: bool = False,
+    assets_from: str | Path | None = None,
+) -> Path:
+    """Megatron-LM torch-format checkpoint (NVIDIA DMC release) -> our torch_dist format."""
+    source = ReleaseCheckpoint(load_dir, vocab_size, trust_pickle)
+    metadata = checkpoint_metadata(source.shape, dmc=source.dmc)
+    return write_megatron(
+        ReleaseCheckpoint,
+        (str(load_dir), vocab_size, trust_pickle),
+        source.shape,
+        save_dir,
+        metadata,
+        tensor_parallel,
+        pipeline_parallel,
+        assets_from=None if assets_from is None else str(assets_from),
+    )
+
+
+def export_release_hf(
+    load_dir: str | Path,
+    hf_dir: str | Path,
+    vocab_size: int | None = None,
+    trust_pickle: bool = False,
+    assets_from: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Megatron-LM torch-format checkpoint -> HF directory (DMC config when the run was DMC).
+
+    `assets_from` (the original HF model directory) supplies tokenizer files and, if it
+    has one, the config.json whose token ids and extra fields are carried over.
+    """
+    check_new_directory(hf_dir)
+    source = ReleaseCheckpoint(load_dir, vocab_size, trust_pickle)
+    has_config = assets_from is not None and (Path(assets_from) / "config.json").is_file()
+    return write_hf_model(
+        source,
+        hf_dir,
+        base_config=read_hf_config(assets_from) if has_config else None,
+        dmc=source.dmc,
+        export_dmc=source.dmc is not None,
+        assets_from=assets_from,
+        max_shard_bytes=max_shard_bytes,
+    )
