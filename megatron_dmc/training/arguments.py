@@ -1,0 +1,110 @@
+"""Command line and `--config run.yaml` -> `TrainConfig` (the command line wins).
+
+Flags are generated from the config dataclasses: field `tensor_model_parallel_size`
+is `--tensor-model-parallel-size`, its help is the docstring under the field. YAML keys
+may be spelled either way (`seq-length` or `seq_length`); an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from megatron_dmc.training.config import GROUPS, TrainConfig
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _scalar_type(annotation: object) -> type:
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    assert hint in (int, float, str, bool), f"unsupported flag type {annotation!r}"
+    return hint  # type: ignore[return-value]
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: object, doc: str):
+    flag = "--" + f.name.replace("_", "-")
+    kind = _scalar_type(hint)
+    if kind is bool:
+        group.add_argument(flag, action="store_true", default=None, help=doc)
+        return
+    group.add_argument(
+        flag, type=kind, default=None, choices=f.metadata.get("choices"), help=doc, metavar=None
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dmc.train",
+        description="DMC retrofit of a Llama on Megatron-Core: zero_out -> retrofit -> finetune.",
+    )
+    parser.add_argument("--config", help="YAML file with any of the flags below (CLI wins)")
+    for title, cls in GROUPS.items():
+        group = parser.add_argument_group(title)
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            _add_field(group, f, hints[f.name], docs.get(f.name, ""))
+    return parser
+
+
+def _known_fields() -> dict[str, str]:
+    return {f.name: title for title, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+def load_yaml_config(path: str | Path) -> dict[str, object]:
+    """Flag values from a YAML mapping, keys normalised to field names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - set(_known_fields()))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {unknown}; see --help for the flags")
+    return values
+
+
+def config_from_values(values: dict[str, object]) -> TrainConfig:
+    """Build (and check) a TrainConfig from field values; missing fields take defaults."""
+    owner = _known_fields()
+    unknown = sorted(set(values) - set(owner))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    groups: dict[str, dict[str, object]] = {title: {} for title in GROUPS}
+    for name, value in values.items():
+        if value is not None:
+            groups[owner[name]][name] = value
+    return TrainConfig(**{title: GROUPS[title](**kw) for title, kw in groups.items()})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The run's TrainConfig: defaults < --config YAML < command line."""
+    parsed = vars(build_parser().parse_args(argv))
+    config_path = parsed.pop("config")
+    values = load_yaml_config(config_path) if config_path else {}
+    values.update({k: v for k, v in parsed.items() if v is not None})
+    return config_from_values(values)

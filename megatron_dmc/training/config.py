@@ -1,0 +1,339 @@
+"""The run configuration: one dataclass per flag group, composed into `TrainConfig`.
+
+Every field is a command-line flag (`--` + the name with dashes, Megatron's spelling) and
+may also come from `--config run.yaml`. Checks that need only the values themselves sit in
+`__post_init__`; checks against the model shape and the world live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STAGES = ("zero_out", "retrofit", "finetune")
+"""The three stages of a retrofit, in order."""
+
+STEPS_PER_CR_UNIT = 6000
+"""Release recipe: about 6k steps of CR ramp per +1x of compression (global batch 1024)."""
+
+
+def _positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value!r}")
+
+
+@dataclass
+class ModelArgs:
+    model: str = ""
+    """Model shape: a name from configs/ (e.g. llama2_7b, tiny) or the path of a model YAML."""
+
+    recompute_granularity: str | None = field(
+        default=None, metadata={"choices": ("full", "selective")}
+    )
+    """Activation recompute: "full" (whole layers) or "selective" (core attention); off if unset."""
+
+    bf16: bool = False
+    """bf16 weights and activations with fp32 master weights and optimizer (GPU only)."""
+
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism over the TP group (GPU only: needs a TE or apex norm)."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required: a name from configs/ or a model YAML path")
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size: attention heads and MLP columns are split over this many ranks."""
+
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size: the layers are split into this many consecutive stages."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer; GPU)."""
+
+    def __post_init__(self) -> None:
+        _positive("tensor_model_parallel_size", self.tensor_model_parallel_size)
+        _positive("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+
+
+@dataclass
+class BatchArgs:
+    micro_batch_size: int = 1
+    """Sequences per micro-batch on one data-parallel rank."""
+
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; default micro-batch size x data-parallel size."""
+
+    seq_length: int = 4096
+    """Tokens per training sequence."""
+
+    train_iters: int | None = None
+    """Stop when the iteration count (it runs on across stages and resumes) reaches this;
+    default: the end of the last stage of --dmc-stage."""
+
+    seed: int = 1234
+    """Seed of weights, data order and the Gumbel noise."""
+
+    def __post_init__(self) -> None:
+        _positive("micro_batch_size", self.micro_batch_size)
+        _positive("global_batch_size", self.global_batch_size, allow_none=True)
+        _positive("seq_length", self.seq_length)
+        _positive("train_iters", self.train_iters, allow_none=True)
+
+
+@dataclass
+class OptimizerArgs:
+    lr: float = 3e-5
+    """Peak learning rate (constant through zero_out and retrofit; the paper's 3e-5 for 7B/13B)."""
+
+    min_lr: float = 3e-6
+    """Learning rate at the end of finetune (it decays from --lr over that stage)."""
+
+    lr_decay_style: str = field(
+        default="linear", metadata={"choices": ("linear", "cosine", "constant")}
+    )
+    """Shape of the finetune decay from --lr to --min-lr."""
+
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+
+    adam_eps: float = 1e-5
+    """AdamW epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient norm (over all TP and PP ranks) to this; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr={self.lr}]; got {self.min_lr}")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("--weight-decay and --clip-grad must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
+        _positive("adam_eps", self.adam_eps)
+
+
+@dataclass
+class DataArgs:
+    data_path: str | None = None
+    """Prefix of a Megatron indexed dataset (PREFIX.bin + PREFIX.idx from tools/preprocess_data.py)."""
+
+    valid_data_path: str | None = None
+    """Prefix of a separate validation dataset; without it --split divides --data-path."""
+
+    split: str = "99,1,0"
+    """Train/valid/test document weights when no --valid-data-path is given."""
+
+    tokenizer_model: str | None = None
+    """sentencepiece .model file (Llama 2) that made the dataset."""
+
+    tokenizer_dir: str | None = None
+    """Hugging Face tokenizer directory or tokenizer.json that made the dataset."""
+
+    mock_data: bool = False
+    """Random tokens instead of a dataset (Megatron's MockGPTDataset): smoke tests and benchmarks."""
+
+    data_cache_path: str | None = None
+    """Where GPTDataset writes its index cache (shared by all ranks); default beside the data."""
+
+
+@dataclass
+class CheckpointArgs:
+    save: str | None = None
+    """Run directory: checkpoints (iter_XXXXXXX), metrics.jsonl and the run arguments."""
+
+    load: str | None = None
+    """Checkpoint directory to start from: a run of this trainer, or a converted vanilla model."""
+
+    save_interval: int | None = None
+    """Save every this many iterations (and always at the end of each stage and of the run)."""
+
+    finetune: bool = False
+    """Load only the weights of --load (iteration, optimizer and RNG start afresh)."""
+
+    no_load_optim: bool = False
+    """Do not load the optimizer state of --load."""
+
+    no_load_rng: bool = False
+    """Do not load the RNG state of --load."""
+
+    def __post_init__(self) -> None:
+        _positive("save_interval", self.save_interval, allow_none=True)
+
+
+@dataclass
+class LoggingArgs:
+    log_interval: int = 1
+    """Print and record metrics every this many iterations."""
+
+    eval_interval: int | None = None
+    """Evaluate validation loss every this many iterations (off when unset)."""
+
+    eval_iters: int = 10
+    """Global batches per evaluation."""
+
+    tensorboard_dir: str | None = None
+    """Write tensorboard scalars here (LM/CR loss, target vs achieved CR per layer and head)."""
+
+    log_per_head_cr: bool = False
+    """Also log the achieved CR of every (layer, KV head) to tensorboard and metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        _positive("log_interval", self.log_interval)
+        _positive("eval_interval", self.eval_interval, allow_none=True)
+        _positive("eval_iters", self.eval_iters)
+
+
+@dataclass
+class DMCArgs:
+    dmc_stage: str = field(default="all", metadata={"choices": (*STAGES, "all")})
+    """Stage(s) this launch runs: one of zero_out, retrofit, finetune, or all three in order."""
+
+    dmc_target_cr: float = 4.0
+    """Target compression ratio CR* (> 1): reached at the end of the ramp, held in finetune."""
+
+    dmc_ramp_iters: int | None = None
+    """Iterations of the linear CR ramp 1 -> CR*; default 6000 per +1x (the release's pace)."""
+
+    dmc_retrofit_iters: int | None = None
+    """Length of the retrofit stage; default: the ramp length."""
+
+    dmc_zero_out_iters: int = 250
+    """Length of the zero_out stage."""
+
+    dmc_zero_out_anneal_iters: int = 200
+    """Iterations over which channel D-1 of q/k is scaled from 1 down to 0 in zero_out."""
+
+    dmc_finetune_iters: int = 2000
+    """Length of the finetune stage (fixed CR*, learning rate decays to --min-lr)."""
+
+    dmc_window_size: int = 12
+    """Tokens one merged slot averages at most (training matches inference)."""
+
+    dmc_temperature: float = 0.1
+    """Gumbel-sigmoid temperature."""
+
+    dmc_init_val: float = 5.0
+    """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
+
+    def __post_init__(self) -> None:
+        if not self.dmc_target_cr > 1.0:
+            raise ValueError(
+                f"--dmc-target-cr must be > 1 (a compression ratio, e.g. 4 for 4x); "
+                f"got {self.dmc_target_cr}"
+            )
+        if self.dmc_ramp_iters is None:
+            self.dmc_ramp_iters = round(STEPS_PER_CR_UNIT * (self.dmc_target_cr - 1.0))
+        if self.dmc_retrofit_iters is None:
+            self.dmc_retrofit_iters = self.dmc_ramp_iters
+        for name in ("dmc_ramp_iters", "dmc_zero_out_iters", "dmc_zero_out_anneal_iters"):
+            _positive(name, getattr(self, name))
+        _positive("dmc_retrofit_iters", self.dmc_retrofit_iters)
+        _positive("dmc_finetune_iters", self.dmc_finetune_iters)
+        _positive("dmc_window_size", self.dmc_window_size)
+        _positive("dmc_temperature", self.dmc_temperature)
+        if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
+            raise ValueError(
+                "--dmc-zero-out-anneal-iters must be <= --dmc-zero-out-iters (the channel must "
+                "reach zero before its weight rows are zeroed)"
+            )
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES if self.dmc_stage == "all" else (self.dmc_stage,)
+
+    def stage_iters(self, stage: str) -> int:
+        lengths = {
+            "zero_out": self.dmc_zero_out_iters,
+            "retrofit": self.dmc_retrofit_iters,
+            "finetune": self.dmc_finetune_iters,
+        }
+        return int(lengths[stage])
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelArgs,
+    "parallel": ParallelArgs,
+    "batch": BatchArgs,
+    "optim": OptimizerArgs,
+    "data": DataArgs,
+    "checkpoint": CheckpointArgs,
+    "logging": LoggingArgs,
+    "dmc": DMCArgs,
+}
+"""Flag groups in the order --help shows them; the keys are TrainConfig attributes."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArgs
+    """What to train."""
+
+    parallel: ParallelArgs
+    """How to split it over ranks."""
+
+    batch: BatchArgs
+    """Batch shape, run length and seed."""
+
+    optim: OptimizerArgs
+    """AdamW and its learning-rate schedule."""
+
+    data: DataArgs
+    """Where the tokens come from."""
+
+    checkpoint: CheckpointArgs
+    """Saving and loading."""
+
+    logging: LoggingArgs
+    """Console, tensorboard and metrics.jsonl."""
+
+    dmc: DMCArgs
+    """The DMC stages and hyperparameters."""
+
+    def __post_init__(self) -> None:
+        if not self.data.mock_data and self.data.data_path is None:
+            raise ValueError(
+                "--data-path is required (a dataset prefix made by tools/preprocess_data.py); "
+                "use --mock-data for random tokens"
+            )
+        if self.data.data_path and self.data.mock_data:
+            raise ValueError("give either --data-path or --mock-data, not both")
+        sizes = (
+            self.parallel.tensor_model_parallel_size,
+            self.parallel.pipeline_model_parallel_size,
+        )
+        if self.model.sequence_parallel and sizes[0] == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.checkpoint.finetune and not self.checkpoint.load:
+            raise ValueError("--finetune needs --load (the checkpoint to take the weights from)")
+
+    @property
+    def train_samples(self) -> int:
+        """Samples the training dataset must hold: every stage once (independent of where a
+        launch starts, so that a resumed run sees the same data order)."""
+        iters = sum(self.dmc.stage_iters(s) for s in STAGES)
+        return self.global_batch_size * max(iters, self.batch.train_iters or 0)
+
+    @property
+    def global_batch_size(self) -> int:
+        assert self.batch.global_batch_size is not None, "resolved by validate_world"
+        return self.batch.global_batch_size
+
+    def flat(self) -> dict[str, object]:
+        """All fields by flag name (underscored): what --config YAML and run_args.json hold."""
+        out: dict[str, object] = {}
+        for group in GROUPS:
+            out.update(vars(getattr(self, group)))
+        return out

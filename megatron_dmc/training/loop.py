@@ -1,0 +1,249 @@
+"""The retrofit run: set up, resume, then zero_out -> retrofit -> finetune in one launch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_dmc.distributed import initialize_distributed
+from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.training import checkpoint as ckpt
+from megatron_dmc.training import model_api
+from megatron_dmc.training.config import TrainConfig
+from megatron_dmc.training.data import build_datasets, micro_batches
+from megatron_dmc.training.loss import LossSettings
+from megatron_dmc.training.metrics import MetricsWriter
+from megatron_dmc.training.optim import build_optimizer, stage_lr_scheduler
+from megatron_dmc.training.record import LayerWatch, StepRecorder
+from megatron_dmc.training.rng import reseed_for_step
+from megatron_dmc.training.stages import Stage, plan, start_position
+from megatron_dmc.training.step import run_batches, train_step
+from megatron_dmc.training.validate import validate
+
+
+@dataclass
+class Run:
+    """Everything the stage loop touches."""
+
+    cfg: TrainConfig
+    model_config: ModelConfig
+    model: Any
+    optimizer: Any
+    progress: ckpt.Progress
+    train_data: Any
+    valid_data: Any
+    writer: MetricsWriter
+    recorder: StepRecorder
+    saved_at: int = -1
+
+    @property
+    def num_microbatches(self) -> int:
+        dp = parallel_state.get_data_parallel_world_size()
+        return self.cfg.global_batch_size // (self.cfg.batch.micro_batch_size * dp)
+
+    def settings(self, stage: Stage, step: int) -> LossSettings:
+        count = self.model_config.num_layers * self.model_config.num_query_groups
+        return LossSettings(stage.target_cr(step), count * self.cfg.batch.seq_length)
+
+    def batches(self, data, stage: Stage, forward_only: bool):
+        cfg = self.cfg
+        return run_batches(
+            self.model,
+            data,
+            self.num_microbatches,
+            model_api.schedule_seq_length(cfg),
+            cfg.batch.micro_batch_size,
+            self.settings(stage, self.progress.stage_step),
+            forward_only,
+        )
+
+
+def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]:
+    cfg, progress = run.cfg, run.progress
+    reseed_for_step(cfg.batch.seed, progress.iteration)
+    model_api.prepare_step(run.model, stage, progress.stage_step, progress.iteration)
+    settings = run.settings(stage, progress.stage_step)
+    start = time.perf_counter()
+    result = train_step(
+        run.model,
+        run.optimizer,
+        data,
+        run.num_microbatches,
+        model_api.schedule_seq_length(cfg),
+        cfg.batch.micro_batch_size,
+        settings,
+    )
+    elapsed = time.perf_counter() - start
+    run.recorder.check_finite(result, progress.iteration, stage.name, watch)
+    alpha_LN = model_api.alpha_means(run.model, run.model_config)
+    base = {
+        "iteration": progress.iteration + 1,
+        "stage": stage.name,
+        "stage_step": progress.stage_step + 1,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "zero_out_scale": stage.zero_out_scale(progress.stage_step),
+        "step_ms": elapsed * 1e3,
+        "tokens_per_s": cfg.global_batch_size * cfg.batch.seq_length / elapsed,
+    }
+    return run.recorder.record(
+        base, result, alpha_LN, settings.decisions_per_sequence, settings.target_cr
+    )
+
+
+def _run_stage(run: Run, stage: Stage, stop_at: int) -> bool:
+    """Train `stage` from run.progress.stage_step; False when --train-iters stopped it."""
+    cfg, progress = run.cfg, run.progress
+    scheduler = stage_lr_scheduler(run.optimizer, stage, cfg.optim, progress.stage_step)
+    data = micro_batches(run.train_data, cfg.batch.micro_batch_size, progress.consumed_samples)
+    watch = LayerWatch(run.model, run.model_config.num_layers)
+    try:
+        while progress.stage_step < stage.iters:
+            if progress.iteration >= stop_at:
+                return False
+            record = _one_step(run, stage, data, watch)
+            progress.iteration += 1
+            progress.stage_step += 1
+            progress.consumed_samples += cfg.global_batch_size
+            scheduler.step(1)
+            record["valid_lm_loss"] = _eval_loss(run, stage)
+            if progress.iteration % cfg.logging.log_interval == 0 or record["valid_lm_loss"]:
+                run.writer.write(_loggable(record, cfg.logging.log_per_head_cr))
+            interval = cfg.checkpoint.save_interval
+            if interval and progress.iteration % interval == 0:
+                save(run)
+    finally:
+        watch.remove()
+    return True
+
+
+def _loggable(record: dict[str, Any], per_head: bool) -> dict[str, Any]:
+    if per_head:
+        return record
+    return {k: v for k, v in record.items() if k != "layer_head_cr"}
+
+
+def _eval_loss(run: Run, stage: Stage) -> float | None:
+    cfg = run.cfg
+    interval = cfg.logging.eval_interval
+    if not interval or run.valid_data is None or run.progress.iteration % interval:
+        return None
+    run.model.eval()
+    data = micro_batches(run.valid_data, cfg.batch.micro_batch_size, 0)
+    lm, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for _ in range(cfg.logging.eval_iters):
+            result = run.batches(data, stage, forward_only=True)
+            lm += result.stats["lm_loss_sum"]
+            tokens += result.stats["tokens"]
+    run.model.train()
+    return lm / max(tokens, 1.0)
+
+
+def save(run: Run, force: bool = False) -> None:
+    """Checkpoint under --save (no-op without it, or when this iteration is already saved
+    and nothing changed since)."""
+    if run.cfg.checkpoint.save is None or (run.saved_at == run.progress.iteration and not force):
+        return
+    ckpt.save_checkpoint(*_save_args(run))
+    run.saved_at = run.progress.iteration
+
+
+def _save_args(run: Run):
+    cr = run.recorder.layer_head_cr
+    extra = {"args": run.cfg.flat(), **model_api.export_metadata(run.model_config, run.cfg, cr)}
+    return run.cfg.checkpoint.save, run.model, run.optimizer, run.progress, extra, cr
+
+
+def _resume_source(cfg: TrainConfig) -> tuple[str | None, bool]:
+    """(checkpoint to start from, whether it is this run's own): --save first, then --load."""
+    if ckpt.has_checkpoint(cfg.checkpoint.save):
+        return cfg.checkpoint.save, True
+    return cfg.checkpoint.load, False
+
+
+def _load(run: Run, source: str, own: bool) -> None:
+    cfg = run.cfg.checkpoint
+    weights_only = cfg.finetune and not own
+    progress, _ = ckpt.load_checkpoint(
+        source,
+        run.model,
+        run.optimizer,
+        load_optim=not (weights_only or cfg.no_load_optim),
+        load_rng=not (weights_only or cfg.no_load_rng),
+    )
+    run.progress = ckpt.Progress() if weights_only else progress
+
+
+def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
+    model_config = validate(cfg)
+    initialize_distributed(
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        cfg.batch.seed,
+    )
+    stages = plan(cfg.dmc)
+    source, own = _resume_source(cfg)
+    progress = ckpt.Progress()
+    if source is not None and not (cfg.checkpoint.finetune and not own):
+        progress = ckpt.Progress(**ckpt.read_common(source).get("dmc_progress", {}))
+    position = start_position(stages, progress.stage, progress.stage_step, progress.stage_done)
+    first = stages[min(position.stage_index, len(stages) - 1)]
+    model = model_api.build(model_config, cfg, first.attention)
+    optimizer = build_optimizer(
+        model, cfg.optim, cfg.model.bf16, cfg.parallel.use_distributed_optimizer
+    )
+    writer = MetricsWriter(
+        cfg.checkpoint.save, cfg.logging.tensorboard_dir, model_api.is_logging_rank()
+    )
+    run = Run(
+        cfg,
+        model_config,
+        model,
+        optimizer,
+        progress,
+        None,
+        None,
+        writer,
+        StepRecorder(model_config),
+    )
+    if source is not None:
+        _load(run, source, own)
+    run.train_data, run.valid_data = build_datasets(cfg, model_config.vocab_size)
+    return run, stages, position.stage_index
+
+
+def _enter_stage(run: Run, stage: Stage) -> None:
+    progress = run.progress
+    if progress.stage != stage.name:
+        progress.stage, progress.stage_step, progress.stage_done = stage.name, 0, False
+    if model_api.attention_of(run.model) != stage.attention:
+        run.model, run.optimizer = model_api.rebuild(
+            run.model, run.optimizer, run.model_config, run.cfg, stage.attention
+        )
+
+
+def train(cfg: TrainConfig) -> ckpt.Progress:
+    """Run this launch's stages from wherever the checkpoint left off; returns the progress."""
+    run, stages, first = _setup(cfg)
+    stop_at = cfg.batch.train_iters or 2**62
+    try:
+        for stage in stages[first:]:
+            _enter_stage(run, stage)
+            if not _run_stage(run, stage, stop_at):
+                save(run)
+                break
+            if stage.name == "zero_out":
+                model_api.finish_zero_out(run.model)
+            run.progress.stage_done = True
+            save(run, force=True)
+    finally:
+        run.writer.close()
+    if run.writer.enabled:
+        print(run.recorder.summary(), flush=True)
+    dist.barrier()
+    return run.progress

@@ -1,0 +1,186 @@
+"""The trainer's seam to `megatron_dmc.model`: build and wrap per stage, switch stages,
+read decisions, zero the decision rows, and the export metadata of a checkpoint.
+
+Legend: b micro-batch size, s sequence length, L layers, N KV heads (whole model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+from megatron_dmc.compat import cpu_device_mode
+from megatron_dmc.convert.layout import METADATA_KEY, checkpoint_metadata
+from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.model.builder import build_model
+from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
+from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
+from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
+from megatron_dmc.ops import DMCConfig
+from megatron_dmc.training.config import TrainConfig
+from megatron_dmc.training.stages import Stage
+
+
+def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
+    recompute: dict[str, Any] = {}
+    if cfg.model.recompute_granularity == "selective":
+        recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    elif cfg.model.recompute_granularity == "full":
+        recompute = {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    return model_config.to_transformer_config(
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+        sequence_parallel=cfg.model.sequence_parallel,
+        **recompute,
+    )
+
+
+def dmc_config(cfg: TrainConfig) -> DMCConfig:
+    return DMCConfig(cfg.dmc.dmc_window_size, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
+
+
+def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    with cpu_device_mode():
+        model = DistributedDataParallel(module.config, ddp_config, module)
+    model.config.no_sync_func = model.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return model
+
+
+def build(model_config: ModelConfig, cfg: TrainConfig, attention: str) -> DistributedDataParallel:
+    """This rank's stage of the model for `attention`, wrapped in Megatron's DDP."""
+    module = build_model(
+        model_config,
+        attention,
+        dmc_config(cfg) if attention == "dmc" else None,
+        transformer_config(model_config, cfg),
+        noise_seed=cfg.batch.seed,
+    )
+    return _wrap(module, cfg)
+
+
+def attention_of(model: DistributedDataParallel) -> str:
+    if isinstance(model.module, DMCGPTModel):
+        return "dmc"
+    zero_out = any(isinstance(m, ZeroOutSelfAttention) for m in model.module.modules())
+    return "zero_out" if zero_out else "vanilla"
+
+
+def rebuild(model, optimizer, model_config: ModelConfig, cfg: TrainConfig, attention: str):
+    """(model, optimizer) for another attention mode, same weights and optimizer state."""
+    from megatron_dmc.training.optim import build_optimizer
+
+    new_model = build(model_config, cfg, attention)
+    new_model.module.load_state_dict(model.module.state_dict(), strict=True)
+    new_optimizer = build_optimizer(
+        new_model, cfg.optim, cfg.model.bf16, cfg.parallel.use_distributed_optimizer
+    )
+    new_optimizer.load_state_dict(optimizer.state_dict())
+    return new_model, new_optimizer
+
+
+def prepare_step(
+    model: DistributedDataParallel, stage: Stage, stage_step: int, iteration: int
+) -> None:
+    """Per-step model settings: lambda of zero_out, the noise key and stats of DMC."""
+    scale = stage.zero_out_scale(stage_step)
+    if scale is not None:
+        set_zero_out_lambda(model.module, scale)
+    if isinstance(model.module, DMCGPTModel):
+        model.module.collector.start_step(iteration)
+        model.module.collector.reset_stats()
+
+
+def schedule_seq_length(cfg: TrainConfig) -> int:
+    return pipeline_seq_length(cfg.batch.seq_length, cfg.parallel.pipeline_model_parallel_size)
+
+
+def unpack_output(output: Any) -> tuple[torch.Tensor, DecisionSums | None]:
+    """(stage output, decision sums or None for a model without DMC attention)."""
+    if isinstance(output, tuple):
+        return output[0], output[1]
+    return output, None
+
+
+def alpha_means(model: DistributedDataParallel, model_config: ModelConfig) -> torch.Tensor | None:
+    """Mean hard alpha per (layer, KV head) over this step, [L, N], on every rank
+    (collective); None for a model without DMC attention."""
+    if not isinstance(model.module, DMCGPTModel):
+        return None
+    return gather_alpha_means(model.module, model_config.num_layers, model_config.num_query_groups)
+
+
+@torch.no_grad()
+def zero_decision_rows(model: torch.nn.Module) -> int:
+    """Zero the rows of every fused QKV weight that produce channel D-1 of each query and
+    key head (this TP rank's heads); returns the number of weights changed."""
+    changed = 0
+    for module in model.modules():
+        qkv = getattr(module, "linear_qkv", None)
+        if qkv is None or not hasattr(module, "num_query_groups_per_partition"):
+            continue
+        groups = module.num_query_groups_per_partition
+        per_group = module.num_attention_heads_per_partition // groups
+        d = module.hidden_size_per_attention_head
+        rows = [
+            (g * (per_group + 2) + h) * d + d - 1
+            for g in range(groups)
+            for h in range(per_group + 1)
+        ]
+        qkv.weight[rows] = 0.0
+        changed += 1
+    return changed
+
+
+def finish_zero_out(model: DistributedDataParallel) -> None:
+    set_zero_out_lambda(model.module, 0.0)
+    assert zero_decision_rows(model.module) > 0, "no attention layer found to zero"
+
+
+def is_logging_rank() -> bool:
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def llama_shape(model_config: ModelConfig) -> LlamaShape:
+    return LlamaShape(
+        vocab_size=model_config.vocab_size,
+        hidden_size=model_config.hidden_size,
+        intermediate_size=model_config.ffn_hidden_size,
+        num_hidden_layers=model_config.num_layers,
+        num_attention_heads=model_config.num_attention_heads,
+        num_key_value_heads=model_config.num_query_groups,
+        head_dim=model_config.kv_channels,
+        rms_norm_eps=model_config.norm_epsilon,
+        rope_theta=model_config.rotary_base,
+        max_position_embeddings=model_config.max_position_embeddings,
+        tie_word_embeddings=model_config.tie_embeddings,
+    )
+
+
+def export_metadata(
+    model_config: ModelConfig, cfg: TrainConfig, layer_head_cr: list[list[float]] | None
+) -> dict[str, Any]:
+    """common.pt entry that the HF exporter reads (DMC fields once DMC has trained)."""
+    dmc = None
+    if layer_head_cr is not None:
+        dmc = {
+            "window_size": cfg.dmc.dmc_window_size,
+            "init_val": cfg.dmc.dmc_init_val,
+            "compression_ratio": cfg.dmc.dmc_target_cr,
+            "layer_head_cr": layer_head_cr,
+        }
+    return {METADATA_KEY: checkpoint_metadata(llama_shape(model_config), dmc=dmc)}

@@ -1,0 +1,183 @@
+"""The optimizer: Megatron's (distributed) optimizer on GPU, AdamW with a TP-aware global
+gradient norm on CPU, behind one small interface; and the per-stage LR schedule.
+
+Both read gradients from the grad buffers of Megatron's DDP wrapper (`param.main_grad`),
+which hold the data-parallel mean after `finalize_model_grads`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+
+from megatron_dmc.compat import cpu_device_mode, cuda_available
+from megatron_dmc.training.config import OptimizerArgs
+from megatron_dmc.training.stages import Stage
+
+
+class Optimizer(Protocol):
+    """What the train loop needs from an optimizer (Megatron's optimizers have it)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> tuple[bool, float | None, Any]: ...
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False): ...
+
+    def load_state_dict(self, state_dict: dict) -> None: ...
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.dim() == 1 or name.endswith(".bias")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay},
+        {"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0},
+    ]
+
+
+class CpuAdamW:
+    """torch AdamW over the DDP grad buffers, clipped by the norm over all model-parallel
+    ranks (tensor-parallel duplicates and the tied embedding copy counted once)."""
+
+    def __init__(self, model: torch.nn.Module, args: OptimizerArgs) -> None:
+        self.clip_grad = args.clip_grad
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, args.weight_decay),
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            foreach=True,
+        )
+        self.param_groups = self.optimizer.param_groups
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.parameters():
+            param.grad = None
+
+    def grad_norm(self) -> float:
+        grads = [
+            p.grad
+            for p in self.parameters()
+            if p.grad is not None
+            and param_is_not_shared(p)
+            and param_is_not_tensor_parallel_duplicate(p)
+        ]
+        with cpu_device_mode():
+            return get_grad_norm_fp32(
+                grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group()
+            )
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float | None, None]:
+        for param in self.parameters():
+            param.grad = param.main_grad
+        norm = self.grad_norm()
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, self.clip_grad / (norm + 1.0e-6))
+        self.optimizer.step()
+        return True, norm, None
+
+    def _init_state(self) -> None:
+        for param in self.parameters():
+            if not self.optimizer.state[param]:
+                self.optimizer.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param),
+                    "exp_avg_sq": torch.zeros_like(param),
+                }
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False):
+        """Moments as ShardedTensors beside the model's (so they reshard like the weights)."""
+        if is_loading:
+            self._init_state()
+        state = self.optimizer.state_dict()
+        state["state"] = {k: dict(v) for k, v in state["state"].items()}  # live dicts inside
+        steps = [s.pop("step") for s in state["state"].values()]
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
+        optim_state_to_sharding_state(state, id_map)
+        state["common_step"] = float(steps[0]) if steps else 0.0
+        return state
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A `state_dict()`, or a loaded `sharded_state_dict()` (shared step)."""
+        if "common_step" in state_dict:
+            step = state_dict.pop("common_step")
+            for param_state in state_dict["state"].values():
+                param_state["step"] = torch.tensor(step)
+        state_dict["param_groups"] = [
+            {**saved, "params": live["params"]}
+            for saved, live in zip(
+                state_dict["param_groups"], self.optimizer.state_dict()["param_groups"]
+            )
+        ]
+        self.optimizer.load_state_dict(state_dict)
+
+
+def build_optimizer(model: torch.nn.Module, args: OptimizerArgs, bf16: bool, distributed: bool):
+    """Megatron's optimizer on GPU (distributed if asked), CpuAdamW on CPU."""
+    if not cuda_available():
+        return CpuAdamW(model, args)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    return get_megatron_optimizer(config, [model])
+
+
+def stage_lr_scheduler(
+    optimizer: Optimizer, stage: Stage, args: OptimizerArgs, step: int
+) -> OptimizerParamScheduler:
+    """Constant --lr in zero_out and retrofit; --lr -> --min-lr over finetune. Set to `step`."""
+    style = args.lr_decay_style if stage.decays_lr else "constant"
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr if stage.decays_lr else args.lr,
+        lr_warmup_steps=0,
+        lr_decay_steps=max(stage.iters, 1),
+        lr_decay_style=style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=max(stage.iters, 1),
+        wd_incr_style="constant",
+    )
+    scheduler.step(step)
+    return scheduler

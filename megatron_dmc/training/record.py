@@ -1,0 +1,113 @@
+"""Per-step records (what metrics.jsonl and the console get) and the non-finite loss stop.
+
+Legend: L layers, N KV heads (whole model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.ops import achieved_compression_ratio
+from megatron_dmc.training.step import StepResult
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the run stops without applying that step."""
+
+
+class LayerWatch:
+    """Forward hooks flagging, per global layer number, an output that was not finite."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int) -> None:
+        self.bad_L = torch.zeros(num_layers, dtype=torch.float64)
+        self._handles = [
+            layer.register_forward_hook(self._hook)
+            for layer in model.modules()
+            if type(layer).__name__ == "TransformerLayer"
+        ]
+
+    def _hook(self, layer: torch.nn.Module, args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not torch.isfinite(hidden.detach()).all():
+            self.bad_L[layer.layer_number - 1] = 1.0
+
+    def first_bad_layer(self) -> int | None:
+        """Collective: the first layer (0-based) that produced a non-finite output."""
+        bad_L = self.bad_L.clone()
+        dist.all_reduce(bad_L, op=dist.ReduceOp.MAX)
+        bad = torch.nonzero(bad_L).flatten().tolist()
+        return bad[0] if bad else None
+
+    def reset(self) -> None:
+        self.bad_L.zero_()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def cr_from_alpha(alpha: float) -> float:
+    return achieved_compression_ratio(alpha)
+
+
+class StepRecorder:
+    """Turns step results into records and keeps the last per-(layer, head) CR."""
+
+    def __init__(self, model_config: ModelConfig) -> None:
+        self.model_config = model_config
+        self.layer_head_cr: list[list[float]] | None = None
+        self.last: dict[str, Any] | None = None
+
+    def check_finite(
+        self, result: StepResult, iteration: int, stage: str, watch: LayerWatch
+    ) -> None:
+        """Raise on every rank, naming the step and, when found, the layer."""
+        if result.finite:
+            watch.reset()
+            return
+        layer = watch.first_bad_layer()
+        where = "" if layer is None else f"; first non-finite layer output: layer {layer}"
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration} (stage {stage}): "
+            f"lm_loss_sum={result.stats['lm_loss_sum']}, cr_loss_sum={result.stats['cr_loss_sum']}"
+            f"{where}"
+        )
+
+    def record(
+        self,
+        base: dict[str, Any],
+        result: StepResult,
+        alpha_LN: torch.Tensor | None,
+        decisions_per_sequence: int,
+        target_cr: float | None,
+    ) -> dict[str, Any]:
+        stats = result.stats
+        record = dict(base)
+        record["lm_loss"] = stats["lm_loss_sum"] / max(stats["tokens"], 1.0)
+        record["grad_norm"] = result.grad_norm
+        record["target_cr"] = target_cr
+        if alpha_LN is not None:
+            alpha = stats["alpha_sum"] / (stats["sequences"] * decisions_per_sequence)
+            record["cr_loss"] = stats["cr_loss_sum"] / max(stats["sequences"], 1.0)
+            record["alpha_mean"] = alpha
+            record["achieved_cr"] = cr_from_alpha(alpha)
+            record["layer_cr"] = [cr_from_alpha(a) for a in alpha_LN.mean(dim=1).tolist()]
+            self.layer_head_cr = [[cr_from_alpha(a) for a in row] for row in alpha_LN.tolist()]
+        self.last = record
+        return record
+
+    def summary(self) -> str:
+        last = self.last or {}
+        achieved, target = last.get("achieved_cr"), last.get("target_cr")
+        if achieved is None or target is None:
+            return f"finished at iteration {last.get('iteration')} (no DMC stage ran)"
+        gap = abs(achieved - target) / target
+        ok = "reached" if achieved >= target or gap <= 0.1 else "NOT reached"
+        return (
+            f"final achieved CR {achieved:.3f} vs target {target:.3f} "
+            f"({'+' if achieved >= target else '-'}{gap * 100:.1f}%): target {ok}"
+        )

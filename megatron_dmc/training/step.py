@@ -1,0 +1,119 @@
+"""One optimizer step (or one evaluation batch) through Megatron-Core's pipeline schedules.
+
+Legend: b micro-batch size, s sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_dmc.compat import cpu_device_mode
+from megatron_dmc.training.loss import STATS, LossSettings, micro_batch_loss
+from megatron_dmc.training.model_api import unpack_output
+
+
+@dataclass
+class StepResult:
+    stats: dict[str, float]
+    """Sums over the global batch (see loss.STATS), on every rank."""
+
+    grad_norm: float | None = None
+    """Global gradient norm before clipping (None when the step was skipped)."""
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.stats.values())
+
+
+def _forward_step(settings: LossSettings, data_iterator, model):
+    batch = next(data_iterator)
+    output, sums = unpack_output(
+        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return output, None
+    if sums is not None:
+        assert sums.count == settings.decisions_per_sequence, (sums.count, settings)
+    alpha_sum_B = None if sums is None else sums.alpha_sum_B
+    return output, partial(_loss, batch["loss_mask"], alpha_sum_B, settings)
+
+
+def _loss(loss_mask_BS, alpha_sum_B, settings, loss_BS):
+    loss, stats = micro_batch_loss(loss_BS, loss_mask_BS, alpha_sum_B, settings)
+    return loss, {"stats": stats}
+
+
+def _holds_loss() -> bool:
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+def _reduce_stats(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum the micro-batch statistics over data-parallel ranks and share them with every
+    rank (so that all ranks can stop together on a bad loss)."""
+    total = torch.zeros(len(STATS), dtype=torch.float64)
+    if _holds_loss():
+        for out in outputs:
+            total += out["stats"].double().cpu()
+    dist.all_reduce(total)
+    return dict(zip(STATS, total.tolist()))
+
+
+def run_batches(
+    model: torch.nn.Module,
+    data_iterator: Iterator[dict[str, torch.Tensor]],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    settings: LossSettings,
+    forward_only: bool,
+) -> StepResult:
+    """Forward (and backward unless `forward_only`) over one global batch.
+
+    `seq_length` is what the pipeline schedule sends between stages (see
+    `model_api.schedule_seq_length`).
+    """
+    with cpu_device_mode():
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, settings),
+            data_iterator=data_iterator,
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+    return StepResult(_reduce_stats(outputs))
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: Any,
+    data_iterator: Iterator[dict[str, torch.Tensor]],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    settings: LossSettings,
+) -> StepResult:
+    """Zero grads, forward/backward over the global batch (Megatron syncs DP and tied
+    embedding grads), then clip and step; a non-finite loss skips the update."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = run_batches(
+        model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, False
+    )
+    if result.finite:
+        with cpu_device_mode():
+            _, result.grad_norm, _ = optimizer.step()
+    return result

@@ -1,0 +1,88 @@
+"""Checks of a run against the model shape, the world and the files, before any work.
+
+Each failure is a ValueError that says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_dmc.compat import cuda_available
+from megatron_dmc.data.gpt_dataset import check_data_prefix
+from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.training.checkpoint import has_checkpoint
+from megatron_dmc.training.config import TrainConfig
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_batch(cfg: TrainConfig, world_size: int) -> None:
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"{world_size} processes cannot be split into tensor x pipeline = {tp} x {pp} "
+            f"groups; launch a multiple of {tp * pp} processes (torchrun --nproc-per-node)"
+        )
+    dp = world_size // (tp * pp)
+    per_step = cfg.batch.micro_batch_size * dp
+    if cfg.batch.global_batch_size is None:
+        cfg.batch.global_batch_size = per_step
+    if cfg.batch.global_batch_size % per_step:
+        raise ValueError(
+            f"--global-batch-size {cfg.batch.global_batch_size} is not a multiple of "
+            f"--micro-batch-size x data-parallel size = {cfg.batch.micro_batch_size} x {dp}"
+        )
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    if cuda_available():
+        return
+    for flag, on in (
+        ("--bf16", cfg.model.bf16),
+        ("--sequence-parallel", cfg.model.sequence_parallel),
+        ("--use-distributed-optimizer", cfg.parallel.use_distributed_optimizer),
+    ):
+        if on:
+            raise ValueError(f"{flag} needs a GPU; on CPU train in fp32 without it")
+
+
+def _check_files(cfg: TrainConfig) -> None:
+    if cfg.data.data_path is not None:
+        check_data_prefix(cfg.data.data_path)
+        if (cfg.data.tokenizer_model is None) == (cfg.data.tokenizer_dir is None):
+            raise ValueError(
+                "give exactly one of --tokenizer-model / --tokenizer-dir: the tokenizer that "
+                "made --data-path"
+            )
+    if cfg.data.valid_data_path is not None:
+        check_data_prefix(cfg.data.valid_data_path, "--valid-data-path")
+    load = cfg.checkpoint.load
+    if load is not None and not (has_checkpoint(load) or Path(load).is_dir()):
+        raise ValueError(
+            f"--load {load}: no checkpoint there (expected latest_checkpointed_iteration.txt)"
+        )
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
+    """All checks; fills in the default global batch size. Returns the model shape."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    model = ModelConfig.from_yaml(cfg.model.model)
+    model.check_parallel(
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        cfg.model.sequence_parallel,
+    )
+    if cfg.batch.seq_length > model.max_position_embeddings:
+        raise ValueError(
+            f"--seq-length {cfg.batch.seq_length} exceeds the model's "
+            f"max_position_embeddings {model.max_position_embeddings}"
+        )
+    if model.kv_channels < 4:
+        raise ValueError("DMC needs a head dim of at least 4 (one channel carries the decision)")
+    _check_batch(cfg, world_size)
+    _check_device(cfg)
+    _check_files(cfg)
+    return model
