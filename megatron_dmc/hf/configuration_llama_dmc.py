@@ -35,6 +35,8 @@ class LlamaDMCConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
+        # a plain Llama config.json loaded into this class must not keep "llama"
+        self.__dict__.pop("model_type", None)
         _check_dmc_fields(self)
 
 

@@ -105,7 +105,7 @@ def test_plain_llama_checkpoint_loads_into_the_dmc_model(tmp_path):
     LlamaForCausalLM(llama_config).save_pretrained(tmp_path)
     model, info = DMCLlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info
-    assert model.config.dmc_window_size == 12
+    assert model.config.model_type == "llama_dmc" and model.config.dmc_window_size == 12
     reference = reference_llama(model.eval(), "ops")
     with torch.no_grad():
         assert relative_error(model(IDS, use_cache=False).logits, reference(IDS).logits) <= 1e-5
