@@ -87,6 +87,10 @@ class ModelConfig:
             raise ValueError(
                 f"unknown model config keys {unknown}; expected some of {sorted(known)}"
             )
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(values))
+        if missing:
+            raise ValueError(f"model config is missing required keys {missing}")
         return cls(**values)
 
     def check_parallel(self, tp: int, pp: int, sequence_parallel: bool = False) -> None:
