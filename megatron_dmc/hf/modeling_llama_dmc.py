@@ -5,8 +5,9 @@ exported checkpoint and loaded with `trust_remote_code=True`. The DMC maths belo
 copy of `megatron_dmc.ops`; the test suite checks that both give the same outputs.
 
 Legend: B batch, H query heads, G KV heads, R = H/G query heads per KV head, T time, D head dim,
-E = 2*D + 1 (a window contribution w*k, w*v, w), N = B*G cache rows (one per sequence and KV
-head), P pages, S slots per page, M pages per row, L gathered slots per row, W window.
+E = 2*D + 1 (a window contribution w*k, w*v, w), A = D + 2 and F = D + 1 (augmented keys and
+values of the one-call attention), N = B*G cache rows (one per sequence and KV head), P pages,
+S slots per page, M pages per row, L gathered slots per row, K tail tokens, W window.
 """
 
 from __future__ import annotations
@@ -146,16 +147,11 @@ def biased_causal_attention(
     becomes a "self" key placed first (q_i[D+1] = s_ii/scale, k_self[D+1] = 1) whose value is a
     one-hot channel, so that channel of the output is the own slot's weight.
     """
-    group, head_dim, value_dim = (
-        q_BHTD.shape[1] // ktilde_BGTD.shape[1],
-        q_BHTD.shape[-1],
-        vtilde_BGTD.shape[-1],
-    )
-    scale = head_dim**-0.5
-    k_BHTD, v_BHTD = (
-        ktilde_BGTD.repeat_interleave(group, 1),
-        vtilde_BGTD.repeat_interleave(group, 1),
-    )
+    group = q_BHTD.shape[1] // ktilde_BGTD.shape[1]
+    value_dim = vtilde_BGTD.shape[-1]
+    scale = q_BHTD.shape[-1] ** -0.5
+    k_BHTD = ktilde_BGTD.repeat_interleave(group, 1)
+    v_BHTD = vtilde_BGTD.repeat_interleave(group, 1)
     bias_BHT1 = bias_BGT.repeat_interleave(group, 1)[..., None]
     self_score_BHT1 = (q_BHTD * k_BHTD).sum(-1, keepdim=True) * scale
     q_aug = torch.cat(
@@ -165,9 +161,11 @@ def biased_causal_attention(
     k_self = F.pad(torch.ones_like(k_aug[:, :, :1, :1]), (k_aug.shape[-1] - 1, 0))
     v_aug = F.pad(v_BHTD, (0, 1))
     v_self = F.pad(torch.ones_like(v_aug[:, :, :1, :1]), (value_dim, 0))
-    keys = torch.cat([k_self, k_aug[:, :, :-1]], dim=2)
-    values = torch.cat([v_self, v_aug[:, :, :-1]], dim=2)
-    out_BHTF = F.scaled_dot_product_attention(q_aug, keys, values, is_causal=True, scale=scale)
+    keys_BHTA = torch.cat([k_self, k_aug[:, :, :-1]], dim=2)
+    values_BHTF = torch.cat([v_self, v_aug[:, :, :-1]], dim=2)
+    out_BHTF = F.scaled_dot_product_attention(
+        q_aug, keys_BHTA, values_BHTF, is_causal=True, scale=scale
+    )
     return out_BHTF[..., :value_dim] + out_BHTF[..., value_dim:] * v_BHTD
 
 
