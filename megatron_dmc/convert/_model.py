@@ -1,50 +1,57 @@
-"""The Megatron GPTModel a LlamaShape describes, at the current TP/PP (local spec, CPU)."""
+"""LlamaShape <-> the project's ModelConfig, and the model a conversion writes through."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer import TransformerConfig
 
 from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.model import ModelConfig, build_model
+
+
+def model_config_from_shape(shape: LlamaShape) -> ModelConfig:
+    return ModelConfig(
+        num_layers=shape.num_hidden_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        ffn_hidden_size=shape.intermediate_size,
+        vocab_size=shape.vocab_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        rotary_base=shape.rope_theta,
+        norm_epsilon=shape.rms_norm_eps,
+        tie_embeddings=shape.tie_word_embeddings,
+        head_dim=shape.head_dim,
+    )
+
+
+def shape_from_model_config(config: ModelConfig, dtype: str = "float32") -> LlamaShape:
+    """The converter's view of a ModelConfig (for checkpoint_metadata of trained models)."""
+    return LlamaShape(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups,
+        head_dim=config.kv_channels,
+        rms_norm_eps=config.norm_epsilon,
+        rope_theta=config.rotary_base,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_embeddings,
+        dtype=dtype,
+    )
 
 
 def build_gpt_model(shape: LlamaShape) -> GPTModel:
-    """Needs initialized parallel groups; weights are random until filled or loaded."""
-    config = TransformerConfig(
-        num_layers=shape.num_hidden_layers,
-        hidden_size=shape.hidden_size,
-        ffn_hidden_size=shape.intermediate_size,
-        num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_key_value_heads,
-        kv_channels=shape.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=shape.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+    """The vanilla model at the current TP/PP, weights in shape.dtype.
+
+    DMC attention has the same state-dict keys, so conversions never need it.
+    """
+    config = model_config_from_shape(shape)
+    transformer_config = config.to_transformer_config(
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=shape.torch_dtype,
-        pipeline_dtype=shape.torch_dtype,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
     )
-    return GPTModel(
-        config,
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=shape.vocab_size,
-        max_sequence_length=shape.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=shape.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=shape.rope_theta,
-    )
+    return build_model(config, "vanilla", transformer_config=transformer_config)

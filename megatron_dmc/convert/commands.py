@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dmc.convert._model import build_gpt_model
+from megatron_dmc.convert._model import build_gpt_model, model_config_from_shape
 from megatron_dmc.convert.dmc_export import dmc_fields_from_hf
 from megatron_dmc.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, write_hf_model
 from megatron_dmc.convert.hf_io import HFCheckpoint
@@ -36,22 +36,7 @@ from megatron_dmc.distributed import destroy_distributed, initialize_distributed
 
 def check_parallel_sizes(shape: LlamaShape, tensor_parallel: int, pipeline_parallel: int) -> None:
     """Refuse TP/PP sizes the model cannot be split into (before anything is written)."""
-    if tensor_parallel < 1 or pipeline_parallel < 1:
-        raise ValueError("tensor/pipeline parallel sizes must be >= 1")
-    checks = (
-        ("num_attention_heads", shape.num_attention_heads, tensor_parallel),
-        ("intermediate_size", shape.intermediate_size, tensor_parallel),
-        ("num_hidden_layers", shape.num_hidden_layers, pipeline_parallel),
-    )
-    for field, value, size in checks:
-        if value % size:
-            raise ValueError(f"{field}={value} is not divisible by the parallel size {size}")
-    groups = shape.num_key_value_heads
-    if groups % tensor_parallel and tensor_parallel % groups:
-        raise ValueError(
-            f"num_key_value_heads={groups} and tensor parallel size {tensor_parallel}: one "
-            "must divide the other"
-        )
+    model_config_from_shape(shape).check_parallel(tensor_parallel, pipeline_parallel)
 
 
 def write_megatron(

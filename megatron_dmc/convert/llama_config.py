@@ -113,12 +113,12 @@ def _check_convertible(config: dict[str, Any]) -> None:
             )
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act={config['hidden_act']!r}: only 'silu' (SwiGLU)")
-    rope_type = _rope_type(config)
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"config.json rope scaling type {rope_type!r} is not implemented; supported: "
-            f"{list(SUPPORTED_ROPE_TYPES)} (not linear, dynamic, yarn, longrope, llama3)"
-        )
+    for rope_type in _rope_types(config):
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"config.json rope scaling type {rope_type!r} is not implemented; supported: "
+                f"{list(SUPPORTED_ROPE_TYPES)} (not linear, dynamic, yarn, longrope, llama3)"
+            )
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
         if not isinstance(config.get(field), int):
             raise ValueError(f"config.json field {field} is missing or not an integer")
@@ -132,9 +132,10 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _rope_type(config: dict[str, Any]) -> str:
-    params = _rope_parameters(config)
-    return params.get("rope_type", params.get("type", "default"))
+def _rope_types(config: dict[str, Any]) -> list[str]:
+    """Types named by rope_parameters and rope_scaling (either may carry scaling)."""
+    found = [config.get("rope_parameters") or {}, config.get("rope_scaling") or {}]
+    return [p.get("rope_type", p.get("type", "default")) for p in found]
 
 
 def _dtype_name(config: dict[str, Any]) -> str:
