@@ -6,6 +6,7 @@ Shapes: T tokens, V vocabulary. Token ids are 1-D (one sequence).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,15 +84,15 @@ def score(
 
 @torch.no_grad()
 def greedy_generate(
-    model: nn.Module, prefix: Prefix, max_new_tokens: int, stop_ids: set[int]
+    model: nn.Module, prefix: Prefix, max_new_tokens: int, stop: Callable[[list[int]], bool]
 ) -> list[int]:
-    """Greedy decoding one token per call through the prefix's cache."""
+    """Greedy decoding, one token per call through the prefix's cache, until `stop(tokens)`."""
     out, next_V, cache = [], prefix.next_logprobs_V, prefix.cache
     for _ in range(max_new_tokens):
-        token = int(next_V.argmax())
-        out.append(token)
-        if token in stop_ids:
+        out.append(int(next_V.argmax()))
+        if stop(out):
             break
+        token = out[-1]
         token_11 = torch.tensor([[token]], device=next_V.device)
         logprobs_1TV, cache = forward_cached(model, token_11, cache)
         next_V = logprobs_1TV[0, -1]
