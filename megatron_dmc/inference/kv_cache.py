@@ -166,6 +166,11 @@ class PagedKVCache:
         A step adds at most one slot per stream, so it needs at most one new page for each
         stream whose length sits on a page boundary.
         """
+        if bool((self.seen_LB[:, seq_ids_B] >= self.config.max_seq_len).any()):
+            raise ValueError(
+                f"a sequence already holds max_seq_len={self.config.max_seq_len} tokens; "
+                "build the cache with a larger max_seq_len or stop generation earlier"
+            )
         at_boundary = (self.lengths_LBG[:, seq_ids_B] % self.config.page_size == 0).sum()
         self.pool.check_available(int(at_boundary), "the next decode step (worst case)")
 
@@ -316,8 +321,23 @@ class PagedKVCache:
     def gather(
         self, layer: int, seq_ids_B: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense copies (keys [B,G,S,D], values [B,G,S,D], valid [B,G,S]); padding is 0."""
-        rows_BGS, valid_BGS = self.slot_rows(layer, seq_ids_B)
-        keys_BGSD = self.pool.k_flat[rows_BGS] * valid_BGS[..., None]
-        values_BGSD = self.pool.v_flat[rows_BGS] * valid_BGS[..., None]
-        return keys_BGSD, values_BGSD, valid_BGS
+        """(keys [B,G,S,D], values [B,G,S,D], valid [B,G,S]), S = the longest stream.
+
+        Whole pages are copied (page-sized contiguous blocks); slots past a stream's length
+        hold arbitrary finite pool data and must be masked with `valid`.
+        """
+        lengths_BG = self.lengths_LBG[layer, seq_ids_B]
+        longest = max(int(lengths_BG.max()) if lengths_BG.numel() else 0, 1)
+        table_BGM = self.block_table_LBGM[layer, seq_ids_B][
+            ..., : -(-longest // self.config.page_size)
+        ]
+        pages_K = table_BGM.flatten().clamp_min(0)
+        b, g, _ = table_BGM.shape
+        keys_BGSD = self.pool.k_pages_PND.index_select(0, pages_K).view(
+            b, g, -1, self.config.head_dim
+        )
+        values_BGSD = self.pool.v_pages_PND.index_select(0, pages_K).view(
+            b, g, -1, self.config.head_dim
+        )
+        valid_BGS = torch.arange(longest, device=lengths_BG.device) < lengths_BG[..., None]
+        return keys_BGSD[:, :, :longest], values_BGSD[:, :, :longest], valid_BGS

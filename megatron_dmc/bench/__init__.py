@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks of compressed-cache inference (`python -m megatron_dmc.bench`)."""

@@ -1,0 +1,142 @@
+"""The measured workloads: decode at a given batch / context / pool, and prefill.
+
+Legend: B sequences, T time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megatron_dmc.bench.presets import Preset
+from megatron_dmc.bench.timing import timed
+from megatron_dmc.inference import PagedKVCache, cache_stats
+from megatron_dmc.inference.decisions import ForcedRate
+from megatron_dmc.inference.generation import default_num_pages
+from megatron_dmc.inference.model import LlamaForInference
+from megatron_dmc.ops import DMCConfig
+
+
+def random_model(preset: Preset, seed: int = 0) -> LlamaForInference:
+    """Random weights (std 0.02, norms 1) in the preset's dtype and device; vanilla mode."""
+    torch.manual_seed(seed)
+    with torch.device(preset.device):
+        model = LlamaForInference(preset.shape, None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return model.to(preset.dtype).eval()
+
+
+def with_mode(model: LlamaForInference, cr: float | None) -> LlamaForInference:
+    """The same weights in vanilla mode (cr None) or DMC with FORCED-RATE decisions at `cr`."""
+    view = copy.copy(model)
+    view.dmc = DMCConfig() if cr is not None else None
+    view.forced = ForcedRate(cr) if cr is not None else None
+    return view
+
+
+@dataclass
+class DecodeRun:
+    mode: str
+    batch: int
+    context: int
+    prefill_s: float
+    step_ms: float
+    tokens_per_s: float
+    kv_allocated_bytes: int
+    kv_peak_bytes: int
+    """Peak KV pages plus the prefill's one-layer dense working set."""
+    window_state_bytes: int
+    pool_bytes: int
+    compression_ratio: float
+    fragmentation: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def mode_name(cr: float | None) -> str:
+    return "vanilla" if cr is None else f"dmc-forced-cr{cr:g}"
+
+
+def run_decode(
+    model: LlamaForInference,
+    preset: Preset,
+    cr: float | None,
+    batch: int,
+    context: int,
+    num_pages: int | None = None,
+    backend: str = "padded",
+) -> DecodeRun:
+    """Prefill `batch` random prompts of `context` tokens, then time greedy decode steps."""
+    model = with_mode(model, cr)
+    total = context + preset.warmup + preset.steps + 1
+    pages = num_pages or default_num_pages(model, batch, total, preset.page_size)
+    cache = PagedKVCache(model.cache_config(pages, batch, total, page_size=preset.page_size))
+    seq_B = cache.add_sequences(batch)
+    gen = torch.Generator(device=preset.device).manual_seed(1)
+    tokens_BT = torch.randint(
+        0, preset.shape.vocab_size, (batch, context), generator=gen, device=preset.device
+    )
+    lengths_B = torch.full((batch,), context, device=preset.device)
+    logits_BV, prefill_s = timed(
+        lambda: model.prefill(tokens_BT, lengths_B, cache, seq_B, preset.prefill_chunk),
+        preset.device,
+    )
+    transient = model.last_prefill_transient_bytes
+    next_B = logits_BV.argmax(-1)
+    for _ in range(preset.warmup):
+        next_B = model.decode(next_B, cache, seq_B, backend).argmax(-1)
+
+    def steps():
+        nonlocal next_B
+        for _ in range(preset.steps):
+            next_B = model.decode(next_B, cache, seq_B, backend).argmax(-1)
+
+    _, seconds = timed(steps, preset.device)
+    stats = cache_stats(cache)
+    return DecodeRun(
+        mode=mode_name(cr), batch=batch, context=context, prefill_s=prefill_s,
+        step_ms=1e3 * seconds / preset.steps, tokens_per_s=batch * preset.steps / seconds,
+        kv_allocated_bytes=stats.allocated_bytes, kv_peak_bytes=stats.peak_allocated_bytes + transient,
+        window_state_bytes=stats.window_state_bytes, pool_bytes=stats.pool_bytes,
+        compression_ratio=stats.compression_ratio, fragmentation=stats.fragmentation,
+    )  # fmt: skip
+
+
+def token_by_token_prefill_s(
+    model: LlamaForInference, preset: Preset, cr: float | None, length: int
+) -> float:
+    """Seconds to fill the cache one token at a time (the release's prefill), batch 1."""
+    model = with_mode(model, cr)
+    pages = default_num_pages(model, 1, length, preset.page_size)
+    cache = PagedKVCache(model.cache_config(pages, 1, length, page_size=preset.page_size))
+    seq_B = cache.add_sequences(1)
+    tokens_T = torch.randint(0, preset.shape.vocab_size, (length,), device=preset.device)
+    model.prefill(
+        tokens_T[None, :1], torch.ones(1, dtype=torch.long, device=preset.device), cache, seq_B
+    )
+
+    def loop():
+        for t in range(1, length):
+            model.decode(tokens_T[t : t + 1], cache, seq_B)
+
+    return timed(loop, preset.device)[1]
+
+
+def parallel_prefill_s(
+    model: LlamaForInference, preset: Preset, cr: float | None, length: int
+) -> float:
+    model = with_mode(model, cr)
+    pages = default_num_pages(model, 1, length, preset.page_size)
+    cache = PagedKVCache(model.cache_config(pages, 1, length, page_size=preset.page_size))
+    seq_B = cache.add_sequences(1)
+    tokens_BT = torch.randint(0, preset.shape.vocab_size, (1, length), device=preset.device)
+    lengths_B = torch.full((1,), length, device=preset.device)
+    return timed(
+        lambda: model.prefill(tokens_BT, lengths_B, cache, seq_B, preset.prefill_chunk),
+        preset.device,
+    )[1]
