@@ -1,0 +1,3 @@
+from megatron_dmc.eval.cli import main
+
+main()
