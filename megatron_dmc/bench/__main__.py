@@ -15,6 +15,7 @@ import torch
 
 from megatron_dmc.bench import report, sections
 from megatron_dmc.bench.presets import PRESETS
+from megatron_dmc.bench.timing import clock_name
 from megatron_dmc.bench.workloads import random_model
 
 
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = random_model(preset)
     results = {"preset": preset.name, "machine": report.machine(), "decisions": sections.MODES_NOTE,
-               "shape": preset.shape.to_dict(), "page_size": preset.page_size}  # fmt: skip
-    log(f"{preset.name} on {results['machine']}; {sections.MODES_NOTE}")
+               "shape": preset.shape.to_dict(), "page_size": preset.page_size,
+               "prefill_chunk": preset.prefill_chunk, "clock": clock_name(preset.device)}  # fmt: skip
+    log(f"{preset.name} on {results['machine']}; {sections.MODES_NOTE}; timing: {results['clock']}")
     for key, name, fn in (("a", "equal_batch", sections.equal_batch), ("b", "equal_memory", sections.equal_memory),
                           ("c", "prefill", sections.prefill), ("d", "hf_generate", sections.hf_generate)):  # fmt: skip
         results[name] = [] if key in args.skip else fn(model, preset, log)

@@ -52,7 +52,7 @@ def equal_memory(model: LlamaForInference, preset: Preset, log) -> list[dict]:
     """
     total = preset.memory_context + preset.warmup + preset.steps + 1
     page_bytes, vanilla_pages, _ = _sequence_cost(preset, None, total)
-    budget = preset.batch * vanilla_pages * page_bytes
+    budget = preset.memory_batch * vanilla_pages * page_bytes
     rows, base = [], None
     for cr in (None, *preset.crs):
         page_bytes, seq_pages, ring = _sequence_cost(preset, cr, total)

@@ -107,7 +107,7 @@ class LlamaForInference(nn.Module):
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.last_prefill_transient_bytes = 0
-        """Largest per-layer dense K/V working set of the last prefill (one layer, one chunk)."""
+        """Largest one-layer, one-chunk dense K/V working set of the last prefill (estimate)."""
 
     def cache_config(self, num_pages: int, max_batch: int, max_seq_len: int, **kw) -> CacheConfig:
         """A CacheConfig matching this model (mode, window, heads, dtype)."""
@@ -186,8 +186,10 @@ class LlamaForInference(nn.Module):
             batch, -1
         )
         cos_BTD, sin_BTD = (t.expand(batch, -1, -1) for t in self._rope(positions_BT[0]))
-        kv_bytes = 4 * batch * self.shape.num_key_value_heads * length * self.shape.head_dim
-        self.last_prefill_transient_bytes = kv_bytes * self.lm_head.weight.element_size()
+        self.last_prefill_transient_bytes = max(
+            self.last_prefill_transient_bytes if start else 0,
+            self._working_set_bytes(batch, length, int(cache.lengths_LBG[:, seq_ids_B].max())),
+        )
 
         def attend_for_layer(layer: int):
             def attend(q, k, v):
@@ -209,6 +211,17 @@ class LlamaForInference(nn.Module):
             return attend
 
         return self._run(tokens_BT, attend_for_layer)
+
+    def _working_set_bytes(self, batch: int, length: int, cached_slots: int) -> int:
+        """Dense K/V tensors one layer holds while prefilling a chunk (estimated from shapes).
+
+        Raw k and v plus the rotated keys (vanilla), or raw k, v, zeroed k, ktilde, vtilde
+        and rotated keys (DMC); a continuation chunk also gathers the layer's cached slots.
+        """
+        per_token = batch * self.shape.num_key_value_heads * self.shape.head_dim
+        tensors = 3 if self.dmc is None else 6
+        elements = per_token * (tensors * length + 2 * cached_slots)
+        return elements * self.lm_head.weight.element_size()
 
     @torch.no_grad()
     def decode(
