@@ -70,9 +70,11 @@ def _collect(procs: list, results: Any, world_size: int, deadline: float) -> dic
                 raise AssertionError(
                     f"distributed test timed out; ranks done: {sorted(outcomes)}"
                 ) from None
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead and results.empty():
-                raise AssertionError(f"a rank died without reporting (exit codes {dead})") from None
+            silent = [p.exitcode for r, p in enumerate(procs) if r not in outcomes]
+            if all(code is not None for code in silent) and results.empty():
+                raise AssertionError(
+                    f"ranks exited without reporting (exit codes {silent})"
+                ) from None
             continue
         if not ok:
             raise AssertionError(f"rank {rank} failed:\n{value}")

@@ -40,7 +40,7 @@ class DecisionCollector:
     def __init__(self, noise_seed: int = 0) -> None:
         self.noise_seed = noise_seed
         self.step = 0
-        self._microbatch = 0
+        self._microbatch = -1
         self._sums_B: list[torch.Tensor] = []
         self.length = 0
         self._hard_sum_LG: dict[int, torch.Tensor] = {}
@@ -49,7 +49,7 @@ class DecisionCollector:
     def start_step(self, step: int) -> None:
         """Key the Gumbel noise of the coming forward passes by the training step."""
         self.step = step
-        self._microbatch = 0
+        self._microbatch = -1
 
     def begin_forward(self) -> None:
         self._sums_B.clear()
@@ -70,8 +70,18 @@ class DecisionCollector:
         return reduce_from_tensor_model_parallel_region(torch.stack(self._sums_B).sum(0))
 
     def generator(self, layer_number: int) -> torch.Generator:
-        dp_rank = parallel_state.get_data_parallel_rank() if dist.is_initialized() else 0
-        key = (self.noise_seed, self.step, self._microbatch, layer_number, dp_rank)
+        """Gumbel noise source for one layer in the current forward pass.
+
+        Keyed by the global microbatch index m * DP + dp_rank, the order in which
+        Megatron's samplers deal microbatches to data-parallel ranks, so the noise of a
+        sample does not depend on the TP/PP/DP layout.
+        """
+        dp_rank, dp_size = 0, 1
+        if dist.is_initialized():
+            dp_rank = parallel_state.get_data_parallel_rank()
+            dp_size = parallel_state.get_data_parallel_world_size()
+        global_microbatch = self._microbatch * dp_size + dp_rank
+        key = (self.noise_seed, self.step, global_microbatch, layer_number)
         return torch.Generator().manual_seed(hash(key) & (2**63 - 1))
 
     def reset_stats(self) -> None:

@@ -32,7 +32,7 @@ def _loss_func(sums, output_tensor):
     if sums is not None:
         loss = loss + compression_loss(sums.alpha_sum_B, sums.count, TARGET_CR)
     stats = {
-        "loss": loss.detach(),
+        "loss": loss.detach().clone(),
         "alpha_sum": None if sums is None else sums.alpha_sum_B.detach(),
     }
     return loss, stats

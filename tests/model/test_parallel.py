@@ -1,0 +1,109 @@
+"""TP / PP / DP layouts of the DMC model against one process: loss, gradients, decision sums.
+
+The reference runs in the pytest process (a world of one); its full weights are loaded
+into every layout, so all layouts start from the same model. Training mode with Gumbel
+noise: the noise is keyed by global microbatch and layer, so it is layout independent.
+"""
+
+import pytest
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+from megatron_dmc.compat import cpu_device_mode
+from megatron_dmc.distributed import destroy_distributed, initialize_distributed
+from megatron_dmc.model import ModelConfig, build_model
+from tests.dist_utils import run_distributed
+from tests.model.helpers import (
+    batch_BS,
+    grads_by_global_name,
+    load_full_state,
+    local_slice,
+    relative_error,
+    run_step,
+)
+
+NAME = "tiny_gqa"
+NUM_MICROBATCHES = 2
+
+
+def _reference() -> dict:
+    initialize_distributed(seed=21)
+    try:
+        model = build_model(ModelConfig.from_yaml(NAME), "dmc")
+        with torch.no_grad():  # k[D-1] near c in every layer, so decisions are mixed
+            for layer in model.decoder.layers:
+                weight = layer.self_attention.linear_qkv.weight
+                weight.view(2, -1, 16, 64)[:, -2, -1] *= 400.0
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = run_step(model, batch_BS(NUM_MICROBATCHES))
+        return {
+            "state": state,
+            "grads": grads_by_global_name(model),
+            "loss": [d["loss"] for d in losses],
+            "alpha_sum": [d["alpha_sum"] for d in losses],
+        }
+    finally:
+        destroy_distributed()
+
+
+def _layout_errors(reference: dict, tp: int, pp: int, ddp: bool) -> dict:
+    initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model = build_model(ModelConfig.from_yaml(NAME), "dmc")
+    load_full_state(model, reference["state"])
+    tokens_BS = batch_BS(NUM_MICROBATCHES)
+    if ddp:
+        with cpu_device_mode():
+            model = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        dp_rank = torch.distributed.get_rank()
+        tokens_BS = tokens_BS.split(tokens_BS.shape[0] // 2)[dp_rank]
+    losses = run_step(model, tokens_BS)
+    if ddp:
+        model.finish_grad_sync()
+        model = model.module
+    errors = {}
+    for name, grad in grads_by_global_name(model).items():
+        param = dict(model.named_parameters())[_local_name(model, name)]
+        errors[f"grad {name}"] = relative_error(grad, local_slice(param, reference["grads"][name]))
+    if losses:
+        first = torch.distributed.get_rank() if ddp else 0
+        ref_loss = reference["loss"][first : first + len(losses)]
+        ref_sum = reference["alpha_sum"][first : first + len(losses)]
+        errors["loss"] = max(
+            abs((d["loss"] - r).item()) / r.item() for d, r in zip(losses, ref_loss)
+        )
+        errors["alpha_sum"] = max(
+            (d["alpha_sum"] - r).abs().max().item() for d, r in zip(losses, ref_sum)
+        )
+    return errors
+
+
+def _local_name(model, global_name: str) -> str:
+    for layer_index, layer in enumerate(model.decoder.layers):
+        prefix = f"decoder.layers.{layer.layer_number - 1}."
+        if global_name.startswith(prefix):
+            return f"decoder.layers.{layer_index}." + global_name[len(prefix) :]
+    return global_name
+
+
+def _all_layouts(reference: dict) -> list[dict]:
+    """One spawn for all layouts (ranks are slow to start); the default process group
+    stays up and each `initialize_distributed` rebuilds Megatron's groups."""
+    results = []
+    for tp, pp, ddp in ((2, 1, False), (1, 2, False), (1, 1, True)):
+        results.append(_layout_errors(reference, tp, pp, ddp))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_tp2_pp2_dp2_match_one_process():
+    reference = _reference()
+    assert all(s.sum() > 0 for s in reference["alpha_sum"]), "test needs some merges"
+    per_rank = run_distributed(_all_layouts, world_size=2, args=(reference,), timeout_s=600)
+    for rank, layouts in enumerate(per_rank):
+        for label, errors in zip(("TP=2", "PP=2", "DP=2"), layouts):
+            assert errors, f"{label} rank {rank} compared nothing"
+            worst = max(errors, key=errors.get)
+            assert errors[worst] <= 1e-5, f"{label} rank {rank}: {worst} off by {errors[worst]:.2e}"
+    pp_last = per_rank[1][1]
+    assert "loss" in pp_last and "alpha_sum" in pp_last
