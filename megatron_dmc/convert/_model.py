@@ -5,6 +5,7 @@ from __future__ import annotations
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.model import ModelConfig, build_model
 
@@ -54,4 +55,5 @@ def build_gpt_model(shape: LlamaShape) -> GPTModel:
         parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=shape.torch_dtype,
     )
-    return build_model(config, "vanilla", transformer_config=transformer_config)
+    with cpu_device_mode():  # tied embeddings at PP > 1 call Tensor.cuda() while building
+        return build_model(config, "vanilla", transformer_config=transformer_config)
