@@ -6,6 +6,7 @@ import torch
 
 from megatron_dmc.bench.presets import Preset
 from megatron_dmc.bench.timing import timed
+from megatron_dmc.bench.workloads import default_dtype
 from megatron_dmc.convert.llama_config import hf_config_from_shape
 from megatron_dmc.inference.model import LlamaForInference
 
@@ -15,7 +16,7 @@ def hf_model(model: LlamaForInference, preset: Preset):
     import transformers
 
     config = transformers.LlamaConfig(**hf_config_from_shape(preset.shape))
-    with torch.device(preset.device):
+    with torch.device(preset.device), default_dtype(preset.dtype):
         hf = transformers.LlamaForCausalLM(config)
     hf.load_state_dict(model.state_dict(), strict=False)
     hf.generation_config.pad_token_id = 0

@@ -5,7 +5,9 @@ Legend: B sequences, T time, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,12 +24,23 @@ from megatron_dmc.ops import DMCConfig
 def random_model(preset: Preset, seed: int = 0) -> LlamaForInference:
     """Random weights (std 0.02, norms 1) in the preset's dtype and device; vanilla mode."""
     torch.manual_seed(seed)
-    with torch.device(preset.device):
+    with torch.device(preset.device), default_dtype(preset.dtype):
         model = LlamaForInference(preset.shape, None)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     return model.to(preset.dtype).eval()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build parameters directly in `dtype` (a 7B model never exists in float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def with_mode(model: LlamaForInference, cr: float | None) -> LlamaForInference:
