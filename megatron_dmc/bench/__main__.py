@@ -8,6 +8,7 @@ Random weights; DMC decisions are FORCED to each CR (labelled in every output).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 from megatron_dmc.bench import report, sections
 from megatron_dmc.bench.presets import PRESETS
 from megatron_dmc.bench.timing import clock_name
-from megatron_dmc.bench.workloads import random_model
+from megatron_dmc.bench.workloads import MODEL_DECISIONS, random_model
+from megatron_dmc.inference.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    p.add_argument("--model-dir", help="a DMC HF export: use its weights and its own decisions")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else args.preset]
     torch.set_num_threads(args.threads)
@@ -36,19 +39,37 @@ def main(argv: list[str] | None = None) -> dict:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {line}", flush=True)
 
-    model = random_model(preset)
-    results = {"preset": preset.name, "machine": report.machine(), "decisions": sections.MODES_NOTE,
+    model, preset, note = _model(args, preset)
+    results = {"preset": preset.name, "machine": report.machine(), "decisions": note,
                "shape": preset.shape.to_dict(), "page_size": preset.page_size,
                "prefill_chunk": preset.prefill_chunk, "clock": clock_name(preset.device)}  # fmt: skip
-    log(f"{preset.name} on {results['machine']}; {sections.MODES_NOTE}; timing: {results['clock']}")
+    log(f"{preset.name} on {results['machine']}; {note}; timing: {results['clock']}")
     for key, name, fn in (("a", "equal_batch", sections.equal_batch), ("b", "equal_memory", sections.equal_memory),
                           ("c", "prefill", sections.prefill), ("d", "hf_generate", sections.hf_generate)):  # fmt: skip
         results[name] = [] if key in args.skip else fn(model, preset, log)
     results["headline"] = report.headline(results)
-    print("\n".join(["", "== headline ratios (" + sections.MODES_NOTE + ")", *results["headline"]]))
+    print("\n".join(["", f"== headline ratios ({note})", *results["headline"]]))
     json_path, png_path = report.write(results, args.out)
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f}s")
     return results
+
+
+def _model(args: argparse.Namespace, preset):
+    """Random weights with forced CRs, or a DMC export with its own decisions."""
+    if args.model_dir is None:
+        return random_model(preset), preset, sections.MODES_NOTE
+    model = load_model(args.model_dir, mode="dmc", device=preset.device)
+    model.trained_dmc, model.dmc = model.dmc, None
+    dtype = model.lm_head.weight.dtype
+    preset = dataclasses.replace(
+        preset,
+        name=f"{preset.name}-model",
+        shape=model.shape,
+        dtype=dtype,
+        crs=(MODEL_DECISIONS,),
+        prefill_modes=(),
+    )
+    return model, preset, sections.MODEL_NOTE
 
 
 if __name__ == "__main__":

@@ -80,4 +80,6 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def _mode_order(mode: str) -> float:
-    return 0.0 if mode == "vanilla" else float(mode.rsplit("cr", 1)[-1])
+    if mode == "vanilla":
+        return 0.0
+    return float(mode.rsplit("cr", 1)[-1]) if "forced" in mode else float("inf")

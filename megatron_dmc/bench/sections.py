@@ -5,6 +5,7 @@ from __future__ import annotations
 from megatron_dmc.bench.hf_baseline import hf_decode_step_ms, hf_model
 from megatron_dmc.bench.presets import Preset
 from megatron_dmc.bench.workloads import (
+    MODEL_DECISIONS,
     mode_name,
     parallel_prefill_s,
     run_decode,
@@ -15,6 +16,7 @@ from megatron_dmc.inference.pool import CacheFullError
 from megatron_dmc.ops import DMCConfig
 
 MODES_NOTE = "DMC rows use FORCED-RATE decisions (random weights), not a trained model's."
+MODEL_NOTE = "DMC rows use the checkpoint's own decisions on random-token prompts."
 
 
 def equal_batch(model: LlamaForInference, preset: Preset, log) -> list[dict]:
@@ -35,33 +37,38 @@ def equal_batch(model: LlamaForInference, preset: Preset, log) -> list[dict]:
     return rows
 
 
-def _sequence_cost(preset: Preset, cr: float | None, total: int) -> tuple[int, int, int]:
+def _sequence_cost(model, preset: Preset, mode, total: int) -> tuple[int, int, int]:
     """(page bytes, pages one sequence needs at full length, its window-ring bytes)."""
     shape, page = preset.shape, preset.page_size
     page_bytes = 2 * page * shape.head_dim * preset.dtype.itemsize
     streams = shape.num_hidden_layers * shape.num_key_value_heads
-    slots = total if cr is None else -(-total // cr) + 1
-    ring = 0 if cr is None else streams * DMCConfig().window * (2 * shape.head_dim + 1) * 4
+    ring = 0 if mode is None else streams * DMCConfig().window * (2 * shape.head_dim + 1) * 4
+    if mode == MODEL_DECISIONS:
+        probe = run_decode(model, preset, mode, 1, preset.memory_context)
+        growth = streams * -(-(total - preset.memory_context) // page)
+        return page_bytes, probe.kv_allocated_bytes // page_bytes + growth, ring
+    slots = total if mode is None else -(-total // mode) + 1
     return page_bytes, streams * -(-int(slots) // page), ring
 
 
 def equal_memory(model: LlamaForInference, preset: Preset, log) -> list[dict]:
     """(b) One KV budget (the vanilla batch's pool): the largest batch that fits, tokens/s.
 
-    DMC pays for its window rings out of the same budget.
+    DMC pays for its window rings out of the same budget. With the model's own decisions
+    the batch is sized from one probe sequence's pages (other prompts may not fit: logged).
     """
     total = preset.memory_context + preset.warmup + preset.steps + 1
-    page_bytes, vanilla_pages, _ = _sequence_cost(preset, None, total)
+    page_bytes, vanilla_pages, _ = _sequence_cost(model, preset, None, total)
     budget = preset.memory_batch * vanilla_pages * page_bytes
     rows, base = [], None
-    for cr in (None, *preset.crs):
-        page_bytes, seq_pages, ring = _sequence_cost(preset, cr, total)
+    for mode in (None, *preset.crs):
+        page_bytes, seq_pages, ring = _sequence_cost(model, preset, mode, total)
         batch = budget // (seq_pages * page_bytes + ring)
         pages = (budget - batch * ring) // page_bytes
         try:
-            run = run_decode(model, preset, cr, batch, preset.memory_context, num_pages=pages)
+            run = run_decode(model, preset, mode, batch, preset.memory_context, num_pages=pages)
         except CacheFullError as error:
-            log(f"(b) {mode_name(cr)}: batch {batch} did not fit: {error}")
+            log(f"(b) {mode_name(mode)}: batch {batch} did not fit: {error}")
             continue
         base = base or run
         row = run.as_dict() | {

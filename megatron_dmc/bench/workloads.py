@@ -43,11 +43,21 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def with_mode(model: LlamaForInference, cr: float | None) -> LlamaForInference:
-    """The same weights in vanilla mode (cr None) or DMC with FORCED-RATE decisions at `cr`."""
+MODEL_DECISIONS = "model"
+"""Mode of a loaded DMC checkpoint deciding for itself (instead of a forced CR)."""
+
+Mode = float | str | None
+
+
+def with_mode(model: LlamaForInference, mode: Mode) -> LlamaForInference:
+    """The same weights in vanilla mode (None), DMC with FORCED-RATE decisions at CR `mode`,
+    or DMC with the checkpoint's own decisions (MODEL_DECISIONS)."""
+    trained = getattr(model, "trained_dmc", None)
     view = copy.copy(model)
-    view.dmc = DMCConfig() if cr is not None else None
-    view.forced = ForcedRate(cr) if cr is not None else None
+    view.dmc = None if mode is None else trained or DMCConfig()
+    view.forced = ForcedRate(mode) if isinstance(mode, float | int) else None
+    if mode == MODEL_DECISIONS and trained is None:
+        raise ValueError("the model's own decisions need a DMC checkpoint (--model-dir export)")
     return view
 
 
@@ -71,14 +81,16 @@ class DecodeRun:
         return asdict(self)
 
 
-def mode_name(cr: float | None) -> str:
-    return "vanilla" if cr is None else f"dmc-forced-cr{cr:g}"
+def mode_name(mode: Mode) -> str:
+    if mode is None:
+        return "vanilla"
+    return "dmc-model-decisions" if mode == MODEL_DECISIONS else f"dmc-forced-cr{mode:g}"
 
 
 def run_decode(
     model: LlamaForInference,
     preset: Preset,
-    cr: float | None,
+    cr: Mode,
     batch: int,
     context: int,
     num_pages: int | None = None,
@@ -121,7 +133,7 @@ def run_decode(
 
 
 def token_by_token_prefill_s(
-    model: LlamaForInference, preset: Preset, cr: float | None, length: int
+    model: LlamaForInference, preset: Preset, cr: Mode, length: int
 ) -> float:
     """Seconds to fill the cache one token at a time (the release's prefill), batch 1."""
     model = with_mode(model, cr)
@@ -140,9 +152,7 @@ def token_by_token_prefill_s(
     return timed(loop, preset.device)[1]
 
 
-def parallel_prefill_s(
-    model: LlamaForInference, preset: Preset, cr: float | None, length: int
-) -> float:
+def parallel_prefill_s(model: LlamaForInference, preset: Preset, cr: Mode, length: int) -> float:
     model = with_mode(model, cr)
     pages = default_num_pages(model, 1, length, preset.page_size)
     cache = PagedKVCache(model.cache_config(pages, 1, length, page_size=preset.page_size))

@@ -40,3 +40,26 @@ def test_bench_writes_json_and_png_with_real_memory_ratios(tmp_path, monkeypatch
     assert more["batch"] >= 2 * base["batch"]
     assert more["pool_bytes"] + more["window_state_bytes"] <= base["pool_bytes"]
     assert len(results["headline"]) >= 3
+
+
+def test_bench_with_a_dmc_checkpoint_uses_its_own_decisions(tmp_path, monkeypatch):
+    from tests.inference.model_helpers import tiny_model
+    from tests.inference.test_loading import DMC_FIELDS, _save
+
+    path = _save(tiny_model(), tmp_path / "m", DMC_FIELDS)
+    preset = dataclasses.replace(
+        PRESETS["quick"], name="tiny", contexts=(48,), steps=2, warmup=1, memory_context=48,
+        memory_batch=2, prefill_tokens=16, page_size=4, prefill_chunk=None,
+    )  # fmt: skip
+    monkeypatch.setitem(PRESETS, "quick", preset)
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--quick", "--out", str(tmp_path), "--skip", "d", "--model-dir", str(path)]
+        results = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert "own decisions" in results["decisions"]
+    modes = [row["mode"] for row in results["equal_batch"]]
+    assert modes == ["vanilla", "dmc-model-decisions"]
+    assert results["equal_batch"][1]["compression_ratio"] > 1.1
+    assert [row["mode"] for row in results["equal_memory"]] == modes
