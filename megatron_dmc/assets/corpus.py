@@ -13,7 +13,7 @@ from pathlib import Path
 
 from megatron_dmc.assets.cache import build_cached, cache_root, package_dir, package_version
 from megatron_dmc.assets.wikitext import wiki_documents
-from megatron_dmc.data.preprocess import HELD_OUT_SUFFIX, held_out_indices, write_indexed_datasets
+from megatron_dmc.data.split import held_out_indices
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
@@ -83,6 +83,7 @@ def default_corpus_dataset(
     a seeded held-out choice of `held_out_fraction` of each source's documents; built once
     into the cache."""
     from megatron_dmc.assets.smollm2 import smollm2_hf_dir, smollm2_tokenizer
+    from megatron_dmc.data.preprocess import HELD_OUT_SUFFIX, write_indexed_datasets
 
     tokenizer_dir = smollm2_hf_dir(cache_dir)
     key = f"gensim{package_version('gensim')}-{tokenizer_dir.name}-h{held_out_fraction}-s{seed}"

@@ -10,18 +10,10 @@ for batch in build_microbatch_loader(train, micro_batch_size, consumed_samples,
     batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]  # [b, s]
 """
 
-from megatron_dmc.data.gpt_dataset import (
-    MicrobatchSampler,
-    build_gpt_datasets,
-    build_microbatch_loader,
-    check_data_prefix,
-)
-from megatron_dmc.data.preprocess import (
-    HELD_OUT_SUFFIX,
-    PreprocessStats,
-    preprocess_files,
-    write_indexed_datasets,
-)
+from __future__ import annotations
+
+import importlib
+
 from megatron_dmc.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -29,17 +21,24 @@ from megatron_dmc.data.tokenizer import (
     build_tokenizer,
 )
 
-__all__ = [
-    "HELD_OUT_SUFFIX",
-    "HFTokenizer",
-    "MicrobatchSampler",
-    "PreprocessStats",
-    "SentencePieceTokenizer",
-    "Tokenizer",
-    "build_gpt_datasets",
-    "build_microbatch_loader",
-    "build_tokenizer",
-    "check_data_prefix",
-    "preprocess_files",
-    "write_indexed_datasets",
-]
+# Imported on first use: these pull in megatron.core, which tokenizer users do not need.
+_LAZY = {
+    "MicrobatchSampler": "gpt_dataset",
+    "build_gpt_datasets": "gpt_dataset",
+    "build_microbatch_loader": "gpt_dataset",
+    "check_data_prefix": "gpt_dataset",
+    "HELD_OUT_SUFFIX": "preprocess",
+    "held_out_indices": "split",
+    "PreprocessStats": "preprocess",
+    "preprocess_files": "preprocess",
+    "write_indexed_datasets": "preprocess",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
+
+__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "build_tokenizer", *_LAZY]

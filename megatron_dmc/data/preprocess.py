@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_dmc.data.split import held_out_indices
 from megatron_dmc.data.tokenizer import Tokenizer, build_tokenizer
 
 HELD_OUT_SUFFIX = "_held_out"
@@ -65,19 +65,6 @@ def _json_text(record: object, key: str, path: Path, line_no: int) -> str:
     if not isinstance(record, dict) or not isinstance(record.get(key), str):
         raise ValueError(f"{path}:{line_no} has no string field {key!r}; set --json-keys")
     return record[key]
-
-
-def held_out_indices(num_documents: int, fraction: float, seed: int) -> set[int]:
-    """A seeded choice of round(fraction * n) documents (at least 1, and never all)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"--split-held-out must be in [0, 1), got {fraction}")
-    if fraction == 0.0:
-        return set()
-    if num_documents < 2:
-        raise ValueError(f"a held-out split needs at least 2 documents, got {num_documents}")
-    count = min(max(1, round(fraction * num_documents)), num_documents - 1)
-    order = np.random.default_rng(seed).permutation(num_documents)
-    return {int(i) for i in order[:count]}
 
 
 class _Writer:
