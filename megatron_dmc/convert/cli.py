@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="force (or, with --no-dmc, suppress) the DMC export; default: metadata",
     )
     p.add_argument("--tokenizer-dir", help="copy tokenizer files from here instead")
+    p.add_argument("--hf-config", help="config.json for checkpoints without megatron_dmc metadata")
     _shard_flag(p)
 
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF, verify bitwise")
@@ -96,7 +97,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "export-hf":
         print(
             commands.export_hf(
-                args.load, args.hf_dir, args.dmc, args.max_shard_size, args.tokenizer_dir
+                args.load,
+                args.hf_dir,
+                args.dmc,
+                args.max_shard_size,
+                args.tokenizer_dir,
+                args.hf_config,
             )
         )
     elif args.command == "roundtrip":

@@ -1,16 +1,16 @@
-"""The conversions end to end: import-hf, export-hf, roundtrip."""
+"""The conversions end to end: import-hf, export-hf, roundtrip, reshard, import-release."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from megatron_dmc.convert._model import build_gpt_model, model_config_from_shape
+from megatron_dmc.convert._model import build_gpt_model
 from megatron_dmc.convert.dmc_export import dmc_fields_from_hf
 from megatron_dmc.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, write_hf_model
 from megatron_dmc.convert.hf_io import HFCheckpoint
@@ -20,70 +20,15 @@ from megatron_dmc.convert.layout import (
     checkpoint_metadata,
     staging_path,
 )
-from megatron_dmc.convert.llama_config import LlamaShape, read_hf_config
+from megatron_dmc.convert.llama_config import LlamaShape, llama_shape_from_hf, read_hf_config
 from megatron_dmc.convert.megatron_io import (
     MegatronCheckpoint,
-    TensorSource,
     load_into_model,
     read_metadata,
-    save_from_source,
     save_model,
 )
-from megatron_dmc.convert.parallel import run_parallel
 from megatron_dmc.convert.release import ReleaseCheckpoint
-from megatron_dmc.distributed import destroy_distributed, initialize_distributed
-
-
-def check_parallel_sizes(shape: LlamaShape, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """Refuse TP/PP sizes the model cannot be split into (before anything is written)."""
-    model_config_from_shape(shape).check_parallel(tensor_parallel, pipeline_parallel)
-
-
-def write_megatron(
-    source_factory: Any,
-    factory_args: tuple[Any, ...],
-    shape: LlamaShape,
-    save_dir: str | Path,
-    metadata: dict[str, Any],
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    assets_from: str | Path | None = None,
-) -> Path:
-    """Write a source (rebuilt in each rank by `source_factory(*factory_args)`) at TP x PP."""
-    check_parallel_sizes(shape, tensor_parallel, pipeline_parallel)
-    final = check_new_directory(save_dir)
-    args = (source_factory, factory_args, str(final), metadata, assets_from)
-    try:
-        run_on_ranks(_write_worker, tensor_parallel, pipeline_parallel, args)
-    except BaseException:
-        shutil.rmtree(staging_path(final), ignore_errors=True)
-        raise
-    return final
-
-
-def run_on_ranks(
-    fn: Any, tensor_parallel: int, pipeline_parallel: int, args: tuple[Any, ...]
-) -> list[Any]:
-    """`fn(*args)` on TP x PP ranks; a world of one runs in this process (no spawn)."""
-    if tensor_parallel * pipeline_parallel > 1 or dist.is_initialized():
-        return run_parallel(fn, tensor_parallel, pipeline_parallel, args)
-    initialize_distributed(1, 1)
-    try:
-        return [fn(*args)]
-    finally:
-        destroy_distributed()
-
-
-def _write_worker(
-    source_factory: Any,
-    factory_args: tuple[Any, ...],
-    save_dir: str,
-    metadata: dict[str, Any],
-    assets_from: str | None,
-) -> None:
-    source: TensorSource = source_factory(*factory_args)
-    model = build_gpt_model(source.shape)
-    save_from_source(model, source, save_dir, metadata, assets_from=assets_from)
+from megatron_dmc.convert.writer import check_parallel_sizes, run_on_ranks, write_megatron
 
 
 def import_hf(
@@ -141,18 +86,23 @@ def export_hf(
     dmc: bool | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     assets_from: str | Path | None = None,
+    hf_config: str | Path | None = None,
 ) -> Path:
     """Megatron checkpoint (any TP/PP) -> HF directory, in one process, layer by layer.
 
     `dmc=None` exports a DMC model iff the checkpoint metadata says it is one.
+    `hf_config` (a config.json) describes checkpoints without metadata, e.g. from a
+    training run that did not store it; a llama_dmc config also gives the DMC fields.
     """
     check_new_directory(hf_dir)
-    with MegatronCheckpoint(load_dir) as ckpt:
-        dmc_meta = ckpt.metadata.get("dmc")
+    config = json.loads(Path(hf_config).read_text()) if hf_config else None
+    shape = llama_shape_from_hf(config) if config else None
+    with MegatronCheckpoint(load_dir, shape) as ckpt:
+        dmc_meta = dmc_fields_from_hf(config) if config else ckpt.metadata.get("dmc")
         return write_hf_model(
             ckpt,
             hf_dir,
-            base_config=ckpt.metadata.get("hf_config"),
+            base_config=config or ckpt.metadata.get("hf_config"),
             dmc=dmc_meta,
             export_dmc=dmc_meta is not None if dmc is None else dmc,
             assets_from=assets_from or Path(load_dir) / ASSETS_DIR,

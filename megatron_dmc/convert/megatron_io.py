@@ -152,7 +152,7 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     state = dist_checkpointing.load(
         {"model": model.sharded_state_dict()}, str(resolve_iteration_dir(path))
     )
-    model.load_state_dict(state["model"], strict=False)
+    model.load_state_dict(state["model"], strict=True)
     return state.get(METADATA_KEY) or {}
 
 

@@ -83,3 +83,27 @@ def test_cli_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     hf = write_tiny_llama(tmp_path / "hf")
     main(["roundtrip", "--hf-dir", str(hf), "--work-dir", str(tmp_path)])
     assert "21 tensors bitwise equal" in capsys.readouterr().out
+
+
+def test_checkpoint_without_metadata_exports_with_hf_config(tmp_path: Path) -> None:
+    hf = write_tiny_llama(tmp_path / "hf")
+    meg = import_hf(hf, tmp_path / "meg")
+    common = meg / "release" / "common.pt"
+    state = torch.load(common, weights_only=False)
+    del state["megatron_dmc"]
+    torch.save(state, common)
+    with pytest.raises(ValueError, match="pass the model shape"):
+        export_hf(meg, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    main(
+        [
+            "export-hf",
+            "--load",
+            str(meg),
+            "--hf-dir",
+            str(tmp_path / "out"),
+            "--hf-config",
+            str(hf / "config.json"),
+        ]
+    )
+    assert len(compare_hf_dirs(hf, tmp_path / "out")) == 21
