@@ -42,7 +42,8 @@ def _sequence_cost(model, preset: Preset, mode, total: int) -> tuple[int, int, i
     shape, page = preset.shape, preset.page_size
     page_bytes = 2 * page * shape.head_dim * preset.dtype.itemsize
     streams = shape.num_hidden_layers * shape.num_key_value_heads
-    ring = 0 if mode is None else streams * DMCConfig().window * (2 * shape.head_dim + 1) * 4
+    ring_entry = 2 * shape.head_dim * preset.dtype.itemsize + 4
+    ring = 0 if mode is None else streams * DMCConfig().window * ring_entry
     if mode == MODEL_DECISIONS:
         probe = run_decode(model, preset, mode, 1, preset.memory_context)
         growth = streams * -(-(total - preset.memory_context) // page)

@@ -54,7 +54,8 @@ class CacheConfig:
     """False: vanilla mode, every token keeps its own slot, plain RoPE on all channels."""
 
     dtype: torch.dtype = torch.float32
-    """Dtype of cached keys and values; window state is kept in at least float32."""
+    """Dtype of cached keys and values (and of the window's raw k, v); window weights and
+    sums are kept in at least float32."""
 
     device: str = "cpu"
 
@@ -109,10 +110,12 @@ class PagedKVCache:
         self.seen_LB = torch.zeros(shape_LBG[:2], dtype=torch.long, device=c.device)
         self.live_B = torch.zeros(c.max_batch, dtype=torch.bool, device=c.device)
         window = c.window if c.compress else 0
-        state = dict(dtype=self.state_dtype, device=c.device)
-        self.ring_k_LBGWD = torch.zeros(*shape_LBG, window, c.head_dim, **state)
+        # Raw k and v are exact in the cache dtype; weights and sums use state_dtype.
+        self.ring_k_LBGWD = torch.zeros(
+            *shape_LBG, window, c.head_dim, dtype=c.dtype, device=c.device
+        )
         self.ring_v_LBGWD = torch.zeros_like(self.ring_k_LBGWD)
-        self.ring_w_LBGW = torch.zeros(*shape_LBG, window, **state)
+        self.ring_w_LBGW = torch.zeros(*shape_LBG, window, dtype=self.state_dtype, device=c.device)
         self.run_len_LBG = torch.zeros_like(self.lengths_LBG)
 
     @property
@@ -210,8 +213,8 @@ class PagedKVCache:
     def _merge(self, layer, seq_ids_B, k_BGD, v_BGD, omega_BG, merge_BG):
         state, key_BGD, value_BGD = merge_step(
             self.window_state(layer, seq_ids_B),
-            zero_decision_channel(k_BGD).to(self.state_dtype),
-            v_BGD.to(self.state_dtype),
+            zero_decision_channel(k_BGD).to(self.config.dtype),
+            v_BGD.to(self.config.dtype),
             omega_BG.to(self.state_dtype),
             merge_BG,
         )
@@ -247,8 +250,8 @@ class PagedKVCache:
         if self.config.compress:
             state = state_after_chunk(
                 self.window_state(layer, seq_ids_B),
-                chunk.k_BGTD.to(self.state_dtype),
-                chunk.v_BGTD.to(self.state_dtype),
+                chunk.k_BGTD.to(self.config.dtype),
+                chunk.v_BGTD.to(self.config.dtype),
                 chunk.omega_BGT.to(self.state_dtype),
                 append_BGT,
                 chunk.lengths_B,

@@ -27,7 +27,7 @@ class CacheStats:
     """Bytes of the slots actually filled (allocated minus the unused tail of last pages)."""
 
     window_state_bytes: int
-    """The DMC window rings (float32, preallocated for every batch row; 0 in vanilla)."""
+    """The DMC window rings (preallocated for every batch row; 0 in vanilla)."""
 
     dense_bytes: int
     """What a dense cache in the pool dtype would need for the same tokens (no pages)."""

@@ -7,6 +7,8 @@ that belong to no token have weight 0, so the running sums
     sum_wk = sum_ring w*k,  sum_wv = sum_ring w*v,  sum_w = sum_ring w
 are recomputed from the ring at every merge (W adds per channel) instead of being updated
 by subtraction, so they never drift over long runs. Keys are pre-RoPE, channel D-1 zeroed.
+Raw k and v are stored in the cache dtype (they are exact there); w and the sums are in at
+least float32.
 """
 
 from __future__ import annotations
@@ -45,11 +47,10 @@ def merge_step(
     token itself after an append, the windowed weighted mean after a merge.
     """
     window = state.w_BGW.shape[-1]
-    keep_BG = merge_BG.to(state.w_BGW.dtype)
     index_BG = torch.where(merge_BG, state.run_len_BG % window, 0)
-    k_BGWD = state.k_BGWD * keep_BG[..., None, None]
-    v_BGWD = state.v_BGWD * keep_BG[..., None, None]
-    w_BGW = state.w_BGW * keep_BG[..., None]
+    k_BGWD = state.k_BGWD * merge_BG[..., None, None]
+    v_BGWD = state.v_BGWD * merge_BG[..., None, None]
+    w_BGW = state.w_BGW * merge_BG[..., None]
     index_BG1D = index_BG[..., None, None].expand(*index_BG.shape, 1, k_BGD.shape[-1])
     k_BGWD = k_BGWD.scatter(2, index_BG1D, k_BGD[:, :, None].to(k_BGWD.dtype))
     v_BGWD = v_BGWD.scatter(2, index_BG1D, v_BGD[:, :, None].to(v_BGWD.dtype))
@@ -94,7 +95,7 @@ def state_after_chunk(
     )
 
     reset_BG = opens_BGT.any(dim=-1)
-    keep_BG = (~reset_BG).to(state.w_BGW.dtype)
+    keep_BG = ~reset_BG
     k_BGWD = state.k_BGWD * keep_BG[..., None, None]
     v_BGWD = state.v_BGWD * keep_BG[..., None, None]
     w_BGW = state.w_BGW * keep_BG[..., None]
