@@ -73,8 +73,13 @@ def _rng_object(state: Any) -> ShardedObject:
     return ShardedObject("rng_state", state, shape, (pp, tp, dp), replica_id=0)
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT model inside Megatron's DDP wrapper (its keys are the converter's keys)."""
+    return getattr(model, "module", model)
+
+
 def _state_dict(model, optimizer, progress: Progress, extra: dict[str, Any], is_loading: bool):
-    model_sd = model.sharded_state_dict()
+    model_sd = _unwrap(model).sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd, "rng_state": _rng_object(get_rng_state())}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -162,7 +167,7 @@ def load_checkpoint(
     if not (ours and load_rng):
         request.pop("rng_state")
     loaded = dist_checkpointing.load(request, str(directory))
-    model.load_state_dict(loaded["model"], strict=True)
+    _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if "rng_state" in loaded:

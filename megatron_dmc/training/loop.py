@@ -56,7 +56,7 @@ class Run:
             self.model,
             data,
             self.num_microbatches,
-            model_api.schedule_seq_length(cfg),
+            model_api.schedule_seq_length(self.model, cfg),
             cfg.batch.micro_batch_size,
             self.settings(stage, self.progress.stage_step),
             forward_only,
@@ -74,7 +74,7 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         run.optimizer,
         data,
         run.num_microbatches,
-        model_api.schedule_seq_length(cfg),
+        model_api.schedule_seq_length(run.model, cfg),
         cfg.batch.micro_batch_size,
         settings,
     )

@@ -105,7 +105,10 @@ def prepare_step(
         model.module.collector.reset_stats()
 
 
-def schedule_seq_length(cfg: TrainConfig) -> int:
+def schedule_seq_length(model: DistributedDataParallel, cfg: TrainConfig) -> int:
+    """Rows sent between pipeline stages: DMC adds one carrying the decision sums."""
+    if not isinstance(model.module, DMCGPTModel):
+        return cfg.batch.seq_length
     return pipeline_seq_length(cfg.batch.seq_length, cfg.parallel.pipeline_model_parallel_size)
 
 

@@ -1,0 +1,83 @@
+"""Flags, YAML and validation: bad runs are refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_dmc.training.arguments import parse_args
+from megatron_dmc.training.stages import plan, start_position
+from megatron_dmc.training.validate import validate
+
+BASE = ["--model", "tiny_gqa", "--mock-data", "--seq-length", "32"]
+
+
+def _validate(extra: list[str], world_size: int = 1) -> None:
+    validate(parse_args(BASE + extra), world_size=world_size)
+
+
+@pytest.mark.parametrize(
+    ("extra", "world", "message"),
+    [
+        (["--tensor-model-parallel-size", "4"], 4, "num_query_groups"),
+        (["--pipeline-model-parallel-size", "3"], 3, "num_layers"),
+        (["--global-batch-size", "3", "--micro-batch-size", "2"], 1, "--global-batch-size"),
+        (["--tensor-model-parallel-size", "2"], 3, "cannot be split"),
+        (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "sequence"),
+        (["--seq-length", "4096"], 1, "max_position_embeddings"),
+        (["--bf16"], 1, "needs a GPU"),
+    ],
+)
+def test_bad_layouts_are_rejected(extra: list[str], world: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _validate(extra, world)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "tiny_gqa"], "--data-path is required"),
+        (["--model", "tiny_gqa", "--mock-data", "--dmc-target-cr", "1"], "must be > 1"),
+        (["--model", "tiny_gqa", "--mock-data", "--dmc-target-cr", "0.5"], "must be > 1"),
+        (["--mock-data"], "--model is required"),
+        (["--model", "tiny_gqa", "--mock-data", "--dmc-zero-out-anneal-iters", "300"], "anneal"),
+    ],
+)
+def test_bad_flags_are_rejected(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_missing_data_path_names_the_tool(tmp_path) -> None:
+    cfg = parse_args(
+        BASE[:1] + BASE[1:2] + ["--seq-length", "32", "--data-path", str(tmp_path / "nope")]
+    )
+    with pytest.raises(ValueError, match=r"preprocess_data\.py"):
+        validate(cfg, world_size=1)
+
+
+def test_yaml_config_and_command_line_wins(tmp_path) -> None:
+    run = tmp_path / "run.yaml"
+    run.write_text("seq-length: 16\nlr: 0.5\ndmc_target_cr: 3\n")
+    cfg = parse_args(["--config", str(run), "--model", "tiny_gqa", "--mock-data", "--lr", "0.1"])
+    assert (cfg.batch.seq_length, cfg.optim.lr, cfg.dmc.dmc_target_cr) == (16, 0.1, 3.0)
+    run.write_text("no-such-flag: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        parse_args(["--config", str(run)])
+
+
+def test_default_ramp_follows_the_release_pace() -> None:
+    cfg = parse_args([*BASE, "--dmc-target-cr", "4"])
+    assert cfg.dmc.dmc_ramp_iters == 18000 and cfg.dmc.dmc_retrofit_iters == 18000
+
+
+def test_start_position_continues_or_advances() -> None:
+    stages = plan(parse_args(BASE).dmc)
+    assert start_position(stages, None, 0, False).stage_index == 0
+    assert vars(start_position(stages, "retrofit", 7, False)) == {"stage_index": 1, "step": 7}
+    assert start_position(stages, "zero_out", 250, True).stage_index == 1
+    only_finetune = plan(parse_args([*BASE, "--dmc-stage", "finetune"]).dmc)
+    with pytest.raises(ValueError, match="not finished"):
+        start_position(only_finetune, "zero_out", 250, True)
+    only_zero_out = plan(parse_args([*BASE, "--dmc-stage", "zero_out"]).dmc)
+    with pytest.raises(ValueError, match="later than"):
+        start_position(only_zero_out, "retrofit", 3, False)
