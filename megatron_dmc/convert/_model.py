@@ -54,6 +54,7 @@ def build_gpt_model(shape: LlamaShape) -> GPTModel:
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=shape.torch_dtype,
+        perform_initialization=False,  # every weight is overwritten by the conversion
     )
     with cpu_device_mode():  # tied embeddings at PP > 1 call Tensor.cuda() while building
         return build_model(config, "vanilla", transformer_config=transformer_config)
