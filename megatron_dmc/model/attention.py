@@ -32,13 +32,11 @@ from megatron_dmc.ops import (
     DMCDecisions,
     attention_bias,
     dmc_attention,
-    force_first_append,
+    logistic_from_uniform,
     make_decisions,
-    straight_through,
     windowed_partial_accumulation,
     zero_decision_channel,
 )
-from megatron_dmc.ops.decisions import decision_logits, importance_weights
 
 
 def check_dmc_config(config: TransformerConfig) -> None:
@@ -100,29 +98,21 @@ class DMCSelfAttention(SelfAttention):
         )
 
     def _decisions(self, q_BHTD: torch.Tensor, k_BGTD: torch.Tensor) -> DMCDecisions:
-        config = self.dmc_config
-        if not self.training:
-            return make_decisions(q_BHTD, k_BGTD, config, training=False)
-        logits_BGT = decision_logits(k_BGTD, config.init_value)
-        noise_BGT = self._logistic_noise(logits_BGT)
-        alpha_BGT = force_first_append(torch.sigmoid((logits_BGT + noise_BGT) / config.temperature))
-        omega_BGT = importance_weights(q_BHTD, k_BGTD.shape[1], config.init_value)
-        return DMCDecisions(alpha_BGT, straight_through(alpha_BGT), omega_BGT)
+        noise_BGT = self._logistic_noise(k_BGTD) if self.training else None
+        return make_decisions(q_BHTD, k_BGTD, self.dmc_config, self.training, noise_BGT=noise_BGT)
 
-    def _logistic_noise(self, logits_BGT: torch.Tensor) -> torch.Tensor:
-        """g1 - g2 of two Gumbel(0, 1) draws, i.e. Logistic(0, 1), as the ops draw it.
+    def _logistic_noise(self, k_BGTD: torch.Tensor) -> torch.Tensor:
+        """Logistic(0, 1) noise for this rank's KV heads.
 
         Drawn for all KV heads of the layer from a generator keyed by (seed, step,
         microbatch, layer, data-parallel rank) and sliced to this rank's heads, so any
         tensor/pipeline layout sees the same noise.
         """
-        b, g, t = logits_BGT.shape
+        b, g, t = k_BGTD.shape[:3]
         generator = self.collector.generator(self.layer_number) if self.collector else None
-        u_BGT = torch.rand((b, g * self.world_size, t), generator=generator, dtype=logits_BGT.dtype)
+        u_BGT = torch.rand((b, g * self.world_size, t), generator=generator, dtype=k_BGTD.dtype)
         first = get_pg_rank(self.tp_group) * g
-        u_BGT = u_BGT[:, first : first + g].to(logits_BGT.device)
-        u_BGT = u_BGT.clamp(torch.finfo(u_BGT.dtype).tiny, 1.0 - torch.finfo(u_BGT.dtype).eps)
-        return torch.log(u_BGT) - torch.log1p(-u_BGT)
+        return logistic_from_uniform(u_BGT[:, first : first + g].to(k_BGTD.device))
 
 
 class DMCCoreAttention(MegatronModule):

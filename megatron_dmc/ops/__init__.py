@@ -27,6 +27,7 @@ from megatron_dmc.ops.relaxation import (
     eval_decisions,
     gumbel_sigmoid,
     hard_decisions,
+    logistic_from_uniform,
     straight_through,
 )
 from megatron_dmc.ops.rope import apply_rope, rope_cos_sin, rotate_half
@@ -51,6 +52,7 @@ __all__ = [
     "gumbel_sigmoid",
     "hard_decisions",
     "importance_weights",
+    "logistic_from_uniform",
     "make_decisions",
     "rope_cos_sin",
     "rope_without_decision_channel",

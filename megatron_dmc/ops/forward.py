@@ -41,12 +41,18 @@ def make_decisions(
     config: DMCConfig,
     training: bool,
     generator: torch.Generator | None = None,
+    noise_BGT: torch.Tensor | None = None,
 ) -> DMCDecisions:
-    """Alpha (Gumbel-sigmoid in training, hard in eval; first token appends) and omega."""
+    """Alpha (Gumbel-sigmoid in training, hard in eval; first token appends) and omega.
+
+    `noise_BGT` (Logistic(0, 1), training only) replaces the draw from `generator`.
+    """
     logits_BGT = decision_logits(k_BGTD, config.init_value)
     omega_BGT = importance_weights(q_BHTD, k_BGTD.shape[1], config.init_value)
     if training:
-        alpha_BGT = force_first_append(gumbel_sigmoid(logits_BGT, config.temperature, generator))
+        alpha_BGT = force_first_append(
+            gumbel_sigmoid(logits_BGT, config.temperature, generator, noise_BGT)
+        )
         return DMCDecisions(alpha_BGT, straight_through(alpha_BGT), omega_BGT)
     alpha_BGT = force_first_append(eval_decisions(logits_BGT))
     return DMCDecisions(alpha_BGT, alpha_BGT, omega_BGT)

@@ -5,20 +5,32 @@ from __future__ import annotations
 import torch
 
 
+def logistic_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """g1 - g2 of two independent Gumbel(0, 1) variables, i.e. Logistic(0, 1), from U(0, 1)."""
+    finfo = torch.finfo(u.dtype)
+    u = u.clamp(finfo.tiny, 1.0 - finfo.eps)
+    return torch.log(u) - torch.log1p(-u)
+
+
 def gumbel_sigmoid(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sigmoid((l + g1 - g2) / tau) with g1, g2 ~ Gumbel(0, 1).
 
-    g1 - g2 of two independent Gumbel(0, 1) variables is Logistic(0, 1), sampled here
-    as log(u) - log(1 - u) from one uniform draw.
+    The noise g1 - g2 is drawn from one uniform per element (`logistic_from_uniform`)
+    unless given: callers that must draw the same noise under any tensor-parallel split
+    pass their own.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (the paper uses 0.1); got {temperature!r}")
-    tiny = torch.finfo(logits.dtype).tiny
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
-    u = u.clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)
-    noise = torch.log(u) - torch.log1p(-u)
+    if noise is None:
+        uniform = torch.rand(
+            logits.shape, generator=generator, dtype=logits.dtype, device=logits.device
+        )
+        noise = logistic_from_uniform(uniform)
     return torch.sigmoid((logits + noise) / temperature)
 
 
