@@ -1,30 +1,42 @@
 """Checkpoint converters: HF Llama <-> Megatron-Core (any TP/PP), DMC-aware HF export,
-import of the released NVIDIA DMC checkpoints. See docs/convert.md."""
+import of the released NVIDIA DMC checkpoints. See docs/convert.md.
 
-from megatron_dmc.convert._model import (
-    build_gpt_model,
-    model_config_from_shape,
-    shape_from_model_config,
-)
-from megatron_dmc.convert.commands import (
-    compare_hf_dirs,
-    export_hf,
-    export_release_hf,
-    import_hf,
-    import_release,
-    reshard,
-    roundtrip,
-)
-from megatron_dmc.convert.hf_io import HFCheckpoint
-from megatron_dmc.convert.layout import METADATA_KEY, checkpoint_metadata
-from megatron_dmc.convert.llama_config import LlamaShape
-from megatron_dmc.convert.megatron_io import (
-    MegatronCheckpoint,
-    load_into_model,
-    read_metadata,
-    save_model,
-)
-from megatron_dmc.convert.release import ReleaseCheckpoint
+Attributes load lazily, so `megatron_dmc.convert.llama_config` and friends import without
+pulling in Megatron-Core.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "build_gpt_model": "_model",
+    "model_config_from_shape": "_model",
+    "shape_from_model_config": "_model",
+    "compare_hf_dirs": "commands",
+    "export_hf": "commands",
+    "export_release_hf": "commands",
+    "import_hf": "commands",
+    "import_release": "commands",
+    "reshard": "commands",
+    "roundtrip": "commands",
+    "HFCheckpoint": "hf_io",
+    "METADATA_KEY": "layout",
+    "checkpoint_metadata": "layout",
+    "LlamaShape": "llama_config",
+    "MegatronCheckpoint": "megatron_io",
+    "load_into_model": "megatron_io",
+    "read_metadata": "megatron_io",
+    "save_model": "megatron_io",
+    "ReleaseCheckpoint": "release",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "METADATA_KEY",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.model import ModelConfig, build_model
 
@@ -56,5 +55,4 @@ def build_gpt_model(shape: LlamaShape) -> GPTModel:
         params_dtype=shape.torch_dtype,
         perform_initialization=False,  # every weight is overwritten by the conversion
     )
-    with cpu_device_mode():  # tied embeddings at PP > 1 call Tensor.cuda() while building
-        return build_model(config, "vanilla", transformer_config=transformer_config)
+    return build_model(config, "vanilla", transformer_config=transformer_config)

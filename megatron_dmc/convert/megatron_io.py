@@ -250,11 +250,16 @@ class MegatronCheckpoint:
         )
 
 
+TRAINING_STATE_PREFIXES = ("optimizer.",)
+"""Training checkpoints also hold optimizer moments; export reads the model tensors only."""
+
+
 def _check_checkpoint_keys(tensors: dict[str, ShardedTensor], shape: LlamaShape) -> None:
     expected = {checkpoint_key(e): e for e in entries(shape, layers=[0])}
-    if unknown := sorted(set(tensors) - set(expected)):
+    model_keys = {k for k in tensors if not k.startswith(TRAINING_STATE_PREFIXES)}
+    if unknown := sorted(model_keys - set(expected)):
         raise ValueError(f"checkpoint has tensors the Llama mapping does not know: {unknown[:5]}")
-    if missing := sorted(set(expected) - set(tensors)):
+    if missing := sorted(set(expected) - model_keys):
         raise ValueError(f"checkpoint lacks tensors: {missing[:5]}")
     for key, entry in expected.items():
         want = megatron_shape(entry, shape)

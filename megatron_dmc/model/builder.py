@@ -6,7 +6,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megatron_dmc.compat import ensure_cpu_compat
+from megatron_dmc.compat import cpu_device_mode, ensure_cpu_compat
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.gpt import DMCGPTModel
 from megatron_dmc.model.spec import layer_spec
@@ -53,6 +53,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=model_config.rotary_base,
     )
-    if attention == "dmc":
-        return DMCGPTModel(**kwargs, noise_seed=noise_seed)
-    return GPTModel(**kwargs)
+    with cpu_device_mode():  # tied embeddings at PP > 1 call Tensor.cuda() while building
+        if attention == "dmc":
+            return DMCGPTModel(**kwargs, noise_seed=noise_seed)
+        return GPTModel(**kwargs)
