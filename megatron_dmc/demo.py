@@ -1,42 +1,51 @@
-"""The main job on an embedded default. Run: python -m megatron_dmc.demo
+"""The main job: python -m megatron_dmc.demo [--preset default|tiny|full] [--out DIR]
 
-Today: a smoke of the DMC core on random heads — the parallel training-form attention in
-eval mode against Algorithm 1 run token by token, with the compression each head reaches.
+Imports the embedded SmolLM2-135M into Megatron-Core, retrofits DMC (zero_out ->
+retrofit -> finetune), exports a DMC HF model, evaluates it against vanilla, H2O and TOVA,
+measures decoding, and writes OUT/report.md with tables and plots. A re-run skips the
+steps already done. See docs/demo.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
 
-import torch
-
-from megatron_dmc.ops import DMCConfig, dmc_self_attention, dmc_sequential_reference, rope_cos_sin
+from megatron_dmc.pipeline import Job, load_preset
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--merge-rate", type=float, default=0.5)
-    args = parser.parse_args(argv)
-    gen = torch.Generator().manual_seed(0)
-    q_BHTD = torch.randn(1, 6, args.seq_length, 16, generator=gen, dtype=torch.float64)
-    k_BGTD = torch.randn(1, 2, args.seq_length, 16, generator=gen, dtype=torch.float64)
-    v_BGTD = torch.randn(1, 2, args.seq_length, 16, generator=gen, dtype=torch.float64)
-    merge_BGT = torch.rand(1, 2, args.seq_length, generator=gen) < args.merge_rate
-    k_BGTD[..., -1] = 5.0 + torch.where(merge_BGT, 1.0, -1.0).double()
-    cos_TD, sin_TD = rope_cos_sin(torch.arange(args.seq_length), 16, 10000.0, torch.float64)
-    config = DMCConfig()
-    parallel, _ = dmc_self_attention(q_BHTD, k_BGTD, v_BGTD, cos_TD, sin_TD, config, False)
-    sequential, lengths_BG = dmc_sequential_reference(
-        q_BHTD, k_BGTD, v_BGTD, cos_TD, sin_TD, config
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dmc.demo", description=__doc__.split("\n\n")[1]
     )
-    error = float((parallel - sequential).abs().max() / sequential.abs().max())
-    print(f"parallel vs Algorithm 1: max relative error {error:.2e}")
-    for head, length in enumerate(lengths_BG[0].tolist()):
-        print(
-            f"KV head {head}: {args.seq_length} tokens -> {length} slots, CR {args.seq_length / length:.2f}"
+    parser.add_argument("--preset", default="default", help="default, tiny, full, or a YAML path")
+    parser.add_argument("--out", type=Path, help="output directory (default: outputs/<preset>)")
+    parser.add_argument("--force", action="store_true", help="redo every step")
+    parser.add_argument("--redo", action="append", default=[], metavar="STEP",
+                        help="redo this step and the ones after it (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--cache-dir", help="asset cache (default: $MEGATRON_DMC_CACHE or ~/.cache)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        preset = load_preset(args.preset)
+        out = args.out or Path("outputs") / ("demo" if preset.name == "default" else preset.name)
+        command = shlex.join(
+            ["python", "-m", "megatron_dmc.demo", *(sys.argv[1:] if argv is None else argv)]
         )
+        report = Job(preset, out, args.cache_dir).run(args.force, tuple(args.redo), command)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {report}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The evaluation step: every method on the same held-out tokens and tasks, one row each.
+
+Rows: the original model (vanilla), each DMC export at its target, H2O and TOVA at each
+target on the original model, and optionally the mean-pooled GQA model. Each row is
+saved as soon as it is measured (`eval/<row>.json`), so an interrupted step resumes at
+the next row; `eval/results.md` and `results.json` hold the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_dmc.eval.results import ResultRow, load_results, write_results
+from megatron_dmc.pipeline.layout import cr_tag
+from megatron_dmc.pipeline.preset import EvalPreset
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One row to measure: a model directory with a KV method at a ratio."""
+
+    key: str
+    """File stem of the row, e.g. `dmc_2x`."""
+    model_dir: str
+    method: str
+    compression_ratio: float
+
+
+def eval_jobs(
+    source_dir: str,
+    exports: dict[float, Path],
+    settings: EvalPreset,
+    gqa_dir: Path | None = None,
+    gqa_cr: float | None = None,
+) -> list[EvalJob]:
+    """The rows of the table, vanilla first."""
+    jobs = [EvalJob("vanilla", source_dir, "vanilla", 1.0)]
+    for cr, export in exports.items():
+        jobs.append(EvalJob(f"dmc_{cr_tag(cr)}", str(export), "dmc", cr))
+        jobs += [EvalJob(f"{b}_{cr_tag(cr)}", source_dir, b, cr) for b in settings.baselines]
+    if gqa_dir is not None and gqa_cr is not None:
+        jobs.append(EvalJob(f"gqa_{cr_tag(gqa_cr)}", str(gqa_dir), "gqa", gqa_cr))
+    return jobs
+
+
+def eval_settings(settings: EvalPreset):
+    from megatron_dmc.eval.run import EvalSettings
+
+    return EvalSettings(
+        context_len=settings.context_len,
+        continuation_len=settings.continuation_len,
+        max_samples=settings.max_samples,
+        window=settings.window,
+        stride=settings.stride,
+        chunk=settings.chunk,
+        max_tokens=settings.max_tokens,
+        tasks=tuple(settings.tasks),
+        limit=settings.limit,
+    )
+
+
+def evaluate_row(
+    job: EvalJob, token_ids: torch.Tensor, settings: EvalPreset, dense_kv_bytes: int | None
+) -> ResultRow:
+    """Load the job's model and measure it (the tokenizer is the model directory's)."""
+    from megatron_dmc.eval.methods import build_method, load_model, load_tokenizer
+    from megatron_dmc.eval.run import evaluate
+
+    model, tokenizer = load_model(job.model_dir), load_tokenizer(job.model_dir)
+    method = build_method(job.method, job.compression_ratio)
+    return evaluate(model, tokenizer, method, token_ids, eval_settings(settings), dense_kv_bytes)
+
+
+def run_evaluation(
+    jobs: list[EvalJob], token_ids: torch.Tensor, settings: EvalPreset, out_dir: Path
+) -> list[ResultRow]:
+    """Measure every row not yet on disk, then write the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[ResultRow] = []
+    for index, job in enumerate(jobs, 1):
+        path = out_dir / f"{job.key}.json"
+        if not path.is_file():
+            print(f"-- eval {index}/{len(jobs)}: {job.key} ({job.model_dir})", flush=True)
+            dense = rows[0].dense_kv_bytes if job.method == "gqa" and rows else None
+            row = evaluate_row(job, token_ids, settings, dense)
+            path.write_text(json.dumps(dataclasses.asdict(row), indent=2) + "\n")
+        rows += load_results(path)
+    write_results(rows, out_dir)
+    return rows

@@ -1,0 +1,163 @@
+"""The main job as a chain of steps:
+
+assets -> import HF into Megatron -> zero_out -> retrofit + finetune per target CR ->
+DMC HF export -> (GQA pooling) -> decode benchmark -> evaluation -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from megatron_dmc.pipeline import retrofit
+from megatron_dmc.pipeline.assets import Assets, build_assets, held_out_tokens, write_model_yaml
+from megatron_dmc.pipeline.layout import RunLayout, cr_tag
+from megatron_dmc.pipeline.preset import Preset
+from megatron_dmc.pipeline.steps import Step, StepRunner
+
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class Job:
+    """Builds the steps of one preset in one output directory and runs them."""
+
+    def __init__(self, preset: Preset, out_dir: Path, cache_dir: str | None = None) -> None:
+        self.preset = preset
+        self.layout = RunLayout(Path(out_dir))
+        self.cache_dir = cache_dir
+
+    @property
+    def assets(self) -> Assets:
+        return Assets.load(self.layout.assets_file)
+
+    def steps(self) -> list[Step]:
+        lay, crs = self.layout, self.preset.target_crs
+        steps = [
+            Step("assets", "Assets (model, corpus; cached)", self._assets,
+                 [lay.assets_file, lay.model_yaml, lay.tiny_hf_dir] if self.preset.model == "tiny"
+                 else [lay.assets_file, lay.model_yaml]),
+            Step("import", f"Import HF -> Megatron torch_dist (TP={self.preset.tensor_parallel})",
+                 self._import, [lay.megatron_dir]),
+            Step("zero_out", "Stage 1: zero_out", self._zero_out, [lay.zero_out_dir], True),
+        ]  # fmt: skip
+        for cr in crs:
+            steps.append(Step(f"retrofit_{cr_tag(cr)}", f"Stages 2+3: retrofit + finetune to {cr_tag(cr)}",
+                              lambda cr=cr: self._retrofit(cr), [lay.train_dir(cr)], True))  # fmt: skip
+        for cr in crs:
+            steps.append(Step(f"export_{cr_tag(cr)}", f"Export the {cr_tag(cr)} DMC model to HF",
+                              lambda cr=cr: self._export(cr), [lay.export_dir(cr)]))  # fmt: skip
+        if self.preset.eval.gqa_kv_heads:
+            steps.append(
+                Step("gqa", "GQA baseline: mean-pooled KV heads", self._gqa, [lay.gqa_dir])
+            )
+        steps += [
+            Step("decode", "Decode throughput and KV bytes vs vanilla", self._decode, [lay.decode_file]),
+            Step("eval", "Evaluation: perplexity, tasks, baselines", self._eval, [lay.eval_dir], True),
+            Step("report", "Report", self._report, [lay.report, lay.summary, lay.plots_dir]),
+        ]  # fmt: skip
+        return steps
+
+    def run(self, force: bool = False, redo: tuple[str, ...] = (), command: str = "") -> Path:
+        self.command = command
+        self._check_preset(force)
+        runner = StepRunner(self.layout.done_dir, force, redo)
+        for step in self.steps():
+            runner(step)
+        return self.layout.report
+
+    def _check_preset(self, force: bool) -> None:
+        path, current = self.layout.preset_file, dataclasses.asdict(self.preset)
+        if path.is_file() and not force and json.loads(path.read_text()) != current:
+            raise ValueError(
+                f"{self.layout.root} holds outputs of another preset ({path}); "
+                "use --force to redo everything there, or another --out"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2) + "\n")
+
+    # ---- the steps
+    def _assets(self) -> None:
+        assets = build_assets(self.preset, self.layout.tiny_hf_dir, self.cache_dir)
+        assets.save(self.layout.assets_file)
+        write_model_yaml(assets.hf_dir, self.layout.model_yaml)
+        print(f"   model {assets.hf_dir}\n   corpus {assets.train_prefix}")
+
+    def _import(self) -> None:
+        from megatron_dmc.convert import import_hf
+
+        import_hf(self.assets.hf_dir, self.layout.megatron_dir, self.preset.tensor_parallel)
+
+    def _zero_out(self) -> None:
+        lay = self.layout
+        args = retrofit.zero_out_args(
+            self.preset, self.assets, lay.model_yaml, lay.megatron_dir, lay.zero_out_dir
+        )
+        iters = self.preset.train.zero_out_iters
+        retrofit.run_training(self.preset.tensor_parallel, args, lay.zero_out_dir, 0, iters)
+
+    def _retrofit(self, cr: float) -> None:
+        lay, t = self.layout, self.preset.train
+        args = retrofit.retrofit_args(
+            self.preset, self.assets, lay.model_yaml, lay.zero_out_dir, lay.train_dir(cr), cr
+        )
+        last = t.zero_out_iters + t.ramp_iters(cr) + t.hold_iters + t.finetune_iters
+        tp = self.preset.tensor_parallel
+        retrofit.run_training(tp, args, lay.train_dir(cr), t.zero_out_iters, last)
+
+    def _export(self, cr: float) -> None:
+        from megatron_dmc.convert import export_hf
+
+        out = self.layout.export_dir(cr)
+        export_hf(self.layout.train_dir(cr), out, dmc=True, assets_from=self.assets.hf_dir)
+        copy_generation_ids(Path(self.assets.hf_dir) / "config.json", out / "config.json")
+
+    def _gqa(self) -> None:
+        from megatron_dmc.eval.gqa import convert_to_gqa
+
+        heads = int(self.preset.eval.gqa_kv_heads or 0)
+        convert_to_gqa(self.assets.hf_dir, self.layout.gqa_dir, heads)
+
+    def _exports(self) -> dict[float, Path]:
+        return {cr: self.layout.export_dir(cr) for cr in self.preset.target_crs}
+
+    def _decode(self) -> None:
+        from megatron_dmc.pipeline.decode import run_decode, save_results
+
+        exports = {f"dmc {cr_tag(cr)}": path for cr, path in self._exports().items()}
+        tokens = held_out_tokens(self.assets.held_out_prefix)
+        results = run_decode(self.assets.hf_dir, exports, tokens, self.preset.decode)
+        save_results(results, self.layout.decode_file)
+
+    def _eval(self) -> None:
+        from megatron_dmc.pipeline.evaluation import eval_jobs, run_evaluation
+
+        settings = self.preset.eval
+        gqa_cr = self._gqa_cr()
+        gqa_dir = self.layout.gqa_dir if gqa_cr else None
+        jobs = eval_jobs(self.assets.hf_dir, self._exports(), settings, gqa_dir, gqa_cr)
+        tokens = held_out_tokens(self.assets.held_out_prefix)
+        run_evaluation(jobs, tokens, settings, self.layout.eval_dir)
+
+    def _gqa_cr(self) -> float | None:
+        heads = self.preset.eval.gqa_kv_heads
+        if not heads:
+            return None
+        config = json.loads((Path(self.assets.hf_dir) / "config.json").read_text())
+        return config["num_key_value_heads"] / heads
+
+    def _report(self) -> None:
+        from megatron_dmc.pipeline.write_report import write_report
+
+        write_report(self.preset, self.layout, getattr(self, "command", ""))
+
+
+def copy_generation_ids(source_config: Path, export_config: Path) -> None:
+    """Carry bos/eos/pad ids of the source into an export whose config was rebuilt from the
+    checkpoint's shape (training checkpoints do not store the source config.json)."""
+    source = json.loads(source_config.read_text())
+    config = json.loads(export_config.read_text())
+    for key in GENERATION_IDS:
+        if key in source and key not in config:
+            config[key] = source[key]
+    export_config.write_text(json.dumps(config, indent=2) + "\n")

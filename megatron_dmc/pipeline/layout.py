@@ -1,0 +1,78 @@
+"""Where the main job writes everything, under one output directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def cr_tag(target_cr: float) -> str:
+    """`2x`, `2.5x`: the name of a target CR in paths and tables."""
+    return f"{target_cr:g}x"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def preset_file(self) -> Path:
+        """The preset the outputs were made with (a re-run with another one is refused)."""
+        return self.root / "preset.json"
+
+    @property
+    def done_dir(self) -> Path:
+        """One JSON marker per finished step (its timings); a step without one re-runs."""
+        return self.root / "steps"
+
+    @property
+    def assets_file(self) -> Path:
+        return self.root / "assets.json"
+
+    @property
+    def tiny_hf_dir(self) -> Path:
+        return self.root / "tiny_hf"
+
+    @property
+    def model_yaml(self) -> Path:
+        """The Megatron model shape of the HF source, for `--model`."""
+        return self.root / "model.yaml"
+
+    @property
+    def megatron_dir(self) -> Path:
+        return self.root / "megatron"
+
+    @property
+    def zero_out_dir(self) -> Path:
+        return self.root / "train" / "zero_out"
+
+    def train_dir(self, target_cr: float) -> Path:
+        return self.root / "train" / cr_tag(target_cr)
+
+    def export_dir(self, target_cr: float) -> Path:
+        return self.root / "export" / cr_tag(target_cr)
+
+    @property
+    def gqa_dir(self) -> Path:
+        return self.root / "gqa_hf"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def decode_file(self) -> Path:
+        return self.root / "decode" / "decode.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def summary(self) -> Path:
+        """Every number of the report, machine-readable."""
+        return self.root / "summary.json"

@@ -1,0 +1,141 @@
+"""Presets of the main job: `configs/demo/<name>.yaml` -> `Preset`.
+
+A preset fixes the model, the training schedule of every target CR, what is evaluated and
+how decoding is measured. Unknown keys are an error, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+MODEL_SOURCES = ("smollm2", "tiny")
+BASELINES = ("h2o", "tova")
+
+
+@dataclass
+class TrainSettings:
+    """One retrofit per target CR; zero_out runs once and every target starts from it."""
+
+    seq_length: int = 256
+    """Tokens per training sequence."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch and rank."""
+    global_batch_size: int = 1
+    """Sequences per optimizer step."""
+    zero_out_iters: int = 10
+    """Stage 1 length (channel D-1 annealed away, then its weight rows zeroed)."""
+    zero_out_anneal_iters: int = 8
+    """Steps over which channel D-1 is scaled from 1 to 0."""
+    ramp_iters_per_cr: int = 30
+    """Steps of the CR ramp per +1x of target (the ramp to 4x takes 3x this)."""
+    hold_iters: int = 10
+    """Retrofit steps at the target after the ramp."""
+    finetune_iters: int = 10
+    """Stage 3 length (fixed target, learning rate decays to min_lr)."""
+    lr: float = 3e-4
+    """Constant learning rate of zero_out and retrofit."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of finetune."""
+    seed: int = 1234
+    """Seed of the data order and the Gumbel noise."""
+    extra_args: list[str] = field(default_factory=list)
+    """Further `python -m megatron_dmc.train` flags, passed through as given."""
+
+    def ramp_iters(self, target_cr: float) -> int:
+        return max(1, round(self.ramp_iters_per_cr * (target_cr - 1.0)))
+
+
+@dataclass
+class EvalPreset:
+    """What the evaluation measures (see megatron_dmc.eval.run.EvalSettings)."""
+
+    context_len: int = 1024
+    continuation_len: int = 128
+    max_samples: int | None = 4
+    window: int = 1024
+    stride: int = 512
+    chunk: int | None = 32
+    max_tokens: int | None = 4096
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = 20
+    """Documents per task; None: all."""
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    """Training-free eviction baselines, each at every target CR."""
+    gqa_kv_heads: int | None = None
+    """Also evaluate the mean-pooled GQA model with this many KV heads (None: skip)."""
+
+
+@dataclass
+class DecodeSettings:
+    """Decode throughput and KV bytes through the paged engine, vanilla vs DMC."""
+
+    batch: int = 4
+    context: int = 512
+    steps: int = 16
+    warmup: int = 2
+    page_size: int = 16
+    prefill_chunk: int | None = 256
+
+
+@dataclass
+class Preset:
+    name: str
+    """The preset's name (its file stem)."""
+    model: str = "smollm2"
+    """smollm2 (the embedded SmolLM2-135M) or tiny (a random-initialised tiny Llama)."""
+    tiny_shape: dict[str, Any] = field(default_factory=dict)
+    """HF LlamaConfig fields of the tiny model (vocabulary: the SmolLM2 tokenizer's)."""
+    tensor_parallel: int = 1
+    """Ranks of the import and of training (torchrun --nproc-per-node)."""
+    target_crs: list[float] = field(default_factory=lambda: [2.0])
+    """One retrofit per target compression ratio."""
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalPreset = field(default_factory=EvalPreset)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_SOURCES:
+            raise ValueError(f"model must be one of {MODEL_SOURCES}; got {self.model!r}")
+        if not self.target_crs or any(cr <= 1.0 for cr in self.target_crs):
+            raise ValueError(f"target_crs must be ratios > 1, e.g. [2.0]; got {self.target_crs}")
+        unknown = sorted(set(self.eval.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ValueError(f"no preset at {path}; known presets: {known}, or give a YAML path")
+    return path
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """`configs/demo/<name>.yaml` for a bare name, else the YAML file at that path."""
+    path = preset_path(name_or_path)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    sections = {"train": TrainSettings, "eval": EvalPreset, "decode": DecodeSettings}
+    for key, cls in sections.items():
+        values[key] = _build(cls, values.get(key) or {}, f"{path} [{key}]")
+    return _build(Preset, {"name": path.stem, **values}, str(path))

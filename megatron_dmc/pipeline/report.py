@@ -1,0 +1,139 @@
+"""report.md from summary.json: outcome, tables and the plots, in that order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_dmc.eval.results import ResultRow, format_markdown
+from megatron_dmc.pipeline.layout import cr_tag
+
+REACHED_TOLERANCE = 0.1
+"""An achieved CR within 10% below the target counts as reached (as the trainer says)."""
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _row(summary: dict, method: str, cr: float) -> dict | None:
+    return next(
+        (r for r in summary["results"] if r["method"] == method and r["compression_ratio"] == cr),
+        None,
+    )
+
+
+def _ppl_change(summary: dict, method: str, cr: float, key: str) -> float | None:
+    base, row = _row(summary, "vanilla", 1.0), _row(summary, method, cr)
+    if not base or not row or base[key] is None or row[key] is None:
+        return None
+    return 100.0 * (row[key] / base[key] - 1.0)
+
+
+def reached(achieved: float | None, target: float) -> bool:
+    return achieved is not None and achieved >= target * (1.0 - REACHED_TOLERANCE)
+
+
+def outcome_lines(summary: dict) -> list[str]:
+    lines = []
+    decode = {d["label"]: d for d in summary["decode"]}
+    for t in summary["training"]:
+        cr, achieved = t["target_cr"], t["final_achieved_cr"]
+        verdict = "reached" if reached(achieved, cr) else "NOT reached"
+        held_out = decode.get(f"dmc {cr_tag(cr)}", {}).get("compression_ratio")
+        lines.append(
+            f"- **Target {cr_tag(cr)}: {verdict}.** Achieved CR at the last training step "
+            f"{_fmt(achieved, '.4f')} (target {_fmt(t['final_target_cr'], '.4f')}); "
+            f"on held-out decoding {_fmt(held_out, '.3f')}."
+        )
+        for key, name in (("ppl_continuation", "continuation"), ("ppl_strided", "whole-sequence")):
+            changes = {m: _ppl_change(summary, m, cr, key) for m in ("dmc", "h2o", "tova")}
+            shown = ", ".join(f"{m.upper()} {_fmt(v, '+.1f')}%" for m, v in changes.items())
+            lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")
+        loss = (t["lm_loss_start"], t["lm_loss_end"])
+        lines.append(
+            f"  - training LM loss (mean of first / last 5 steps): {_fmt(loss[0], '.3f')} -> "
+            f"{_fmt(loss[1], '.3f')} over {t['steps']} steps ({t['tokens']} tokens)"
+        )
+    return lines
+
+
+def training_table(summary: dict) -> str:
+    rows = []
+    for t in summary["training"]:
+        stages = t["stage_steps"]
+        rows.append([cr_tag(t["target_cr"]), str(stages["zero_out"]), str(stages["retrofit"]),
+                     str(stages["finetune"]), str(t["tokens"]), _fmt(t["lm_loss_start"], ".3f"),
+                     _fmt(t["lm_loss_end"], ".3f"), _fmt(t["final_target_cr"], ".4f"),
+                     _fmt(t["final_achieved_cr"], ".4f")])  # fmt: skip
+    header = ["target", "zero_out steps", "retrofit steps", "finetune steps", "tokens",
+              "LM loss first 5", "LM loss last 5", "final target CR", "final achieved CR"]  # fmt: skip
+    return table(header, rows)
+
+
+def decode_table(summary: dict) -> str:
+    runs = summary["decode"]
+    base = runs[0]
+    rows = []
+    for d in runs:
+        rows.append([d["label"], f"{d['compression_ratio']:.3f}", f"{d['step_ms']:.1f}",
+                     f"{d['tokens_per_s']:.1f}", f"{d['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                     f"{d['kv_allocated_bytes'] / 2**20:.2f}",
+                     f"{d['kv_allocated_bytes'] / base['kv_allocated_bytes']:.3f}",
+                     f"{d['window_state_bytes'] / 2**20:.2f}"])  # fmt: skip
+    header = ["model", "CR (held-out)", "ms/step", "tokens/s", "vs vanilla", "KV MiB",
+              "KV vs vanilla", "window state MiB"]  # fmt: skip
+    return table(header, rows)
+
+
+def timing_table(summary: dict) -> str:
+    rows = [
+        [name, f"{t['wall_s']:.0f}", f"{t['cpu_s']:.0f}"] for name, t in summary["timings"].items()
+    ]
+    total = [sum(t[k] for t in summary["timings"].values()) for k in ("wall_s", "cpu_s")]
+    rows.append(["total", f"{total[0]:.0f}", f"{total[1]:.0f}"])
+    return table(["step", "wall s", "CPU s (process + children)"], rows)
+
+
+def _protocols(summary: dict) -> str:
+    e = summary["preset"]["eval"]
+    return (
+        f"ppl whole: windows of {e['window']} tokens moved by {e['stride']}, fed "
+        f"{e['chunk']} tokens per call, at most {e['max_tokens']} tokens; ppl "
+        f"{e['context_len']}+{e['continuation_len']}: {e['max_samples']} samples of a "
+        f"{e['context_len']}-token context then {e['continuation_len']} scored tokens. "
+        f"Tasks: {e['limit']} documents each (limit)."
+    )
+
+
+def render(summary: dict, plots: dict[str, Path], root: Path) -> str:
+    """The markdown report; plot paths are written relative to `root`."""
+    m = summary["machine"]
+    decode = summary["decode"][0]
+    parts = [
+        f"# DMC main job: `{summary['preset']['name']}` preset\n",
+        f"`{summary['command']}` · {summary['date']} · {m['platform']}, {m['cpus']} CPUs, "
+        f"torch {m['torch']}, load average at the end {m['load_average_1_5_15']}\n",
+        "## Outcome\n", "\n".join(outcome_lines(summary)) + "\n",
+        "## Training (metrics.jsonl)\n", training_table(summary),
+        "## Evaluation\n",
+        format_markdown([ResultRow(**r) for r in summary["results"]]),
+        "Perplexity on the held-out split of the embedded corpus; Δ relative to vanilla. "
+        f"{_protocols(summary)} DMC compresses every token (continuation included); "
+        "H2O/TOVA keep a budget of context/CR slots per layer and KV head. KV MiB: what the "
+        "cache holds after the context (DMC: its pages and window state).\n",
+        f"## Decoding (paged engine, batch {decode['batch']}, {decode['context']}-token "
+        "held-out prompts, process CPU time, 1 thread)\n",
+        decode_table(summary),
+        "## Plots\n",
+        *(f"![{name}]({path.relative_to(root)})\n" for name, path in plots.items()),
+        "## Step times\n", timing_table(summary),
+        "CPU time counts this process and its finished children (training ranks, "
+        "conversion workers); on a shared machine wall time also measures the neighbours.\n",
+    ]  # fmt: skip
+    return "\n".join(parts)

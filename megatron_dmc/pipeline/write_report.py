@@ -1,0 +1,70 @@
+"""The report step: read what the other steps wrote, plot, summarise, render report.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from megatron_dmc.eval.results import load_results
+from megatron_dmc.pipeline import plots, report
+from megatron_dmc.pipeline.decode import DecodeResult
+from megatron_dmc.pipeline.decode import load_results as load_decode
+from megatron_dmc.pipeline.layout import RunLayout, cr_tag
+from megatron_dmc.pipeline.preset import Preset
+from megatron_dmc.pipeline.retrofit import read_metrics
+from megatron_dmc.pipeline.steps import read_timings
+from megatron_dmc.pipeline.summary import build_summary, training_summary
+
+
+def training_runs(preset: Preset, layout: RunLayout) -> dict[str, list[dict]]:
+    """{target tag: zero_out records then that target's records}."""
+    zero_out = read_metrics(layout.zero_out_dir)
+    return {cr_tag(cr): zero_out + read_metrics(layout.train_dir(cr)) for cr in preset.target_crs}
+
+
+def trained_layer_head_cr(export_dir: Path) -> list[list[float]] | None:
+    """CR per (layer, KV head) at the last training step, from the export's config.json
+    (metrics.jsonl does not carry it)."""
+    config = json.loads((export_dir / "config.json").read_text())
+    return config.get("dmc_layer_head_cr")
+
+
+def make_plots(
+    runs: dict[str, list[dict]], summary: dict, decode: list[DecodeResult], out: Path
+) -> dict[str, Path]:
+    maps = {}
+    for t in summary["training"]:
+        if t["layer_head_cr"]:
+            maps[f"{cr_tag(t['target_cr'])}: last training step"] = t["layer_head_cr"]
+    for d in summary["decode"][1:]:
+        maps[f"{d['label']}: held-out decode"] = d["cr_per_head_LG"]
+    return {
+        "LM loss": plots.plot_loss(runs, out / "loss.png"),
+        "Target vs achieved CR": plots.plot_cr(runs, out / "cr.png"),
+        "CR per layer and KV head": plots.plot_heatmaps(maps, out / "cr_heatmap.png"),
+        "Decode throughput and KV bytes": plots.plot_decode(decode, out / "decode.png"),
+    }
+
+
+def write_report(preset: Preset, layout: RunLayout, command: str) -> Path:
+    runs = training_runs(preset, layout)
+    seq = preset.train.seq_length * preset.train.global_batch_size
+    training = [
+        training_summary(runs[cr_tag(cr)], cr, seq, trained_layer_head_cr(layout.export_dir(cr)))
+        for cr in preset.target_crs
+    ]
+    decode = load_decode(layout.decode_file)
+    summary = build_summary(
+        dataclasses.asdict(preset) | {"name": preset.name},
+        command,
+        read_timings(layout.done_dir),
+        training,
+        load_results(layout.eval_dir / "results.json"),
+        decode,
+    )
+    figures = make_plots(runs, summary, decode, layout.plots_dir)
+    layout.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    layout.report.write_text(report.render(summary, figures, layout.root))
+    print(f"   wrote {layout.report}")
+    return layout.report
