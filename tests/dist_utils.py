@@ -13,13 +13,16 @@
 Each process gets torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
 LOCAL_RANK), one intra-op thread, and `destroy_distributed()` afterwards. Spawned
 ranks import only what `fn`'s module imports (megatron-core alone takes ~10-20 s to
-import on 2 busy cores), so put several checks into one body rather than one per test. An exception
-or failed assert in any rank fails the calling test with that rank's traceback; a rank
-that hangs past `timeout_s` is killed and the test fails.
+import on 2 busy cores), so put several checks into one body rather than one per test.
+Ranks are not daemonic (as under torchrun), so they may start processes of their own,
+e.g. the writers of a torch_dist checkpoint save. An exception or failed assert in any
+rank fails the calling test with that rank's traceback; a rank that hangs past
+`timeout_s` is killed and the test fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
@@ -82,6 +85,21 @@ def _collect(procs: list, results: Any, world_size: int, deadline: float) -> dic
     return outcomes
 
 
+def _kill_tree(proc: Any) -> None:
+    """Kill a hung rank and the processes it started (checkpoint writers, managers)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.kill()
+    proc.join()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -99,7 +117,7 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(fn, rank, world_size, port, tuple(args), dict(kwargs or {}), results),
-            daemon=True,
+            daemon=False,
         )
         for rank in range(world_size)
     ]
@@ -111,6 +129,5 @@ def run_distributed(
         for proc in procs:
             proc.join(timeout=5)
             if proc.is_alive():
-                proc.kill()
-                proc.join()
+                _kill_tree(proc)
     return [outcomes[rank] for rank in range(world_size)]

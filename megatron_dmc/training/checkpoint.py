@@ -58,19 +58,23 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def _rng_object(state: Any) -> ShardedObject:
-    """One RNG state per model-parallel rank; data-parallel replicas keep their own copy."""
-    tp, pp = (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_rank(),
-    )
-    shape = (
+def _layout() -> list[int]:
+    """[PP, TP, DP] sizes of this run."""
+    return [
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_data_parallel_world_size(),
+    ]
+
+
+def _rng_object(state: Any) -> ShardedObject:
+    """One RNG state per model-parallel rank; data-parallel replicas keep their own copy."""
+    rank = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
     )
-    dp = parallel_state.get_data_parallel_rank()
-    return ShardedObject("rng_state", state, shape, (pp, tp, dp), replica_id=0)
+    return ShardedObject("rng_state", state, tuple(_layout()), rank, replica_id=0)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,6 +92,7 @@ def _state_dict(model, optimizer, progress: Progress, extra: dict[str, Any], is_
             checkpoint_version=CHECKPOINT_VERSION,
             iteration=progress.iteration,
             dmc_progress=asdict(progress),
+            parallel_layout=_layout(),
             **extra,
         )
     return state
@@ -100,11 +105,13 @@ def _write_tracker(root: Path, iteration: int) -> None:
 
 
 def _publish(staging: Path, final: Path) -> None:
+    """Rename the finished save into place. An existing `final` is one the tracker does not
+    name (the train loop never saves the iteration it resumed from or saved already)."""
+    old = final.with_name(final.name + ".old")
     if final.exists():
-        old = final.with_name(final.name + ".old")
         os.replace(final, old)
-        shutil.rmtree(old)
     os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -157,14 +164,15 @@ def load_checkpoint(
     """Collective: load weights (and optimizer, RNG when present and asked) at this layout.
 
     A checkpoint without DMC progress (a converted vanilla model) loads weights only and
-    starts at iteration 0. Returns the progress and common.pt.
+    starts at iteration 0. The RNG state is loaded only at the layout it was saved from
+    (the train loop re-derives it every step anyway). Returns the progress and common.pt.
     """
     directory = resolve_iteration_dir(path)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     ours = "dmc_progress" in common
     optimizer = optimizer if ours and load_optim else None
     request = _state_dict(model, optimizer, Progress(), {}, is_loading=True)
-    if not (ours and load_rng):
+    if not (ours and load_rng and common.get("parallel_layout") == _layout()):
         request.pop("rng_state")
     loaded = dist_checkpointing.load(request, str(directory))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)

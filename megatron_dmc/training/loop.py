@@ -79,7 +79,7 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         settings,
     )
     elapsed = time.perf_counter() - start
-    run.recorder.check_finite(result, progress.iteration, stage.name, watch)
+    run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
     alpha_LN = model_api.alpha_means(run.model, run.model_config)
     base = {
         "iteration": progress.iteration + 1,
@@ -114,7 +114,8 @@ def _run_stage(run: Run, stage: Stage, stop_at: int) -> bool:
             if progress.iteration % cfg.logging.log_interval == 0 or record["valid_lm_loss"]:
                 run.writer.write(_loggable(record, cfg.logging.log_per_head_cr))
             interval = cfg.checkpoint.save_interval
-            if interval and progress.iteration % interval == 0:
+            last = progress.stage_step == stage.iters  # saved below, once the stage is done
+            if interval and progress.iteration % interval == 0 and not last:
                 save(run)
     finally:
         watch.remove()
@@ -144,10 +145,10 @@ def _eval_loss(run: Run, stage: Stage) -> float | None:
     return lm / max(tokens, 1.0)
 
 
-def save(run: Run, force: bool = False) -> None:
-    """Checkpoint under --save (no-op without it, or when this iteration is already saved
-    and nothing changed since)."""
-    if run.cfg.checkpoint.save is None or (run.saved_at == run.progress.iteration and not force):
+def save(run: Run) -> None:
+    """Checkpoint under --save (no-op without it, or when this iteration is saved already:
+    an iteration is saved at most once, so a save never replaces the one the tracker names)."""
+    if run.cfg.checkpoint.save is None or run.saved_at == run.progress.iteration:
         return
     ckpt.save_checkpoint(*_save_args(run))
     run.saved_at = run.progress.iteration
@@ -177,6 +178,8 @@ def _load(run: Run, source: str, own: bool) -> None:
         load_rng=not (weights_only or cfg.no_load_rng),
     )
     run.progress = ckpt.Progress() if weights_only else progress
+    if own:
+        run.saved_at = progress.iteration
 
 
 def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
@@ -240,7 +243,7 @@ def train(cfg: TrainConfig) -> ckpt.Progress:
             if stage.name == "zero_out":
                 model_api.finish_zero_out(run.model)
             run.progress.stage_done = True
-            save(run, force=True)
+            save(run)
     finally:
         run.writer.close()
     if run.writer.enabled:

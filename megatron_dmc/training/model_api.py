@@ -20,6 +20,7 @@ from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
+from megatron_dmc.model.qkv import zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig
 from megatron_dmc.training.config import TrainConfig
@@ -125,28 +126,6 @@ def alpha_means(model: DistributedDataParallel, model_config: ModelConfig) -> to
     if not isinstance(model.module, DMCGPTModel):
         return None
     return gather_alpha_means(model.module, model_config.num_layers, model_config.num_query_groups)
-
-
-@torch.no_grad()
-def zero_decision_rows(model: torch.nn.Module) -> int:
-    """Zero the rows of every fused QKV weight that produce channel D-1 of each query and
-    key head (this TP rank's heads); returns the number of weights changed."""
-    changed = 0
-    for module in model.modules():
-        qkv = getattr(module, "linear_qkv", None)
-        if qkv is None or not hasattr(module, "num_query_groups_per_partition"):
-            continue
-        groups = module.num_query_groups_per_partition
-        per_group = module.num_attention_heads_per_partition // groups
-        d = module.hidden_size_per_attention_head
-        rows = [
-            (g * (per_group + 2) + h) * d + d - 1
-            for g in range(groups)
-            for h in range(per_group + 1)
-        ]
-        qkv.weight[rows] = 0.0
-        changed += 1
-    return changed
 
 
 def finish_zero_out(model: DistributedDataParallel) -> None:

@@ -49,6 +49,16 @@ def _check_device(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag} needs a GPU; on CPU train in fp32 without it")
 
 
+def _check_recompute(cfg: TrainConfig) -> None:
+    dmc_stages = [s for s in cfg.dmc.stages if s != "zero_out"]
+    if cfg.model.recompute_granularity == "full" and dmc_stages:
+        raise ValueError(
+            f"--recompute-granularity full is not supported in the DMC stage(s) "
+            f"{', '.join(dmc_stages)}; use --recompute-granularity selective (it recomputes "
+            "the core attention, where DMC's activations are)"
+        )
+
+
 def _check_files(cfg: TrainConfig) -> None:
     if cfg.data.data_path is not None:
         check_data_prefix(cfg.data.data_path)
@@ -84,5 +94,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
         raise ValueError("DMC needs a head dim of at least 4 (one channel carries the decision)")
     _check_batch(cfg, world_size)
     _check_device(cfg)
+    _check_recompute(cfg)
     _check_files(cfg)
     return model

@@ -1,68 +1,84 @@
-"""Run the trainer in gloo processes and read back its metrics."""
+"""Run the trainer here (a world of one) or in gloo processes, and read back its metrics."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from tests.dist_utils import run_distributed
-
 TINY = [
     "--model", "tiny_gqa", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
+    "--global-batch-size", "4",
     "--dmc-zero-out-iters", "2", "--dmc-zero-out-anneal-iters", "1", "--dmc-ramp-iters", "2",
     "--dmc-finetune-iters", "1", "--dmc-target-cr", "2", "--lr", "1e-3", "--min-lr", "1e-4",
 ]  # fmt: skip
-"""A whole three-stage run in 5 steps on the 4-layer GQA debug model."""
+"""A whole three-stage run in 5 steps (2 micro-batches each) on the 4-layer GQA debug
+model; checkpoints at the ends of the stages: iterations 2, 4 and 5."""
+
+KEYS = ("lm_loss", "cr_loss", "achieved_cr", "target_cr", "grad_norm", "lr")
+"""What the layout and resume comparisons look at."""
 
 
-def _allow_children() -> None:
-    """torch_dist checkpoint writes start worker processes, which a daemonic test rank may
-    not do; torchrun's ranks are not daemonic."""
-    import multiprocessing
+def train(argv: list[str], keep_world: bool = False):
+    """One launch of the trainer in this process; returns its final Progress.
 
-    multiprocessing.current_process()._config["daemon"] = False
+    `keep_world`: tear down only Megatron's groups, so that the next launch in the same
+    ranks reuses the default process group (gloo cannot rejoin a destroyed one there).
+    """
+    from megatron.core import parallel_state
 
-
-def _train(argv: list[str]) -> None:
+    from megatron_dmc.distributed import destroy_distributed
     from megatron_dmc.training.arguments import parse_args
+    from megatron_dmc.training.loop import train as train_loop
 
-    _allow_children()
-    from megatron_dmc.training.loop import train
+    try:
+        return train_loop(parse_args(argv))
+    finally:
+        if keep_world:
+            parallel_state.destroy_model_parallel()
+        else:
+            destroy_distributed()
 
-    train(parse_args(argv))
 
-
-def train_in_processes(world_size: int, argv: list[str], timeout_s: float = 240) -> None:
-    run_distributed(_train, world_size, args=(argv,), timeout_s=timeout_s)
+def run_tiny(save: Path, init: str | Path, *extra: str) -> dict[str, list]:
+    """TINY from the weights at `init` (weights only); its curves by key."""
+    train([*TINY, "--save", str(save), "--load", str(init), *extra])
+    return curves(save)
 
 
 def metrics(save: Path) -> list[dict]:
-    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(save) / "metrics.jsonl").read_text().splitlines()]
 
 
-def curve(save: Path, key: str = "lm_loss") -> list[float | None]:
-    return [m.get(key) for m in metrics(save)]
+def curves(save: Path) -> dict[str, list]:
+    records = metrics(save)
+    return {key: [r.get(key) for r in records] for key in ("iteration", *KEYS)}
 
 
-def _save_initial(path: str, model_name: str) -> None:
+def save_initial_checkpoint(
+    path: Path, model_name: str = "tiny_gqa", nan_in_layer: int | None = None
+) -> Path:
+    """A plain Megatron checkpoint (no DMC state), like the HF converter writes.
+
+    Every layout starts from it: Megatron's own initialisation depends on the pipeline
+    split, a loaded checkpoint does not. `nan_in_layer` (0-based) poisons that layer's MLP.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_dmc.distributed import initialize_distributed
+    from megatron_dmc.distributed import destroy_distributed, initialize_distributed
     from megatron_dmc.model.builder import build_model
     from megatron_dmc.model.config import ModelConfig
 
-    _allow_children()
     initialize_distributed(1, 1, seed=1234)
-    model = build_model(ModelConfig.from_yaml(model_name), "vanilla")
-    target = Path(path) / "release"
-    target.mkdir(parents=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0}, str(target))
-    dist.barrier()
-    (Path(path) / "latest_checkpointed_iteration.txt").write_text("release\n")
-
-
-def save_initial_checkpoint(path: Path, model_name: str = "tiny_gqa") -> Path:
-    """A plain Megatron checkpoint (no DMC state), like the HF converter writes."""
-    run_distributed(_save_initial, 1, args=(str(path), model_name))
+    try:
+        model = build_model(ModelConfig.from_yaml(model_name), "vanilla")
+        if nan_in_layer is not None:
+            model.decoder.layers[nan_in_layer].mlp.linear_fc1.weight.data.fill_(float("nan"))
+        target = path / "release"
+        target.mkdir(parents=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0}, str(target))
+        dist.barrier()
+    finally:
+        destroy_distributed()
+    (path / "latest_checkpointed_iteration.txt").write_text("release\n")
     return path

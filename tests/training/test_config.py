@@ -25,6 +25,7 @@ def _validate(extra: list[str], world_size: int = 1) -> None:
         (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "sequence"),
         (["--seq-length", "4096"], 1, "max_position_embeddings"),
         (["--bf16"], 1, "needs a GPU"),
+        (["--recompute-granularity", "full"], 1, "use --recompute-granularity selective"),
     ],
 )
 def test_bad_layouts_are_rejected(extra: list[str], world: int, message: str) -> None:
