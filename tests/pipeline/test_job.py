@@ -1,0 +1,110 @@
+"""The main job end to end on the tiny preset: every step runs (training under torchrun
+with two tensor-parallel ranks), report.md holds real numbers and valid plots, and a
+re-run skips every finished step."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_dmc import demo
+from tests.assets.helpers import needs_gensim, needs_olmo_eval, needs_smollm2
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist, needs_gensim, needs_smollm2, needs_olmo_eval]
+
+
+def run_demo(out: Path) -> str:
+    command = [sys.executable, "-m", "megatron_dmc.demo", "--preset", "tiny", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every table of a markdown text as rows of cells (the separator row dropped)."""
+    tables, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append([row for row in current if not set("".join(row)) <= set("-")])
+            current = []
+    return tables
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo_tiny")
+    return out, run_demo(out)
+
+
+def test_report_tables_parse_with_finite_numbers(job):
+    out, _ = job
+    tables = markdown_tables((out / "report.md").read_text())
+    assert len(tables) == 4  # training, evaluation, decoding, step times
+    for table in tables:
+        assert len(table) >= 2 and all(len(row) == len(table[0]) for row in table)
+    numbers = [float(c.rstrip("x%")) for t in tables for r in t[1:] for c in r[1:]
+               if re.fullmatch(r"[+-]?\d+(\.\d+)?[x%]?", c)]  # fmt: skip
+    assert len(numbers) > 40 and all(math.isfinite(n) for n in numbers)
+    methods = [row[0] for row in tables[1][1:]]
+    assert methods == ["vanilla", "dmc", "h2o", "tova"]
+
+
+def test_report_cr_is_the_last_training_record(job):
+    out, _ = job
+    records = [
+        json.loads(line) for line in (out / "train/2x/metrics.jsonl").read_text().splitlines()
+    ]
+    last = records[-1]
+    assert last["stage"] == "finetune" and last["iteration"] == 3 + 4 + 1 + 2
+    training = markdown_tables((out / "report.md").read_text())[0]
+    row = dict(zip(training[0], training[1]))
+    assert float(row["final achieved CR"]) == pytest.approx(last["achieved_cr"], abs=5e-5)
+    assert float(row["final target CR"]) == pytest.approx(2.0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training"][0]["final_achieved_cr"] == last["achieved_cr"]
+
+
+def test_plots_are_png_files(job):
+    out, _ = job
+    report = (out / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sorted(Path(p).name for p in linked) == sorted(
+        ["loss.png", "cr.png", "cr_heatmap.png", "decode.png"]
+    )
+    for path in linked:
+        data = (out / path).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_export_is_a_dmc_model_and_decode_measured_it(job):
+    out, _ = job
+    config = json.loads((out / "export/2x/config.json").read_text())
+    assert config["model_type"] == "llama_dmc" and config["dmc_compression_ratio"] == 2.0
+    assert config["eos_token_id"] is not None
+    decode = json.loads((out / "decode/decode.json").read_text())
+    assert [d["label"] for d in decode] == ["vanilla", "dmc 2x"]
+    assert all(d["tokens_per_s"] > 0 and d["kv_allocated_bytes"] > 0 for d in decode)
+
+
+def test_rerun_skips_every_finished_step(job, capsys):
+    out, _ = job
+    before = (out / "report.md").stat().st_mtime
+    assert demo.main(["--preset", "tiny", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 8
+    assert (out / "report.md").stat().st_mtime == before
+
+
+def test_another_preset_in_the_same_directory_is_refused(job, capsys):
+    out, _ = job
+    assert demo.main(["--preset", "default", "--out", str(out)]) == 2
+    assert "another preset" in capsys.readouterr().err

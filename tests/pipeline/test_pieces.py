@@ -1,0 +1,97 @@
+"""The job's parts without running it: presets, step bookkeeping, training flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_dmc.pipeline import load_preset
+from megatron_dmc.pipeline.assets import Assets
+from megatron_dmc.pipeline.plots import running_mean
+from megatron_dmc.pipeline.preset import PRESET_DIR
+from megatron_dmc.pipeline.report import reached
+from megatron_dmc.pipeline.retrofit import read_metrics, retrofit_args, zero_out_args
+from megatron_dmc.pipeline.steps import Step, StepRunner
+from megatron_dmc.training.arguments import parse_args
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_presets_load(name):
+    preset = load_preset(name)
+    assert preset.name == name and preset.target_crs
+
+
+def test_preset_refuses_unknown_keys_and_bad_ratios(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {seq_lenght: 8}\n")
+    with pytest.raises(ValueError, match="seq_lenght"):
+        load_preset(str(bad))
+    bad.write_text("target_crs: [1.0]\n")
+    with pytest.raises(ValueError, match="> 1"):
+        load_preset(str(bad))
+    with pytest.raises(ValueError, match="known presets"):
+        load_preset("no_such_preset")
+
+
+def test_training_flags_parse_into_the_trainers_config(tmp_path):
+    preset = load_preset("default")
+    assets = Assets("hf", "tok", "train_prefix", "held_out_prefix")
+    model = tmp_path / "model.yaml"
+    first = zero_out_args(preset, assets, model, tmp_path / "meg", tmp_path / "z")
+    cfg = parse_args(first)
+    assert cfg.dmc.dmc_stage == "zero_out" and cfg.checkpoint.finetune
+    assert cfg.batch.seq_length == preset.train.seq_length
+    cfg = parse_args(retrofit_args(preset, assets, model, tmp_path / "z", tmp_path / "r", 2.0))
+    ramp = preset.train.ramp_iters(2.0)
+    assert cfg.dmc.stages == ("zero_out", "retrofit", "finetune")
+    assert (cfg.dmc.dmc_ramp_iters, cfg.dmc.dmc_retrofit_iters) == (
+        ramp,
+        ramp + preset.train.hold_iters,
+    )
+    assert cfg.checkpoint.load == str(tmp_path / "z") and not cfg.checkpoint.finetune
+
+
+def _step(name: str, log: list[str], out: Path, resumable: bool = False) -> Step:
+    def run() -> None:
+        log.append(name)
+        out.mkdir(exist_ok=True)
+        (out / "part").write_text("x")
+
+    return Step(name, name, run, [out], resumable)
+
+
+def test_runner_skips_done_steps_and_reruns_everything_after_a_redo(tmp_path):
+    log: list[str] = []
+    steps = [_step(n, log, tmp_path / n) for n in ("a", "b", "c")]
+    for runner in (StepRunner(tmp_path / "done"), StepRunner(tmp_path / "done")):
+        for step in steps:
+            runner(step)
+    assert log == ["a", "b", "c"]
+    runner = StepRunner(tmp_path / "done", redo=("b",))
+    for step in steps:
+        runner(step)
+    assert log == ["a", "b", "c", "b", "c"]
+    assert json.loads((tmp_path / "done" / "b.json").read_text())["wall_s"] >= 0
+
+
+def test_runner_keeps_partial_outputs_of_resumable_steps_only(tmp_path):
+    for resumable in (True, False):
+        out = tmp_path / f"r{resumable}"
+        out.mkdir()
+        (out / "checkpoint").write_text("half")
+        StepRunner(tmp_path / "done")(_step(f"s{resumable}", [], out, resumable))
+        assert (out / "checkpoint").exists() == resumable
+
+
+def test_read_metrics_keeps_the_last_record_of_a_repeated_iteration(tmp_path):
+    lines = [{"iteration": 1, "lm_loss": 3.0}, {"iteration": 2, "lm_loss": 2.0},
+             {"iteration": 2, "lm_loss": 1.5}, {"iteration": 3, "lm_loss": 1.0}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [r["lm_loss"] for r in read_metrics(tmp_path)] == [3.0, 1.5, 1.0]
+
+
+def test_running_mean_and_reached():
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert reached(1.85, 2.0) and not reached(1.75, 2.0) and not reached(None, 2.0)
