@@ -29,6 +29,8 @@ class EvalJob:
     model_dir: str
     method: str
     compression_ratio: float
+    label: str | None = None
+    """The row's name in the table (default: the method)."""
 
 
 def eval_jobs(
@@ -44,7 +46,8 @@ def eval_jobs(
         jobs.append(EvalJob(f"dmc_{cr_tag(cr)}", str(export), "dmc", cr))
         jobs += [EvalJob(f"{b}_{cr_tag(cr)}", source_dir, b, cr) for b in settings.baselines]
     if gqa_dir is not None and gqa_cr is not None:
-        jobs.append(EvalJob(f"gqa_{cr_tag(gqa_cr)}", str(gqa_dir), "gqa", gqa_cr))
+        label = "gqa-pooled"  # mean-pooled KV heads, no uptraining (see docs/demo.md)
+        jobs.append(EvalJob(f"gqa_{cr_tag(gqa_cr)}", str(gqa_dir), "gqa", gqa_cr, label))
     return jobs
 
 
@@ -88,6 +91,7 @@ def run_evaluation(
             print(f"-- eval {index}/{len(jobs)}: {job.key} ({job.model_dir})", flush=True)
             dense = rows[0].dense_kv_bytes if job.method == "gqa" and rows else None
             row = evaluate_row(job, token_ids, settings, dense)
+            row.method = job.label or job.method
             path.write_text(json.dumps(dataclasses.asdict(row), indent=2) + "\n")
         rows += load_results(path)
     write_results(rows, out_dir)

@@ -11,6 +11,9 @@ REACHED_TOLERANCE = 0.1
 """An achieved CR within 10% below the target counts as reached (as the trainer says)."""
 
 
+RELEASE_STEPS_PER_CR = 6000
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -55,6 +58,12 @@ def outcome_lines(summary: dict) -> list[str]:
             changes = {m: _ppl_change(summary, m, cr, key) for m in ("dmc", "h2o", "tova")}
             shown = ", ".join(f"{m.upper()} {_fmt(v, '+.1f')}%" for m, v in changes.items())
             lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")
+        if verdict != "reached":
+            dmc_steps = t["stage_steps"]["retrofit"] + t["stage_steps"]["finetune"]
+            lines.append(
+                f"  - not reached within {dmc_steps} DMC steps; the release recipe trains "
+                f"about {RELEASE_STEPS_PER_CR:,} steps of 4M tokens per +1x of CR"
+            )
         loss = (t["lm_loss_start"], t["lm_loss_end"])
         lines.append(
             f"  - training LM loss (mean of first / last 5 steps): {_fmt(loss[0], '.3f')} -> "

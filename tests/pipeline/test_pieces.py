@@ -95,3 +95,15 @@ def test_read_metrics_keeps_the_last_record_of_a_repeated_iteration(tmp_path):
 def test_running_mean_and_reached():
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert reached(1.85, 2.0) and not reached(1.75, 2.0) and not reached(None, 2.0)
+
+
+def test_eval_rows_compare_every_method_at_each_target(tmp_path):
+    from megatron_dmc.pipeline.evaluation import eval_jobs
+
+    settings = load_preset("full").eval
+    exports = {2.0: tmp_path / "e2", 4.0: tmp_path / "e4"}
+    jobs = eval_jobs("src", exports, settings, tmp_path / "gqa", 3.0)
+    assert [j.key for j in jobs] == ["vanilla", "dmc_2x", "h2o_2x", "tova_2x", "dmc_4x",
+                                     "h2o_4x", "tova_4x", "gqa_3x"]  # fmt: skip
+    assert {j.model_dir for j in jobs if j.method in ("h2o", "tova")} == {"src"}
+    assert jobs[-1].label == "gqa-pooled"
