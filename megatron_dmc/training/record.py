@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.ops import achieved_compression_ratio
 from megatron_dmc.training.step import StepResult
+from megatron_dmc.training.summary import verdict
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,9 +106,4 @@ class StepRecorder:
         achieved, target = last.get("achieved_cr"), last.get("target_cr")
         if achieved is None or target is None:
             return f"finished at iteration {last.get('iteration')} (no DMC stage ran)"
-        gap = abs(achieved - target) / target
-        ok = "reached" if achieved >= target or gap <= 0.1 else "NOT reached"
-        return (
-            f"final achieved CR {achieved:.3f} vs target {target:.3f} "
-            f"({'+' if achieved >= target else '-'}{gap * 100:.1f}%): target {ok}"
-        )
+        return verdict(achieved, target)
