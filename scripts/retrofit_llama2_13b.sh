@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# DMC retrofit of Llama 2 13B with the paper's recipe (TP=8 + sequence parallel, LR 3e-5, bf16,
+# global batch 1024 x 4096 tokens; zero_out 250 -> retrofit ramp -> finetune 2k).
+# Settings: configs/retrofit/llama2_13b.yaml. Run the same command on every node:
+#
+#   NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 GPUS_PER_NODE=8 \
+#   DATA_PATH=/data/corpus TOKENIZER_MODEL=/llama/tokenizer.model \
+#   LOAD=/ckpt/llama2_13b SAVE=/runs/llama2_13b_dmc4 scripts/retrofit_llama2_13b.sh
+set -euo pipefail
+RECIPE=llama2_13b RECIPE_SCRIPT=retrofit_llama2_13b.sh MODEL_PARALLEL=8 \
+    exec "$(dirname "$0")/retrofit_llama2_common.sh" "$@"
