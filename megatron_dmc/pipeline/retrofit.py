@@ -111,7 +111,6 @@ def run_training(
 
 def _update(bar: tqdm, records: list[dict], first: int) -> None:
     mine = [r for r in records if r["iteration"] > first]
-    if mine:
+    if mine and min(len(mine), bar.total) != bar.n:
         bar.n = min(len(mine), bar.total)
-        bar.set_postfix(_postfix(mine[-1]), refresh=False)
-        bar.refresh()
+        bar.set_postfix(_postfix(mine[-1]))
