@@ -1,0 +1,255 @@
+"""Training step time of DMC against vanilla attention: same model, weights and batch,
+measured side by side in one process.
+
+    python -m megatron_dmc.training.bench                     # seq 1024, small model
+    python -m megatron_dmc.training.bench --model llama2_7b --num-layers 2 --bf16   # GPU
+
+A step is the trainer's own `train_step`: forward and backward through Megatron-Core's
+schedule (DMC: Gumbel-sigmoid decisions, windowed accumulation, biased attention and the
+CR loss of the retrofit stage), then the clipped AdamW update. Steps alternate between the
+two models after warm-up, so both see the same machine load; the medians and their ratio
+are printed (goal: DMC <= 1.15x vanilla). On a CPU with one torch thread the clock is the
+process CPU time (the machine may be shared), elsewhere wall time after synchronising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+from megatron_dmc.bench.timing import clock_name, timed
+from megatron_dmc.model.config import ModelConfig
+
+GOAL = 1.15
+"""DMC step time / vanilla step time the implementation aims to stay under."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_dmc.training.bench")
+    parser.add_argument("--model", default="smollm2_135m", help="configs/ name or model YAML")
+    parser.add_argument("--num-layers", type=int, default=4, help="override the layer count")
+    parser.add_argument(
+        "--vocab-size", type=int, default=8192, help="override the vocabulary (0: keep)"
+    )
+    parser.add_argument("--seq-length", type=int, default=1024)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--num-microbatches", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
+    parser.add_argument("--reps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--target-cr", type=float, default=4.0, help="CR the DMC loss asks for")
+    parser.add_argument("--recompute", choices=("selective",), default=None)
+    parser.add_argument("--bf16", action="store_true", help="bf16 (GPU)")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("num_layers", "seq_length", "micro_batch_size", "num_microbatches", "reps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.vocab_size < 0 or args.target_cr <= 1:
+        raise ValueError("--warmup and --vocab-size must be >= 0 and --target-cr > 1")
+
+
+def model_shape(args: argparse.Namespace) -> ModelConfig:
+    base = ModelConfig.from_yaml(args.model)
+    return dataclasses.replace(
+        base,
+        num_layers=args.num_layers,
+        vocab_size=args.vocab_size or base.vocab_size,
+        max_position_embeddings=max(base.max_position_embeddings, args.seq_length),
+    )
+
+
+def _train_config(args: argparse.Namespace):
+    from megatron_dmc.training.arguments import parse_args
+
+    argv = ["--model", args.model, "--mock-data", "--seq-length", str(args.seq_length)]
+    argv += ["--micro-batch-size", str(args.micro_batch_size), "--lr", "1e-5"]
+    argv += ["--dmc-target-cr", str(args.target_cr), "--dmc-ramp-iters", "1"]
+    argv += ["--bf16"] * args.bf16
+    argv += ["--recompute-granularity", args.recompute] if args.recompute else []
+    return parse_args(argv)
+
+
+def _batch(args: argparse.Namespace, vocab_size: int, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.micro_batch_size, args.seq_length + 1)
+    tokens = torch.randint(0, vocab_size, shape, generator=generator).to(device)
+    positions = torch.arange(args.seq_length, device=device).expand(shape[0], -1)
+    return {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "loss_mask": torch.ones(shape[0], args.seq_length, device=device),
+        "position_ids": positions,
+    }
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Plain causal attention through torch's SDPA (the kernel DMC's attention calls), in
+    place of Megatron's local `DotProductAttention`, which materialises the scores: the
+    vanilla baseline with the same attention kernel as DMC. No parameters."""
+
+    def __init__(self, softmax_scale: float | None) -> None:
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_) -> torch.Tensor:
+        q_BHTD, k_BGTD, v_BGTD = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        groups = q_BHTD.shape[1] // k_BGTD.shape[1]
+        k_BHTD = k_BGTD.repeat_interleave(groups, dim=1)
+        v_BHTD = v_BGTD.repeat_interleave(groups, dim=1)
+        out_BHTD = torch.nn.functional.scaled_dot_product_attention(
+            q_BHTD, k_BHTD, v_BHTD, is_causal=True, scale=self.softmax_scale
+        )
+        s, b = query.shape[0], query.shape[1]
+        return out_BHTD.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def _use_sdpa(model: torch.nn.Module) -> None:
+    for layer in model.module.decoder.layers:
+        attention = layer.self_attention
+        attention.core_attention = SDPACoreAttention(attention.core_attention.softmax_scale)
+
+
+@dataclasses.dataclass
+class Contender:
+    """One attention mode's model, optimizer and loss settings, and its step times."""
+
+    name: str
+    model: torch.nn.Module
+    optimizer: object
+    settings: object
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    peak_bytes: int = 0
+    first_lm_loss: float | None = None
+
+
+def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Contender]:
+    from megatron_dmc.model.spec import use_transformer_engine
+    from megatron_dmc.training import model_api
+    from megatron_dmc.training.loss import LossSettings
+    from megatron_dmc.training.optim import build_optimizer
+
+    decisions = shape.num_layers * shape.num_query_groups * args.seq_length
+    modes = [("vanilla", None), ("dmc", args.target_cr)]
+    if not use_transformer_engine():
+        modes.insert(1, ("vanilla_sdpa", None))
+    out: list[Contender] = []
+    for name, target in modes:
+        model = model_api.build(shape, cfg, name.removesuffix("_sdpa"))
+        if name == "vanilla_sdpa":
+            _use_sdpa(model)
+        if out:
+            model.module.load_state_dict(out[0].model.module.state_dict(), strict=True)
+        optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
+        out.append(Contender(name, model, optimizer, LossSettings(target, decisions)))
+    return out
+
+
+def _step(contender: Contender, args: argparse.Namespace, batch: dict, iteration: int) -> None:
+    """One training step; the first one's LM loss is kept (all models start equal)."""
+    from megatron_dmc.training.step import train_step
+
+    if contender.name == "dmc":
+        contender.model.module.collector.start_step(iteration)
+        contender.model.module.collector.reset_stats()
+    result = train_step(
+        contender.model,
+        contender.optimizer,
+        itertools.repeat(batch),
+        args.num_microbatches,
+        args.seq_length,
+        args.micro_batch_size,
+        contender.settings,
+    )
+    if contender.first_lm_loss is None:
+        contender.first_lm_loss = result.stats["lm_loss_sum"] / result.stats["tokens"]
+
+
+def _timed_step(contender: Contender, args, batch: dict, iteration: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _, seconds = timed(lambda: _step(contender, args, batch, iteration), device)
+    if device == "cuda":
+        contender.peak_bytes = max(contender.peak_bytes, torch.cuda.max_memory_allocated())
+    return seconds
+
+
+def measure(args: argparse.Namespace, contenders: list[Contender], batch: dict, device: str):
+    """Warm-up, then timed steps alternating the order of the two models each round."""
+    for iteration in range(args.warmup + args.reps):
+        order = contenders if iteration % 2 == 0 else contenders[::-1]
+        for contender in order:
+            seconds = _timed_step(contender, args, batch, iteration, device)
+            if iteration >= args.warmup:
+                contender.seconds.append(seconds)
+
+
+def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Contender], device: str):
+    """Printed lines and the result numbers."""
+    tokens = args.seq_length * args.micro_batch_size * args.num_microbatches
+    medians = {c.name: statistics.median(c.seconds) for c in contenders}
+    times = {c.name: c.seconds for c in contenders}
+    baseline = "vanilla_sdpa" if "vanilla_sdpa" in medians else "vanilla"
+    ratio = medians["dmc"] / medians[baseline]
+    per_round = statistics.median(d / v for v, d in zip(times[baseline], times["dmc"]))
+    lines = [
+        f"model {args.model}: {shape.num_layers} layers, hidden {shape.hidden_size}, "
+        f"{shape.num_attention_heads} heads / {shape.num_query_groups} KV, head dim "
+        f"{shape.kv_channels}, vocab {shape.vocab_size}; {args.num_microbatches} x "
+        f"{args.micro_batch_size} x {args.seq_length} tokens per step, "
+        f"{'bf16' if args.bf16 else 'fp32'}, {device}, {torch.get_num_threads()} thread(s)",
+        f"clock: {clock_name(device)}; {args.warmup} warm-up + {args.reps} timed steps each",
+    ]
+    for c in contenders:
+        memory = f", peak {c.peak_bytes / 2**30:.2f} GiB" if c.peak_bytes else ""
+        lines.append(
+            f"{c.name:>12}: median {medians[c.name] * 1e3:.1f} ms/step "
+            f"(min {min(c.seconds) * 1e3:.1f}, max {max(c.seconds) * 1e3:.1f}), "
+            f"{tokens / medians[c.name]:.0f} tokens/s{memory}; first-step LM loss "
+            f"{c.first_lm_loss:.6f}"
+        )
+    for name in [c.name for c in contenders if c.name != "dmc"]:
+        lines.append(f"DMC / {name} step time: {medians['dmc'] / medians[name]:.3f}x")
+    verdict = "met" if ratio <= GOAL else "NOT met"
+    lines.append(
+        f"goal DMC / {baseline} <= {GOAL}x: {verdict} ({ratio:.3f}x; median of per-round "
+        f"ratios {per_round:.3f}x)"
+    )
+    result = {"ratio": ratio, "baseline": baseline, "per_round_ratio": per_round}
+    result["first_lm_loss"] = {c.name: c.first_lm_loss for c in contenders}
+    return lines, {**result, "median_s": medians}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from megatron_dmc.compat import cuda_available
+    from megatron_dmc.distributed import destroy_distributed, initialize_distributed
+    from megatron_dmc.training.validate import validate
+
+    args = build_parser().parse_args(argv)
+    _check(args)
+    cfg = _train_config(args)
+    shape = model_shape(args)
+    validate(cfg, world_size=1)
+    device = "cuda" if cuda_available() else "cpu"
+    initialize_distributed(1, 1, seed=cfg.batch.seed)
+    try:
+        contenders = _contenders(args, cfg, shape)
+        measure(args, contenders, _batch(args, shape.vocab_size, device), device)
+    finally:
+        destroy_distributed()
+    lines, result = report(args, shape, contenders, device)
+    print("\n".join(lines), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None

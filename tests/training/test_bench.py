@@ -1,0 +1,29 @@
+"""The DMC-vs-vanilla training benchmark runs, times every model and compares like with like."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_dmc.compat import cuda_available
+from megatron_dmc.training import bench
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_bench_times_all_models_from_the_same_weights(capsys) -> None:
+    argv = ["--model", "tiny_gqa", "--num-layers", "2", "--seq-length", "64"]
+    result = bench.main([*argv, "--warmup", "0", "--reps", "2", "--num-microbatches", "1"])
+    assert set(result["median_s"]) == {"vanilla", "vanilla_sdpa", "dmc"}
+    assert result["baseline"] == "vanilla_sdpa" and result["ratio"] > 0
+    loss = result["first_lm_loss"]
+    assert loss["vanilla_sdpa"] == pytest.approx(loss["vanilla"], rel=1e-6)
+    assert loss["dmc"] == pytest.approx(loss["vanilla"], rel=1e-2)
+    assert "goal DMC / vanilla_sdpa <= 1.15x" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_settings_before_any_work() -> None:
+    with pytest.raises(ValueError, match="--reps must be >= 1"):
+        bench.main(["--reps", "0"])
+    if not cuda_available():
+        with pytest.raises(ValueError, match="needs a GPU"):
+            bench.main(["--bf16"])
