@@ -7,11 +7,11 @@ from pathlib import Path
 
 TINY = [
     "--model", "tiny_gqa", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
-    "--global-batch-size", "4",
+    "--global-batch-size", "8",
     "--dmc-zero-out-iters", "2", "--dmc-zero-out-anneal-iters", "1", "--dmc-ramp-iters", "2",
     "--dmc-finetune-iters", "1", "--dmc-target-cr", "2", "--lr", "1e-3", "--min-lr", "1e-4",
 ]  # fmt: skip
-"""A whole three-stage run in 5 steps (2 micro-batches each) on the 4-layer GQA debug
+"""A whole three-stage run in 5 steps (4 micro-batches each) on the 4-layer GQA debug
 model; checkpoints at the ends of the stages: iterations 2, 4 and 5."""
 
 KEYS = ("lm_loss", "cr_loss", "achieved_cr", "target_cr", "grad_norm", "lr")

@@ -2,6 +2,8 @@
 three-stage run (zero_out -> retrofit -> finetune) agree with one process within fp32
 rounding, and a checkpoint saved at TP=2 resumes at TP=1 on the same curve.
 
+Four ranks run every pair of TP=2, PP=2 and DP=2 (one spawn, three launches); each step
+has 4 micro-batches (2 per rank with DP=2), so the pipeline always has several in flight.
 The Gumbel noise is keyed by (seed, step, global micro-batch, layer) and drawn for all
 KV heads, so every layout sees the same noise: with DP=2 rank r's micro-batch m is global
 micro-batch 2m + r, exactly the samples of the single process's micro-batch 2m + r.
@@ -18,12 +20,9 @@ from tests.training.helpers import TINY, curves, run_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
-LAYOUTS = {
-    "tp2": ["--tensor-model-parallel-size", "2", "--save-interval", "3"],
-    "pp2": ["--pipeline-model-parallel-size", "2"],
-    "dp2": [],
-}
-"""Two-process layouts, run one after the other in the same two ranks."""
+TP2, PP2 = ["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]
+LAYOUTS = {"tp2_pp2": [*TP2, *PP2], "tp2_dp2": [*TP2, "--save-interval", "3"], "pp2_dp2": PP2}
+"""Four-process layouts, run one after the other in the same four ranks."""
 
 
 def _train_layouts(root: str, init: str, layouts: dict[str, list[str]]) -> None:
@@ -34,9 +33,9 @@ def _train_layouts(root: str, init: str, layouts: dict[str, list[str]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, initial) -> Path:
+def four_ranks(tmp_path_factory, initial) -> Path:
     root = tmp_path_factory.mktemp("layouts")
-    run_distributed(_train_layouts, 2, args=(str(root), str(initial), LAYOUTS), timeout_s=300)
+    run_distributed(_train_layouts, 4, args=(str(root), str(initial), LAYOUTS), timeout_s=420)
     return root
 
 
@@ -58,24 +57,12 @@ def test_reference_runs_all_stages_with_an_active_cr_loss(reference) -> None:
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_layout_matches_single_process(two_ranks, reference, layout: str) -> None:
-    _assert_close(curves(two_ranks / layout), reference[1])
+def test_layout_matches_single_process(four_ranks, reference, layout: str) -> None:
+    _assert_close(curves(four_ranks / layout), reference[1])
 
 
-def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(two_ranks, reference, tmp_path) -> None:
+def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(four_ranks, reference, tmp_path) -> None:
     """Weights, Adam moments and progress reshard from TP=2 to TP=1 mid-retrofit."""
-    got = run_tiny(tmp_path / "tp1", two_ranks / "tp2" / "iter_0000003")
+    got = run_tiny(tmp_path / "tp1", four_ranks / "tp2_dp2" / "iter_0000003")
     want = {key: values[3:] for key, values in reference[1].items()}
     _assert_close(got, want)
-
-
-def _tp2_pp2(root: str, init: str) -> None:
-    from tests.training.helpers import train
-
-    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-    train([*TINY, "--save", root, "--load", init, *layout])
-
-
-def test_tp2_by_pp2_matches_single_process(initial, reference, tmp_path) -> None:
-    run_distributed(_tp2_pp2, 4, args=(str(tmp_path / "run"), str(initial)), timeout_s=300)
-    _assert_close(curves(tmp_path / "run"), reference[1])
