@@ -1,5 +1,7 @@
 """megatron-dmc: Dynamic Memory Compression retrofitting on Megatron-Core."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -10,7 +12,7 @@ setup(
         "Megatron-Core, convert to/from Hugging Face, and serve it with a ragged "
         "per-head compressed KV cache."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_dmc", "megatron_dmc.*"]),
