@@ -16,7 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_dmc", "megatron_dmc.*"]),
-    package_data={"megatron_dmc": ["configs/*.yaml", "eval/tasks/*.yaml"]},
+    # configs/ lives at the repository root: install editable (pip install -e .).
+    package_data={"megatron_dmc": ["eval/tasks/*.yaml", "eval/tasks/*.py"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.17",
