@@ -14,8 +14,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from megatron_dmc.compat import cpu_device_mode
+from megatron_dmc.convert._model import shape_from_model_config
 from megatron_dmc.convert.layout import METADATA_KEY, checkpoint_metadata
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
@@ -137,22 +137,6 @@ def is_logging_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
-def llama_shape(model_config: ModelConfig) -> LlamaShape:
-    return LlamaShape(
-        vocab_size=model_config.vocab_size,
-        hidden_size=model_config.hidden_size,
-        intermediate_size=model_config.ffn_hidden_size,
-        num_hidden_layers=model_config.num_layers,
-        num_attention_heads=model_config.num_attention_heads,
-        num_key_value_heads=model_config.num_query_groups,
-        head_dim=model_config.kv_channels,
-        rms_norm_eps=model_config.norm_epsilon,
-        rope_theta=model_config.rotary_base,
-        max_position_embeddings=model_config.max_position_embeddings,
-        tie_word_embeddings=model_config.tie_embeddings,
-    )
-
-
 def export_metadata(
     model_config: ModelConfig, cfg: TrainConfig, layer_head_cr: list[list[float]] | None
 ) -> dict[str, Any]:
@@ -165,4 +149,4 @@ def export_metadata(
             "compression_ratio": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
         }
-    return {METADATA_KEY: checkpoint_metadata(llama_shape(model_config), dmc=dmc)}
+    return {METADATA_KEY: checkpoint_metadata(shape_from_model_config(model_config), dmc=dmc)}
