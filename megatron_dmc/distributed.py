@@ -29,6 +29,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def set_local_rank_env(rank: int, world_size: int, port: int) -> None:
+    """The env:// variables torchrun would set, for a process spawned on 127.0.0.1."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+
+
 def _check_sizes(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
     for name, size in (
         ("tensor_model_parallel_size", tensor_model_parallel_size),

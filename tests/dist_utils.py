@@ -23,7 +23,6 @@ rank fails the calling test with that rank's traceback; a rank that hangs past
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import time
 import traceback
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_dmc.distributed import set_local_rank_env
 
 
 def _worker(
@@ -44,13 +45,7 @@ def _worker(
     kwargs: dict[str, Any],
     results: Any,
 ) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_rank_env(rank, world_size, port)
     torch.set_num_threads(1)
     try:
         results.put((rank, True, fn(*args, **kwargs)))

@@ -5,7 +5,6 @@ Workers are not daemonic: Megatron's checkpoint writer starts helper processes o
 
 from __future__ import annotations
 
-import os
 import queue
 import traceback
 from collections.abc import Callable, Sequence
@@ -13,7 +12,12 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from megatron_dmc.distributed import destroy_distributed, free_port, initialize_distributed
+from megatron_dmc.distributed import (
+    destroy_distributed,
+    free_port,
+    initialize_distributed,
+    set_local_rank_env,
+)
 
 
 def _worker(
@@ -25,13 +29,7 @@ def _worker(
     args: Sequence[Any],
     results: Any,
 ) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    set_local_rank_env(rank, world, port)
     try:
         initialize_distributed(*sizes)
         results.put((rank, None, fn(*args)))
