@@ -10,8 +10,13 @@ view works on every shard.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from megatron.core.transformer.attention import SelfAttention
+
+RowSelector = tuple[torch.nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]
+"""A weight and a function that views, in any tensor shaped like it, the decision rows."""
 
 
 @torch.no_grad()
@@ -25,13 +30,35 @@ def zero_decision_rows(model: torch.nn.Module) -> int:
     return zeroed
 
 
-def _zero_rows(attention: SelfAttention) -> int:
+def decision_row_selectors(model: torch.nn.Module) -> list[RowSelector]:
+    """Per attention layer: linear_qkv.weight and a view of its channel D-1 rows of every
+    query and key head ([G, R-1, I]), applicable to the weight or to optimizer state."""
+    return [
+        (attention.linear_qkv.weight, _row_view(attention))
+        for attention in model.modules()
+        if isinstance(attention, SelfAttention)
+    ]
+
+
+def _shape(attention: SelfAttention) -> tuple[int, int, int]:
     groups = attention.num_query_groups_per_partition
     rows = attention.num_attention_heads_per_partition // groups + 2
-    head_dim = attention.hidden_size_per_attention_head
+    return groups, rows, attention.hidden_size_per_attention_head
+
+
+def _row_view(attention: SelfAttention) -> Callable[[torch.Tensor], torch.Tensor]:
+    groups, rows, head_dim = _shape(attention)
+
+    def view(tensor_GRDI: torch.Tensor) -> torch.Tensor:
+        return tensor_GRDI.view(groups, rows, head_dim, -1)[:, : rows - 1, head_dim - 1]
+
+    return view
+
+
+def _zero_rows(attention: SelfAttention) -> int:
+    groups, rows, head_dim = _shape(attention)
     linear = attention.linear_qkv
-    weight_GRDI = linear.weight.view(groups, rows, head_dim, -1)
-    weight_GRDI[:, : rows - 1, head_dim - 1] = 0.0
+    _row_view(attention)(linear.weight).zero_()
     bias = getattr(linear, "bias", None)
     if isinstance(bias, torch.Tensor) and bias.numel() > 0:
         bias.view(groups, rows, head_dim)[:, : rows - 1, head_dim - 1] = 0.0

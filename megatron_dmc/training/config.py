@@ -113,6 +113,12 @@ class OptimizerArgs:
     clip_grad: float = 1.0
     """Clip the global gradient norm (over all TP and PP ranks) to this; 0 turns clipping off."""
 
+    dmc_decision_lr_mult: float = 1.0
+    """In the DMC stages, scale the AdamW update of the weight rows that produce channel D-1
+    (decision and importance logits) by this. 1 is the release; short CPU retrofits need
+    more (the rows start at zero and must move the logits by c within tens of steps).
+    CPU optimizer only."""
+
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
         if not 0 <= self.min_lr <= self.lr:
@@ -123,6 +129,7 @@ class OptimizerArgs:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
         _positive("adam_eps", self.adam_eps)
+        _positive("dmc_decision_lr_mult", self.dmc_decision_lr_mult)
 
 
 @dataclass

@@ -12,13 +12,14 @@ from megatron.core import parallel_state
 
 from megatron_dmc.distributed import initialize_distributed
 from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.model.qkv import decision_row_selectors
 from megatron_dmc.training import checkpoint as ckpt
 from megatron_dmc.training import model_api
 from megatron_dmc.training.config import TrainConfig
 from megatron_dmc.training.data import build_datasets, micro_batches
 from megatron_dmc.training.loss import LossSettings
 from megatron_dmc.training.metrics import MetricsWriter
-from megatron_dmc.training.optim import build_optimizer, stage_lr_scheduler
+from megatron_dmc.training.optim import build_optimizer, set_decision_lr_mult, stage_lr_scheduler
 from megatron_dmc.training.record import LayerWatch, StepRecorder
 from megatron_dmc.training.rng import reseed_for_step
 from megatron_dmc.training.stages import Stage, plan, start_position
@@ -228,6 +229,9 @@ def _enter_stage(run: Run, stage: Stage) -> None:
         run.model, run.optimizer = model_api.rebuild(
             run.model, run.optimizer, run.model_config, run.cfg, stage.attention
         )
+    mult = run.cfg.optim.dmc_decision_lr_mult if stage.attention == "dmc" else 1.0
+    selectors = decision_row_selectors(run.model.module)
+    set_decision_lr_mult(run.optimizer, selectors, mult)
 
 
 def train(cfg: TrainConfig) -> ckpt.Progress:
@@ -241,7 +245,7 @@ def train(cfg: TrainConfig) -> ckpt.Progress:
                 save(run)
                 break
             if stage.name == "zero_out":
-                model_api.finish_zero_out(run.model)
+                model_api.finish_zero_out(run.model, run.optimizer)
             run.progress.stage_done = True
             save(run)
     finally:

@@ -20,7 +20,7 @@ from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
-from megatron_dmc.model.qkv import zero_decision_rows
+from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig
 from megatron_dmc.training.config import TrainConfig
@@ -128,9 +128,13 @@ def alpha_means(model: DistributedDataParallel, model_config: ModelConfig) -> to
     return gather_alpha_means(model.module, model_config.num_layers, model_config.num_query_groups)
 
 
-def finish_zero_out(model: DistributedDataParallel) -> None:
+def finish_zero_out(model: DistributedDataParallel, optimizer) -> None:
+    """Zero the decision rows (their weights and their optimizer moments)."""
+    from megatron_dmc.training.optim import restart_decision_moments
+
     set_zero_out_lambda(model.module, 0.0)
     assert zero_decision_rows(model.module) > 0, "no attention layer found to zero"
+    restart_decision_moments(optimizer, decision_row_selectors(model.module))
 
 
 def is_logging_rank() -> bool:

@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_dmc.compat import cpu_device_mode, cuda_available
+from megatron_dmc.model.qkv import RowSelector
 from megatron_dmc.training.config import OptimizerArgs
 from megatron_dmc.training.stages import Stage
 
@@ -60,6 +61,7 @@ class CpuAdamW:
 
     def __init__(self, model: torch.nn.Module, args: OptimizerArgs) -> None:
         self.clip_grad = args.clip_grad
+        self.row_lr_mult: tuple[list[RowSelector], float] = ([], 1.0)
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, args.weight_decay),
             lr=args.lr,
@@ -67,7 +69,12 @@ class CpuAdamW:
             eps=args.adam_eps,
             foreach=True,
         )
-        self.param_groups = self.optimizer.param_groups
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The live groups of the inner AdamW (`load_state_dict` replaces its list, so a
+        copy taken at construction would stop reaching it)."""
+        return self.optimizer.param_groups
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -97,8 +104,22 @@ class CpuAdamW:
         if self.clip_grad > 0 and norm > self.clip_grad:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, self.clip_grad / (norm + 1.0e-6))
+        selectors, mult = self.row_lr_mult
+        before = [view(param).clone() for param, view in selectors] if mult != 1.0 else []
         self.optimizer.step()
+        for (param, view), old in zip(selectors, before):
+            rows = view(param)
+            rows.add_(rows - old, alpha=mult - 1.0)
         return True, norm, None
+
+    @torch.no_grad()
+    def restart_moments(self, selectors: list[RowSelector]) -> None:
+        """Zero AdamW's first and second moments of the selected rows."""
+        for param, view in selectors:
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    view(state[key]).zero_()
 
     def _init_state(self) -> None:
         for param in self.parameters():
@@ -137,6 +158,32 @@ class CpuAdamW:
             )
         ]
         self.optimizer.load_state_dict(state_dict)
+
+
+def restart_decision_moments(optimizer: Optimizer, selectors: list[RowSelector]) -> None:
+    """At the end of zero_out the decision rows change role (from q.k features to decision
+    and importance logits); Adam's moments built in their old role would scale their first
+    DMC updates down by orders of magnitude, so they restart from zero. Megatron's optimizers
+    keep their state in flat (possibly sharded) buffers: there, all moments restart."""
+    if isinstance(optimizer, CpuAdamW):
+        optimizer.restart_moments(selectors)
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].zero_()
+
+
+def set_decision_lr_mult(optimizer: Optimizer, selectors: list[RowSelector], mult: float) -> None:
+    """Scale the AdamW update of the decision rows by `mult` (1: no change)."""
+    if isinstance(optimizer, CpuAdamW):
+        optimizer.row_lr_mult = (selectors, mult)
+    elif mult != 1.0:
+        raise ValueError(
+            "--dmc-decision-lr-mult is implemented by the CPU optimizer only (Megatron's GPU "
+            "optimizers update fp32 main copies this scaling would not reach); leave it at 1"
+        )
 
 
 def build_optimizer(model: torch.nn.Module, args: OptimizerArgs, bf16: bool, distributed: bool):

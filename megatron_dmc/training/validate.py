@@ -39,6 +39,11 @@ def _check_batch(cfg: TrainConfig, world_size: int) -> None:
 
 def _check_device(cfg: TrainConfig) -> None:
     if cuda_available():
+        if cfg.optim.dmc_decision_lr_mult != 1.0:
+            raise ValueError(
+                "--dmc-decision-lr-mult is implemented by the CPU optimizer only; on GPU "
+                "leave it at 1 (the release recipe) and train longer"
+            )
         return
     for flag, on in (
         ("--bf16", cfg.model.bf16),

@@ -1,0 +1,102 @@
+"""The CPU optimizer: live param groups, per-row update scaling, moment restarts."""
+
+import pytest
+import torch
+
+from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
+from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.model.qkv import decision_row_selectors
+from megatron_dmc.training import validate as validate_module
+from megatron_dmc.training.arguments import parse_args
+from megatron_dmc.training.config import OptimizerArgs
+from megatron_dmc.training.optim import CpuAdamW, restart_decision_moments, set_decision_lr_mult
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_world():
+    initialize_distributed(seed=3)
+    yield
+    destroy_distributed()
+
+
+def _model_and_optimizer(lr: float = 1e-2):
+    seed_everything(7)
+    model = build_model(ModelConfig.from_yaml("tiny_gqa"), "vanilla")
+    return model, CpuAdamW(model, OptimizerArgs(lr=lr, min_lr=0.0, clip_grad=0.0))
+
+
+def _step_with_seeded_grads(model, optimizer, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.main_grad = torch.randn(param.shape, generator=generator)
+    optimizer.step()
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def test_learning_rate_set_after_load_state_dict_reaches_the_update():
+    model, optimizer = _model_and_optimizer()
+    _step_with_seeded_grads(model, optimizer)
+    optimizer.load_state_dict(optimizer.state_dict())
+    for group in optimizer.param_groups:  # what the LR scheduler does every step
+        group["lr"] = 0.0
+    before = _snapshot(model)
+    _step_with_seeded_grads(model, optimizer, seed=1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_decision_lr_mult_scales_only_the_decision_rows():
+    deltas = []
+    for mult in (1.0, 7.0):
+        model, optimizer = _model_and_optimizer()
+        selectors = decision_row_selectors(model)
+        set_decision_lr_mult(optimizer, selectors, mult)
+        before = _snapshot(model)
+        _step_with_seeded_grads(model, optimizer)
+        deltas.append({n: p.detach() - before[n] for n, p in model.named_parameters()})
+        rows = {
+            name: view
+            for (param, view) in selectors
+            for name, p in model.named_parameters()
+            if p is param
+        }
+    for name, plain in deltas[0].items():
+        scaled = deltas[1][name]
+        if name not in rows:
+            assert torch.equal(scaled, plain), name
+            continue
+        view = rows[name]
+        torch.testing.assert_close(view(scaled), 7.0 * view(plain), rtol=1e-5, atol=1e-9)
+        untouched_scaled, untouched_plain = scaled.clone(), plain.clone()
+        view(untouched_scaled).zero_()
+        view(untouched_plain).zero_()
+        assert torch.equal(untouched_scaled, untouched_plain), name
+
+
+def test_restart_moments_zeroes_only_the_decision_rows():
+    model, optimizer = _model_and_optimizer()
+    _step_with_seeded_grads(model, optimizer)
+    selectors = decision_row_selectors(model)
+    restart_decision_moments(optimizer, selectors)
+    for param, view in selectors:
+        state = optimizer.optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.all(view(state[key]) == 0)
+            assert int((state[key] != 0).sum()) == state[key].numel() - view(state[key]).numel()
+
+
+def test_decision_lr_mult_is_refused_on_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(validate_module, "cuda_available", lambda: True)
+    args = [
+        "--model",
+        "tiny_gqa",
+        "--mock-data",
+        "--seq-length",
+        "32",
+        "--save",
+        str(tmp_path / "run"),
+    ]
+    with pytest.raises(ValueError, match="dmc-decision-lr-mult"):
+        validate_module.validate(parse_args([*args, "--dmc-decision-lr-mult", "10"]), world_size=1)
