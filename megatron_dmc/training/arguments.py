@@ -58,7 +58,8 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: objec
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_dmc.train",
-        description="DMC retrofit of a Llama on Megatron-Core: zero_out -> retrofit -> finetune.",
+        description="DMC retrofit of a Llama on Megatron-Core: zero_out -> retrofit -> finetune "
+        "(or --dmc-stage plain: continued training with vanilla attention).",
     )
     parser.add_argument("--config", help="YAML file with any of the flags below (CLI wins)")
     for title, cls in GROUPS.items():

@@ -12,6 +12,22 @@ from dataclasses import dataclass, field
 STAGES = ("zero_out", "retrofit", "finetune")
 """The three stages of a retrofit, in order."""
 
+PLAIN = "plain"
+"""Continued training with vanilla attention and no DMC state (e.g. GQA uptraining)."""
+
+DMC_ONLY_FIELDS = (
+    "dmc_target_cr",
+    "dmc_ramp_iters",
+    "dmc_retrofit_iters",
+    "dmc_zero_out_iters",
+    "dmc_zero_out_anneal_iters",
+    "dmc_finetune_iters",
+    "dmc_window_size",
+    "dmc_temperature",
+    "dmc_init_val",
+)
+"""DMCArgs fields that mean nothing to --dmc-stage plain."""
+
 STEPS_PER_CR_UNIT = 6000
 """Release recipe: about 6k steps of CR ramp per +1x of compression (global batch 1024)."""
 
@@ -205,8 +221,9 @@ class LoggingArgs:
 
 @dataclass
 class DMCArgs:
-    dmc_stage: str = field(default="all", metadata={"choices": (*STAGES, "all")})
-    """Stage(s) this launch runs: one of zero_out, retrofit, finetune, or all three in order."""
+    dmc_stage: str = field(default="all", metadata={"choices": (*STAGES, "all", PLAIN)})
+    """Stage(s) this launch runs: one of zero_out, retrofit, finetune, or all three in order;
+    or plain: continued training with vanilla attention (no DMC), see --plain-iters."""
 
     dmc_target_cr: float = 4.0
     """Target compression ratio CR* (> 1): reached at the end of the ramp, held in finetune."""
@@ -235,7 +252,20 @@ class DMCArgs:
     dmc_init_val: float = 5.0
     """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
 
+    plain_iters: int | None = None
+    """Length of --dmc-stage plain (required there, refused elsewhere)."""
+
+    plain_decay_iters: int = 0
+    """--dmc-stage plain: the learning rate is --lr, then decays to --min-lr over this many
+    last steps (--lr-decay-style); e.g. the finetune length of the DMC run it mirrors."""
+
     def __post_init__(self) -> None:
+        if self.dmc_stage == PLAIN:
+            self._check_plain()
+        elif self.plain_iters is not None or self.plain_decay_iters:
+            raise ValueError(
+                "--plain-iters and --plain-decay-iters apply to --dmc-stage plain only"
+            )
         if not self.dmc_target_cr > 1.0:
             raise ValueError(
                 f"--dmc-target-cr must be > 1 (a compression ratio, e.g. 4 for 4x); "
@@ -257,15 +287,41 @@ class DMCArgs:
                 "reach zero before its weight rows are zeroed)"
             )
 
+    def _check_plain(self) -> None:
+        defaults = DMCArgs.__dataclass_fields__
+        given = [f for f in DMC_ONLY_FIELDS if getattr(self, f) != defaults[f].default]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(
+                f"{flags} do(es) not apply to --dmc-stage plain (vanilla attention, no DMC); "
+                "drop them"
+            )
+        if self.plain_iters is None:
+            raise ValueError("--dmc-stage plain needs --plain-iters (its number of steps)")
+        _positive("plain_iters", self.plain_iters)
+        if not 0 <= self.plain_decay_iters <= self.plain_iters:
+            raise ValueError(
+                f"--plain-decay-iters must be in [0, --plain-iters={self.plain_iters}]; "
+                f"got {self.plain_decay_iters}"
+            )
+
     @property
     def stages(self) -> tuple[str, ...]:
         return STAGES if self.dmc_stage == "all" else (self.dmc_stage,)
+
+    @property
+    def schedule_iters(self) -> int:
+        """Steps of the whole schedule this launch belongs to: all three DMC stages (whichever
+        of them it runs), or the plain stage."""
+        names = (PLAIN,) if self.dmc_stage == PLAIN else STAGES
+        return sum(self.stage_iters(s) for s in names)
 
     def stage_iters(self, stage: str) -> int:
         lengths = {
             "zero_out": self.dmc_zero_out_iters,
             "retrofit": self.dmc_retrofit_iters,
             "finetune": self.dmc_finetune_iters,
+            PLAIN: self.plain_iters,
         }
         return int(lengths[stage])
 
@@ -325,12 +381,17 @@ class TrainConfig:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.checkpoint.finetune and not self.checkpoint.load:
             raise ValueError("--finetune needs --load (the checkpoint to take the weights from)")
+        if self.dmc.dmc_stage == PLAIN and self.optim.dmc_decision_lr_mult != 1.0:
+            raise ValueError(
+                "--dmc-decision-lr-mult does not apply to --dmc-stage plain (no decision rows)"
+            )
 
     @property
     def train_samples(self) -> int:
-        """Samples the training dataset must hold: every stage once (independent of where a
-        launch starts, so that a resumed run sees the same data order)."""
-        iters = sum(self.dmc.stage_iters(s) for s in STAGES)
+        """Samples the training dataset must hold: every stage of the schedule once (independent
+        of where a launch starts, so that a resumed run sees the same data order; a plain run
+        as long as a DMC schedule sees the same data as it)."""
+        iters = self.dmc.schedule_iters
         return self.global_batch_size * max(iters, self.batch.train_iters or 0)
 
     @property

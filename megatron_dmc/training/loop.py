@@ -1,4 +1,5 @@
-"""The retrofit run: set up, resume, then zero_out -> retrofit -> finetune in one launch."""
+"""The retrofit run: set up, resume, then zero_out -> retrofit -> finetune in one launch
+(or the plain stage alone)."""
 
 from __future__ import annotations
 
@@ -229,6 +230,8 @@ def _enter_stage(run: Run, stage: Stage) -> None:
         run.model, run.optimizer = model_api.rebuild(
             run.model, run.optimizer, run.model_config, run.cfg, stage.attention
         )
+    if stage.attention == "vanilla":
+        return
     mult = run.cfg.optim.dmc_decision_lr_mult if stage.attention == "dmc" else 1.0
     selectors = decision_row_selectors(run.model.module)
     set_decision_lr_mult(run.optimizer, selectors, mult)

@@ -208,23 +208,36 @@ def build_optimizer(model: torch.nn.Module, args: OptimizerArgs, bf16: bool, dis
     return get_megatron_optimizer(config, [model])
 
 
+def _lr_curve(stage: Stage, args: OptimizerArgs) -> dict[str, Any]:
+    """OptimizerParamScheduler arguments: --lr, then down to --min-lr over the stage's last
+    `decay_iters` steps (a decay shorter than the stage is Megatron's warmup-stable-decay)."""
+    decay = stage.decay_iters
+    if decay == 0:
+        return {"lr_decay_style": "constant", "min_lr": args.lr}
+    curve: dict[str, Any] = {"lr_decay_style": args.lr_decay_style, "min_lr": args.min_lr}
+    if decay < stage.iters and args.lr_decay_style != "constant":
+        curve.update(
+            lr_decay_style="WSD", wsd_decay_steps=decay, lr_wsd_decay_style=args.lr_decay_style
+        )
+    return curve
+
+
 def stage_lr_scheduler(
     optimizer: Optimizer, stage: Stage, args: OptimizerArgs, step: int
 ) -> OptimizerParamScheduler:
-    """Constant --lr in zero_out and retrofit; --lr -> --min-lr over finetune. Set to `step`."""
-    style = args.lr_decay_style if stage.decays_lr else "constant"
+    """Constant --lr in zero_out and retrofit; --lr -> --min-lr over finetune, and over the
+    last --plain-decay-iters steps of plain. Set to `step`."""
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=args.lr,
         max_lr=args.lr,
-        min_lr=args.min_lr if stage.decays_lr else args.lr,
         lr_warmup_steps=0,
         lr_decay_steps=max(stage.iters, 1),
-        lr_decay_style=style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
         wd_incr_steps=max(stage.iters, 1),
         wd_incr_style="constant",
+        **_lr_curve(stage, args),
     )
     scheduler.step(step)
     return scheduler

@@ -5,6 +5,9 @@ zero_out: plain attention, channel D-1 of q/k scaled by lambda(step), weight row
 retrofit: DMC attention, CR loss with the target ramping linearly 1 -> CR*.
 finetune: DMC attention, CR loss at CR*, learning rate decaying to --min-lr.
 
+Outside the retrofit, `plain` is continued training with vanilla attention and the LM loss
+only (--lr, decaying to --min-lr over its last --plain-decay-iters steps).
+
 A checkpoint records its stage and the steps done in it; a launch continues there (so the
 ramp continues where it was) or, when that stage is complete, at the next one.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_dmc.ops import CRSchedule, ZeroOutSchedule
-from megatron_dmc.training.config import STAGES, DMCArgs
+from megatron_dmc.training.config import PLAIN, STAGES, DMCArgs
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,11 @@ class Stage:
     @property
     def attention(self) -> str:
         """The attention variant the model is built with in this stage."""
-        return "zero_out" if self.name == "zero_out" else "dmc"
+        return {"zero_out": "zero_out", PLAIN: "vanilla"}.get(self.name, "dmc")
 
     def target_cr(self, step: int) -> float | None:
         """CR the loss asks for at this step (None: no CR loss)."""
-        if self.name == "zero_out":
+        if self.name in ("zero_out", PLAIN):
             return None
         if self.name == "finetune":
             return self.dmc.dmc_target_cr
@@ -48,8 +51,11 @@ class Stage:
         return ZeroOutSchedule(self.dmc.dmc_zero_out_anneal_iters)(step)
 
     @property
-    def decays_lr(self) -> bool:
-        return self.name == "finetune"
+    def decay_iters(self) -> int:
+        """The last steps of the stage over which the LR decays from --lr to --min-lr."""
+        if self.name == PLAIN:
+            return self.dmc.plain_decay_iters
+        return self.iters if self.name == "finetune" else 0
 
 
 def plan(dmc: DMCArgs) -> list[Stage]:
@@ -75,13 +81,19 @@ def start_position(stages: list[Stage], stage: str | None, step: int, done: bool
     names = [s.name for s in stages]
     if stage is None:
         return Position(0, 0)
-    if stage not in STAGES:
+    if stage not in (*STAGES, PLAIN):
         raise ValueError(f"checkpoint has unknown DMC stage {stage!r}")
     if stage in names:
         index = names.index(stage)
         if done or step >= stages[index].iters:
             return Position(index + 1, 0)
         return Position(index, step)
+    if PLAIN in (stage, names[0]):
+        raise ValueError(
+            f"the checkpoint is at stage {stage} but this launch runs {names[0]}: plain "
+            "training and the DMC stages do not continue each other; take its weights only "
+            "(--load DIR --finetune, another --save)"
+        )
     order = STAGES.index
     if order(stage) > order(names[0]):
         raise ValueError(

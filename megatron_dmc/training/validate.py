@@ -12,7 +12,7 @@ from megatron_dmc.compat import cuda_available
 from megatron_dmc.data.gpt_dataset import check_data_prefix
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.training.checkpoint import has_checkpoint
-from megatron_dmc.training.config import TrainConfig
+from megatron_dmc.training.config import PLAIN, TrainConfig
 
 
 def world_size_from_env() -> int:
@@ -55,7 +55,7 @@ def _check_device(cfg: TrainConfig) -> None:
 
 
 def _check_recompute(cfg: TrainConfig) -> None:
-    dmc_stages = [s for s in cfg.dmc.stages if s != "zero_out"]
+    dmc_stages = [s for s in cfg.dmc.stages if s in ("retrofit", "finetune")]
     if cfg.model.recompute_granularity == "full" and dmc_stages:
         raise ValueError(
             f"--recompute-granularity full is not supported in the DMC stage(s) "
@@ -95,7 +95,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
             f"--seq-length {cfg.batch.seq_length} exceeds the model's "
             f"max_position_embeddings {model.max_position_embeddings}"
         )
-    if model.kv_channels < 4:
+    if cfg.dmc.dmc_stage != PLAIN and model.kv_channels < 4:
         raise ValueError("DMC needs a head dim of at least 4 (one channel carries the decision)")
     _check_batch(cfg, world_size)
     _check_device(cfg)

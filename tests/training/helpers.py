@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TINY = [
+TINY_SHARED = [
     "--model", "tiny_gqa", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
-    "--global-batch-size", "8",
+    "--global-batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4",
+]  # fmt: skip
+"""Model, data, batch and optimizer of every tiny run (DMC or plain)."""
+
+TINY = [
+    *TINY_SHARED,
     "--dmc-zero-out-iters", "2", "--dmc-zero-out-anneal-iters", "1", "--dmc-ramp-iters", "2",
-    "--dmc-finetune-iters", "1", "--dmc-target-cr", "2", "--lr", "1e-3", "--min-lr", "1e-4",
+    "--dmc-finetune-iters", "1", "--dmc-target-cr", "2",
 ]  # fmt: skip
 """A whole three-stage run in 5 steps (4 micro-batches each) on the 4-layer GQA debug
 model; checkpoints at the ends of the stages: iterations 2, 4 and 5."""

@@ -48,6 +48,31 @@ def test_bad_flags_are_rejected(argv: list[str], message: str) -> None:
         parse_args(argv)
 
 
+PLAIN = [*BASE, "--dmc-stage", "plain", "--plain-iters", "10"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dmc-stage", "plain"], "needs --plain-iters"),
+        (["--plain-iters", "10"], "apply to --dmc-stage plain only"),
+        (["--dmc-stage", "all", "--plain-decay-iters", "2"], "plain only"),
+        ([*PLAIN[len(BASE) :], "--plain-decay-iters", "11"], r"in \[0, --plain-iters=10\]"),
+        ([*PLAIN[len(BASE) :], "--plain-iters", "0"], "must be > 0"),
+        ([*PLAIN[len(BASE) :], "--dmc-target-cr", "2"], "--dmc-target-cr do"),
+        ([*PLAIN[len(BASE) :], "--dmc-ramp-iters", "5", "--dmc-window-size", "4"], "window"),
+        ([*PLAIN[len(BASE) :], "--dmc-decision-lr-mult", "8"], "no decision rows"),
+    ],
+)
+def test_plain_stage_refuses_dmc_flags_and_bad_lengths(extra: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args([*BASE, *extra])
+
+
+def test_plain_stage_allows_full_recompute() -> None:
+    _validate([*PLAIN[len(BASE) :], "--recompute-granularity", "full"])
+
+
 def test_missing_data_path_names_the_tool(tmp_path) -> None:
     cfg = parse_args(
         BASE[:1] + BASE[1:2] + ["--seq-length", "32", "--data-path", str(tmp_path / "nope")]
@@ -82,3 +107,16 @@ def test_start_position_continues_or_advances() -> None:
     only_zero_out = plan(parse_args([*BASE, "--dmc-stage", "zero_out"]).dmc)
     with pytest.raises(ValueError, match="later than"):
         start_position(only_zero_out, "retrofit", 3, False)
+
+
+def test_plain_resumes_itself_and_refuses_dmc_checkpoints() -> None:
+    plain = plan(parse_args(PLAIN).dmc)
+    assert [(s.name, s.iters, s.attention) for s in plain] == [("plain", 10, "vanilla")]
+    assert plain[0].target_cr(3) is None and plain[0].zero_out_scale(0) is None
+    assert vars(start_position(plain, None, 0, False)) == {"stage_index": 0, "step": 0}
+    assert vars(start_position(plain, "plain", 4, False)) == {"stage_index": 0, "step": 4}
+    assert start_position(plain, "plain", 10, True).stage_index == 1
+    with pytest.raises(ValueError, match="--finetune"):
+        start_position(plain, "zero_out", 2, True)
+    with pytest.raises(ValueError, match="do not continue each other"):
+        start_position(plan(parse_args(BASE).dmc), "plain", 10, True)
