@@ -252,6 +252,10 @@ class DMCArgs:
     dmc_init_val: float = 5.0
     """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
 
+    dmc_cr_loss_weight: float = 1.0
+    """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
+    unweighted CR loss."""
+
     plain_iters: int | None = None
     """Length of --dmc-stage plain (required there, refused elsewhere)."""
 
@@ -281,6 +285,7 @@ class DMCArgs:
         _positive("dmc_finetune_iters", self.dmc_finetune_iters)
         _positive("dmc_window_size", self.dmc_window_size)
         _positive("dmc_temperature", self.dmc_temperature)
+        _positive("dmc_cr_loss_weight", self.dmc_cr_loss_weight)
         if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
             raise ValueError(
                 "--dmc-zero-out-anneal-iters must be <= --dmc-zero-out-iters (the channel must "

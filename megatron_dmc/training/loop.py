@@ -50,7 +50,11 @@ class Run:
 
     def settings(self, stage: Stage, step: int) -> LossSettings:
         count = self.model_config.num_layers * self.model_config.num_query_groups
-        return LossSettings(stage.target_cr(step), count * self.cfg.batch.seq_length)
+        return LossSettings(
+            stage.target_cr(step),
+            count * self.cfg.batch.seq_length,
+            self.cfg.dmc.dmc_cr_loss_weight,
+        )
 
     def batches(self, data, stage: Stage, forward_only: bool):
         cfg = self.cfg

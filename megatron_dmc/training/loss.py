@@ -30,6 +30,9 @@ class LossSettings:
     decisions_per_sequence: int
     """layers x KV heads x sequence length, over the whole model."""
 
+    cr_loss_weight: float = 1.0
+    """Weight of the CR loss in the total loss (1 in the release)."""
+
 
 def global_alpha_sum(alpha_sum_B: torch.Tensor, summed_over_tp: bool) -> torch.Tensor:
     """Decision sums over all KV heads: all-reduce the TP-local sums (identity backward,
@@ -57,7 +60,7 @@ def micro_batch_loss(
         if settings.target_cr is not None:
             count = settings.decisions_per_sequence
             cr_loss = compression_loss(alpha_sum_B, count, settings.target_cr)
-            loss = loss + cr_loss
+            loss = loss + settings.cr_loss_weight * cr_loss
     sequences = loss.new_tensor(float(loss_BS.shape[0]))
     stats = torch.stack(
         [lm_sum.detach(), tokens, cr_loss.detach() * sequences, sequences, alpha_total]
