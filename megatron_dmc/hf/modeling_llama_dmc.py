@@ -7,7 +7,9 @@ copy of `megatron_dmc.ops`; the test suite checks that both give the same output
 Legend: B batch, H query heads, G KV heads, R = H/G query heads per KV head, T time, D head dim,
 E = 2*D + 1 (a window contribution w*k, w*v, w), A = D + 2 and F = D + 1 (augmented keys and
 values of the one-call attention), N = B*G cache rows (one per sequence and KV head), P pages,
-S slots per page, M pages per row, L gathered slots per row, K tail tokens, W window.
+S slots per page, M pages per row, L gathered slots per row, K tail tokens, W window,
+C = L + T keys a call's tokens may see, X = R*T stacked queries of a KV head, U = W + T
+(the open slot's window history, then the call's tokens).
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ def _shift_time(x_BGT_: torch.Tensor, offset: int, time_dim: int) -> torch.Tenso
     return F.pad(x_BGT_, pad).narrow(time_dim, 0, length)
 
 
+def windowed_sums(
+    contribution_BGTE: torch.Tensor, alpha_BGT: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Per token, the sum of its own contribution and those of the merge run before it,
+    truncated to the last `window` tokens (the run's tokens t' < t with alpha = 1 after them)."""
+    total_BGTE = contribution_BGTE
+    decay_BGT = torch.ones_like(alpha_BGT)
+    for offset in range(1, min(window, alpha_BGT.shape[-1])):
+        decay_BGT = decay_BGT * _shift_time(alpha_BGT, offset - 1, time_dim=-1)
+        total_BGTE = total_BGTE + decay_BGT[..., None] * _shift_time(
+            contribution_BGTE, offset, time_dim=-2
+        )
+    return total_BGTE
+
+
 def windowed_accumulation(
     k_BGTD: torch.Tensor,
     v_BGTD: torch.Tensor,
@@ -108,18 +125,10 @@ def windowed_accumulation(
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial accumulations ktilde, vtilde: the merge recurrence truncated to `window` tokens."""
-    kv_BGT2D = torch.cat([k_BGTD, v_BGTD], dim=-1)
-    numerator_BGT2D = omega_BGT[..., None] * kv_BGT2D
-    denominator_BGT = omega_BGT
-    decay_BGT = torch.ones_like(alpha_BGT)
-    for offset in range(1, min(window, k_BGTD.shape[2])):
-        decay_BGT = decay_BGT * _shift_time(alpha_BGT, offset - 1, time_dim=2)
-        weight_BGT = decay_BGT * _shift_time(omega_BGT, offset, time_dim=2)
-        numerator_BGT2D = numerator_BGT2D + weight_BGT[..., None] * _shift_time(
-            kv_BGT2D, offset, time_dim=2
-        )
-        denominator_BGT = denominator_BGT + weight_BGT
-    kvtilde_BGT2D = numerator_BGT2D / denominator_BGT[..., None]
+    omega_BGT1 = omega_BGT[..., None]
+    contribution_BGTE = torch.cat([omega_BGT1 * k_BGTD, omega_BGT1 * v_BGTD, omega_BGT1], -1)
+    total_BGTE = windowed_sums(contribution_BGTE, alpha_BGT, window)
+    kvtilde_BGT2D = total_BGTE[..., :-1] / total_BGTE[..., -1:]
     return kvtilde_BGT2D[..., : k_BGTD.shape[-1]], kvtilde_BGT2D[..., k_BGTD.shape[-1] :]
 
 
@@ -229,56 +238,61 @@ class PagedSlots:
     """The kept K/V slots of one layer: N rows (sequence, KV head) of different lengths.
 
     Slots live in pages of `page_size` from one pool per layer; row n owns
-    ceil(length_n / page_size) pages, listed in its block-table row. Prefill sizes the pool
-    exactly; in decode, when a row needs a page and the pool is full, the pool is reallocated
-    to PAGE_GROWTH times its capacity. Rows never shrink (a merge overwrites the last slot).
+    ceil(length_n / page_size) pages, listed in its block-table row. The first write (prefill)
+    sizes the pool exactly; later, when rows need pages and the pool is full, it is
+    reallocated to at least PAGE_GROWTH times its capacity. Rows never shrink (a merge
+    overwrites the last slot).
     """
 
-    def __init__(
+    def __init__(self, rows: int, like_D: torch.Tensor, value_dim: int, page_size: int) -> None:
+        self.page_size = page_size
+        self.lengths_N = torch.zeros(rows, dtype=torch.long, device=like_D.device)
+        self.used_pages = 0
+        self.keys_PSD = like_D.new_zeros(0, page_size, like_D.shape[-1])
+        self.values_PSD = like_D.new_zeros(0, page_size, value_dim)
+        self.pages_NM = torch.full((rows, 0), -1, dtype=torch.long, device=like_D.device)
+
+    def extend(
         self,
+        kept_NT: torch.Tensor,
         keys_NTD: torch.Tensor,
         values_NTD: torch.Tensor,
-        kept_NT: torch.Tensor,
-        page_size: int,
+        continues_last_N: torch.Tensor,
     ) -> None:
-        self.page_size = page_size
-        self.lengths_N = kept_NT.sum(1)
-        pages_N = _ceil_div(self.lengths_N, page_size)
-        self.used_pages = int(pages_N.sum())
-        self.keys_PSD = keys_NTD.new_zeros(self.used_pages, page_size, keys_NTD.shape[-1])
-        self.values_PSD = values_NTD.new_zeros(self.used_pages, page_size, values_NTD.shape[-1])
-        page_M = torch.arange(int(pages_N.max()), device=kept_NT.device)
-        first_page_N1 = (pages_N.cumsum(0) - pages_N)[:, None]
-        self.pages_NM = torch.where(page_M < pages_N[:, None], first_page_N1 + page_M, -1)
+        """Write the kept tokens' slots in order; a row whose first new token merges into its
+        open slot (continues_last) overwrites its last slot, the other rows append."""
+        base_N = self.lengths_N - continues_last_N.long()
+        slots_NT = base_N[:, None] + kept_NT.long().cumsum(1) - 1
+        new_lengths_N = base_N + kept_NT.sum(1)
+        self._reserve(new_lengths_N)
+        self.lengths_N = new_lengths_N
         rows_n, times_n = kept_NT.nonzero(as_tuple=True)
-        slots_n = (kept_NT.cumsum(1) - 1)[rows_n, times_n]
-        self._write(rows_n, slots_n, keys_NTD[rows_n, times_n], values_NTD[rows_n, times_n])
-
-    def _write(self, rows_n, slots_n, keys_nD: torch.Tensor, values_nD: torch.Tensor) -> None:
-        pages_n = self.pages_NM[rows_n, slots_n // self.page_size]
-        self.keys_PSD[pages_n, slots_n % self.page_size] = keys_nD
-        self.values_PSD[pages_n, slots_n % self.page_size] = values_nD
+        pages_n = self.pages_NM[rows_n, slots_NT[rows_n, times_n] // self.page_size]
+        offsets_n = slots_NT[rows_n, times_n] % self.page_size
+        self.keys_PSD[pages_n, offsets_n] = keys_NTD[rows_n, times_n]
+        self.values_PSD[pages_n, offsets_n] = values_NTD[rows_n, times_n]
 
     def step(self, append_N: torch.Tensor, keys_ND: torch.Tensor, values_ND: torch.Tensor) -> None:
-        """Append rows open a new slot; the other rows overwrite their last slot."""
-        slots_N = self.lengths_N - 1 + append_N.long()
-        self._reserve(slots_N)
-        self.lengths_N = slots_N + 1
-        self._write(torch.arange(len(slots_N), device=slots_N.device), slots_N, keys_ND, values_ND)
+        """One token per row: append rows open a new slot, the others overwrite their last."""
+        kept_N1 = torch.ones_like(append_N)[:, None]
+        self.extend(kept_N1, keys_ND[:, None], values_ND[:, None], ~append_N)
 
-    def _reserve(self, slots_N: torch.Tensor) -> None:
-        page_index_N = slots_N // self.page_size
-        needs_N = page_index_N >= _ceil_div(self.lengths_N, self.page_size)
-        count = int(needs_N.sum())
+    def _reserve(self, new_lengths_N: torch.Tensor) -> None:
+        old_pages_N = _ceil_div(self.lengths_N, self.page_size)
+        count_N = _ceil_div(new_lengths_N, self.page_size) - old_pages_N
+        count = int(count_N.sum())
         if count == 0:
             return
-        missing_columns = int(page_index_N.max()) + 1 - self.pages_NM.shape[1]
+        missing_columns = int((old_pages_N + count_N).max()) - self.pages_NM.shape[1]
         if missing_columns > 0:
             self.pages_NM = F.pad(self.pages_NM, (0, missing_columns), value=-1)
         self._grow_pool(self.used_pages + count)
-        rows_n = needs_N.nonzero().squeeze(1)
-        new_pages_n = self.used_pages + torch.arange(count, device=slots_N.device)
-        self.pages_NM[rows_n, page_index_N[rows_n]] = new_pages_n
+        rows_n = torch.repeat_interleave(torch.arange(len(count_N), device=count_N.device), count_N)
+        new_n = torch.arange(count, device=count_N.device)
+        first_new_N = count_N.cumsum(0) - count_N
+        self.pages_NM[rows_n, old_pages_N[rows_n] + new_n - first_new_N[rows_n]] = (
+            self.used_pages + new_n
+        )
         self.used_pages += count
 
     def _grow_pool(self, needed: int) -> None:
@@ -312,19 +326,18 @@ class OpenSlotWindow:
     sums divided by its weight: the release's running sums, recomputed so that no subtraction
     error accumulates over long runs."""
 
-    def __init__(
-        self, alpha_NT: torch.Tensor, first_N: torch.Tensor, tail_NKE: torch.Tensor, window: int
-    ) -> None:
-        length, tail = alpha_NT.shape[1], tail_NKE.shape[1]
-        time_T = torch.arange(length, device=alpha_NT.device)
-        appends_NT = (alpha_NT == 0) & (time_T >= first_N[:, None])
-        run_start_N = torch.where(appends_NT, time_T, -1).amax(1)
+    def __init__(self, run_N: torch.Tensor, tail_NKE: torch.Tensor, window: int) -> None:
+        """run_N: tokens in each row's open run; tail_NKE: the last K contributions, in order."""
         self.window = window
-        self.run_N = length - run_start_N
+        self._refill(run_N, tail_NKE)
+
+    def _refill(self, run_N: torch.Tensor, tail_NKE: torch.Tensor) -> None:
+        window, tail = self.window, tail_NKE.shape[1]
+        self.run_N = run_N
         self.ring_NWE = tail_NKE.new_zeros(tail_NKE.shape[0], window, tail_NKE.shape[-1])
-        offset_O = torch.arange(min(window, tail), device=alpha_NT.device)
-        rows_n, offsets_n = (offset_O < self.run_N[:, None]).nonzero(as_tuple=True)
-        run_index_n = length - 1 - offsets_n - run_start_N[rows_n]
+        offset_O = torch.arange(min(window, tail), device=run_N.device)
+        rows_n, offsets_n = (offset_O < run_N[:, None]).nonzero(as_tuple=True)
+        run_index_n = run_N[rows_n] - 1 - offsets_n
         self.ring_NWE[rows_n, run_index_n % window] = tail_NKE[rows_n, tail - 1 - offsets_n]
 
     def step(self, append_N: torch.Tensor, contribution_NE: torch.Tensor) -> torch.Tensor:
@@ -336,23 +349,66 @@ class OpenSlotWindow:
         total_NE = self.ring_NWE.sum(1)
         return total_NE[:, :-1] / total_NE[:, -1:]
 
+    def history(self) -> torch.Tensor:
+        """The open run's last `window` contributions in time order, zeros before it, [N, W, E]."""
+        offset_W = torch.arange(self.window - 1, -1, -1, device=self.run_N.device)
+        index_NW = (self.run_N[:, None] - 1 - offset_W) % self.window
+        held_NW1 = (offset_W < self.run_N[:, None])[..., None]
+        gathered_NWE = self.ring_NWE.gather(1, index_NW[..., None].expand_as(self.ring_NWE))
+        return gathered_NWE * held_NW1
+
+    def extend(self, alpha_NT: torch.Tensor, contribution_NTE: torch.Tensor) -> torch.Tensor:
+        """Add T tokens at once (the parallel form continued from the open run); returns each
+        token's merged (k, v), [N, T, E - 1], pre-RoPE."""
+        n, length = alpha_NT.shape
+        held_NWE = self.history()
+        sequence_NUE = torch.cat([held_NWE, contribution_NTE], dim=1)
+        alpha_NU = torch.cat([alpha_NT.new_ones(n, self.window), alpha_NT], dim=1)
+        total_NTE = windowed_sums(sequence_NUE, alpha_NU, self.window)[:, self.window :]
+        time_T = torch.arange(length, device=alpha_NT.device)
+        last_append_N = torch.where(alpha_NT == 0, time_T, -1).amax(1)
+        run_N = torch.where(last_append_N >= 0, length - last_append_N, self.run_N + length)
+        self._refill(run_N, sequence_NUE[:, -self.window :])
+        return total_NTE[..., :-1] / total_NTE[..., -1:]
+
     def allocated_bytes(self) -> int:
         return _storage_bytes(self.ring_NWE, self.run_N)
 
 
 def attend_slots(
-    q_rot_BHD: torch.Tensor,
-    keys_BGLD: torch.Tensor,
-    values_BGLD: torch.Tensor,
-    valid_BGL: torch.Tensor,
+    q_rot_BHTD: torch.Tensor,
+    keys_BGCD: torch.Tensor,
+    values_BGCD: torch.Tensor,
+    visible_BGTC: torch.Tensor,
 ) -> torch.Tensor:
-    """One query per head over its KV head's slots (already rotated). Returns [B, H, D]."""
-    b, h, d = q_rot_BHD.shape
-    q_BGRD = q_rot_BHD.view(b, keys_BGLD.shape[1], -1, d)
-    scores_BGRL = torch.einsum("bgrd,bgld->bgrl", q_BGRD, keys_BGLD) * d**-0.5
-    scores_BGRL = scores_BGRL.masked_fill(~valid_BGL[:, :, None, :], float("-inf"))
-    probs_BGRL = torch.softmax(scores_BGRL.float(), dim=-1).to(values_BGLD.dtype)
-    return torch.einsum("bgrl,bgld->bgrd", probs_BGRL, values_BGLD).reshape(b, h, -1)
+    """Each query over the slots of its KV head (already rotated) it may see. [B, H, T, D].
+
+    The R query heads of a KV head are stacked along time (X = R*T) so that one SDPA call
+    serves the whole group without repeating its keys."""
+    b, h, t, d = q_rot_BHTD.shape
+    g, keys = keys_BGCD.shape[1], keys_BGCD.shape[2]
+    q_BGXD = q_rot_BHTD.reshape(b, g, -1, d)
+    visible_BGXC = visible_BGTC[:, :, None].expand(b, g, h // g, t, keys).reshape(b, g, -1, keys)
+    out_BGXD = F.scaled_dot_product_attention(q_BGXD, keys_BGCD, values_BGCD, visible_BGXC)
+    return out_BGXD.view(b, h, t, -1)
+
+
+def chunk_visibility(
+    valid_NL: torch.Tensor, lengths_N: torch.Tensor, alpha_NT: torch.Tensor
+) -> torch.Tensor:
+    """Which keys each new token sees, [N, T, C]: the cached slots (the last one unless the
+    first new token merges into it), then the new tokens' partial slots under the DMC mask
+    (its own, and every earlier one that the next token does not merge into)."""
+    length = alpha_NT.shape[1]
+    last_NL = torch.arange(valid_NL.shape[1], device=valid_NL.device) == lengths_N[:, None] - 1
+    cached_NL = valid_NL & ~(last_NL & alpha_NT[:, :1].bool())
+    next_append_NT = F.pad(alpha_NT[:, 1:] == 0, (0, 1), value=True)
+    time_T = torch.arange(length, device=alpha_NT.device)
+    earlier_TT = time_T[None, :] < time_T[:, None]
+    new_NTT = (earlier_TT & next_append_NT[:, None, :]) | torch.eye(
+        length, dtype=torch.bool, device=alpha_NT.device
+    )
+    return torch.cat([cached_NL[:, None].expand(-1, length, -1), new_NTT], dim=2)
 
 
 class DMCCacheLayer(CacheLayerMixin):
@@ -375,44 +431,83 @@ class DMCCacheLayer(CacheLayerMixin):
         b, g, length, d = parallel.k_rot_BGTD.shape
         alpha_NT = parallel.alpha_BGT.reshape(b * g, length)
         first_N = first_B.repeat_interleave(g)
-        real_NT = torch.arange(length, device=first_N.device) >= first_N[:, None]
-        kept_NT = (F.pad(alpha_NT[:, 1:], (0, 1)) == 0) & real_NT
+        time_T = torch.arange(length, device=first_N.device)
+        kept_NT = (F.pad(alpha_NT[:, 1:], (0, 1)) == 0) & (time_T >= first_N[:, None])
         self.slots = PagedSlots(
+            b * g, parallel.k_rot_BGTD, parallel.vtilde_BGTD.shape[-1], self.page_size
+        )
+        self.slots.extend(
+            kept_NT,
             parallel.k_rot_BGTD.reshape(b * g, length, d),
             parallel.vtilde_BGTD.reshape(b * g, length, -1),
-            kept_NT,
-            self.page_size,
+            torch.zeros_like(first_N, dtype=torch.bool),
         )
         tail = min(self.config.dmc_window_size, length)
         omega_NK1 = parallel.omega_BGT[..., -tail:].reshape(b * g, tail, 1)
         k_NKD = parallel.k_BGTD[:, :, -tail:].reshape(b * g, tail, d)
         v_NKD = parallel.v_BGTD[:, :, -tail:].reshape(b * g, tail, -1)
         tail_NKE = torch.cat([omega_NK1 * k_NKD, omega_NK1 * v_NKD, omega_NK1], dim=-1)
-        self.open_slot = OpenSlotWindow(alpha_NT, first_N, tail_NKE, self.config.dmc_window_size)
+        appends_NT = (alpha_NT == 0) & (time_T >= first_N[:, None])
+        run_N = length - torch.where(appends_NT, time_T, -1).amax(1)
+        self.open_slot = OpenSlotWindow(run_N, tail_NKE, self.config.dmc_window_size)
         self.first_B, self.tokens_seen, self.is_initialized = first_B, length, True
+
+    def _contributions(self, q_BHTD, k_BGTD, v_BGTD) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard decisions alpha [N, T] and window contributions (w*k, w*v, w) [N, T, E]."""
+        (b, g, length, d), init_value = k_BGTD.shape, self.config.dmc_init_val
+        alpha_NT = (k_BGTD[..., -1] - init_value > 0).to(k_BGTD.dtype).reshape(b * g, length)
+        omega_NT1 = importance_weights(q_BHTD, g, init_value).reshape(b * g, length, 1)
+        k_NTD = zero_decision_channel(k_BGTD).reshape(b * g, length, d)
+        v_NTD = v_BGTD.reshape(b * g, length, -1)
+        return alpha_NT, torch.cat([omega_NT1 * k_NTD, omega_NT1 * v_NTD, omega_NT1], -1)
 
     def decode(self, q_BHD, k_BGD, v_BGD, cos_BD, sin_BD) -> torch.Tensor:
         """Algorithm 1 for one token of every row, then attention over the slots. [B, H, D]."""
-        (b, g, d), init_value = k_BGD.shape, self.config.dmc_init_val
-        append_N = ~(k_BGD[..., -1] - init_value > 0).reshape(b * g)
-        omega_N1 = importance_weights(q_BHD[:, :, None], g, init_value).reshape(b * g, 1)
-        k_ND, v_ND = zero_decision_channel(k_BGD).reshape(b * g, d), v_BGD.reshape(b * g, -1)
-        merged_NE = self.open_slot.step(
-            append_N, torch.cat([omega_N1 * k_ND, omega_N1 * v_ND, omega_N1], -1)
+        (b, g, d), n = k_BGD.shape, k_BGD.shape[0] * k_BGD.shape[1]
+        alpha_N1, contribution_N1E = self._contributions(
+            q_BHD[:, :, None], k_BGD[:, :, None], v_BGD[:, :, None]
         )
+        append_N = alpha_N1[:, 0] == 0
+        merged_NE = self.open_slot.step(append_N, contribution_N1E[:, 0])
         k_rot_BGD = rope_without_decision_channel(
             merged_NE[:, :d].view(b, g, d), cos_BD[:, None], sin_BD[:, None]
         )
-        self.slots.step(append_N, k_rot_BGD.reshape(b * g, d), merged_NE[:, d:])
+        self.slots.step(append_N, k_rot_BGD.reshape(n, d), merged_NE[:, d:])
         self.tokens_seen += 1
         keys_NLD, values_NLD, valid_NL = self.slots.gather()
         q_rot_BHD = rope_without_decision_channel(q_BHD, cos_BD[:, None], sin_BD[:, None])
         length = valid_NL.shape[1]
         return attend_slots(
-            q_rot_BHD,
+            q_rot_BHD[:, :, None],
             keys_NLD.view(b, g, length, d),
             values_NLD.view(b, g, length, -1),
-            valid_NL.view(b, g, length),
+            valid_NL.view(b, g, 1, length),
+        )[:, :, 0]
+
+    def extend(self, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD) -> torch.Tensor:
+        """Several tokens of every row in one pass: the parallel form continued from the cache
+        (hard decisions, so Algorithm 1 token by token gives the same slots). [B, H, T, D]."""
+        (b, g, length, d), n = k_BGTD.shape, k_BGTD.shape[0] * k_BGTD.shape[1]
+        alpha_NT, contribution_NTE = self._contributions(q_BHTD, k_BGTD, v_BGTD)
+        merged_NTE = self.open_slot.extend(alpha_NT, contribution_NTE)
+        k_rot_NTD = rope_without_decision_channel(
+            merged_NTE[..., :d].view(b, g, length, d), cos_BTD[:, None], sin_BTD[:, None]
+        ).reshape(n, length, d)
+        vtilde_NTD = merged_NTE[..., d:]
+        keys_NLD, values_NLD, valid_NL = self.slots.gather()
+        visible_NTC = chunk_visibility(valid_NL, self.slots.lengths_N, alpha_NT)
+        keys_NCD = torch.cat([keys_NLD, k_rot_NTD], dim=1)
+        values_NCD = torch.cat([values_NLD, vtilde_NTD], dim=1)
+        next_append_NT = F.pad(alpha_NT[:, 1:] == 0, (0, 1), value=True)
+        self.slots.extend(next_append_NT, k_rot_NTD, vtilde_NTD, alpha_NT[:, 0] == 1)
+        self.tokens_seen += length
+        q_rot_BHTD = rope_without_decision_channel(q_BHTD, cos_BTD[:, None], sin_BTD[:, None])
+        keys = keys_NCD.shape[1]
+        return attend_slots(
+            q_rot_BHTD,
+            keys_NCD.view(b, g, keys, d),
+            values_NCD.view(b, g, keys, -1),
+            visible_NTC.view(b, g, length, keys),
         )
 
     def slot_counts(self) -> torch.Tensor:
@@ -563,13 +658,12 @@ class DMCLlamaAttention(LlamaAttention):
             )
             layer.prefill(parallel, first_B)
             return parallel.out_BHTD
-        outs = [
-            layer.decode(
-                q_BHTD[:, :, t], k_BGTD[:, :, t], v_BGTD[:, :, t], cos_BTD[:, t], sin_BTD[:, t]
-            )
-            for t in range(q_BHTD.shape[2])
-        ]
-        return torch.stack(outs, dim=2)
+        if q_BHTD.shape[2] > 1:
+            return layer.extend(q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD)
+        out_BHD = layer.decode(
+            q_BHTD[:, :, 0], k_BGTD[:, :, 0], v_BGTD[:, :, 0], cos_BTD[:, 0], sin_BTD[:, 0]
+        )
+        return out_BHD[:, :, None]
 
 
 def first_real_tokens(

@@ -47,13 +47,14 @@ def test_prefill_allocates_exactly_the_kept_slots(page_size):
     assert cache.compression_ratio() > 1.5
 
 
-def test_decode_grows_pages_on_demand_only():
+@pytest.mark.parametrize("call_length", [1, 3, 28])
+def test_decode_and_chunks_grow_pages_on_demand_only(call_length):
     model = fire_decisions(dmc_model())
     cache = DMCCache(model.config, page_size=4)
     with torch.no_grad():
         model(IDS[:, :20], cache=cache, use_cache=True)
-        for t in range(20, IDS.shape[1]):
-            model(IDS[:, t : t + 1], cache=cache, use_cache=True)
+        for t in range(20, IDS.shape[1], call_length):
+            model(IDS[:, t : t + call_length], cache=cache, use_cache=True)
     predicted = 0
     for layer in cache.layers:
         slots, lengths_N = layer.slots, layer.slots.lengths_N
