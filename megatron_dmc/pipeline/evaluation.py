@@ -1,7 +1,8 @@
 """The evaluation step: every method on the same held-out tokens and tasks, one row each.
 
 Rows: the original model (vanilla), each DMC export at its target, H2O and TOVA at each
-target on the original model, and optionally the mean-pooled GQA model. Each row is
+target on the original model, and optionally the mean-pooled GQA model, as pooled and
+after uptraining. Each row is
 saved as soon as it is measured (`eval/<row>.json`), so an interrupted step resumes at
 the next row; `eval/results.md` and `results.json` hold the table.
 """
@@ -39,6 +40,7 @@ def eval_jobs(
     settings: EvalPreset,
     gqa_dir: Path | None = None,
     gqa_cr: float | None = None,
+    gqa_uptrained_dir: Path | None = None,
 ) -> list[EvalJob]:
     """The rows of the table, vanilla first."""
     jobs = [EvalJob("vanilla", source_dir, "vanilla", 1.0)]
@@ -46,8 +48,11 @@ def eval_jobs(
         jobs.append(EvalJob(f"dmc_{cr_tag(cr)}", str(export), "dmc", cr))
         jobs += [EvalJob(f"{b}_{cr_tag(cr)}", source_dir, b, cr) for b in settings.baselines]
     if gqa_dir is not None and gqa_cr is not None:
-        label = "gqa-pooled"  # mean-pooled KV heads, no uptraining (see docs/demo.md)
-        jobs.append(EvalJob(f"gqa_{cr_tag(gqa_cr)}", str(gqa_dir), "gqa", gqa_cr, label))
+        tag = cr_tag(gqa_cr)
+        jobs.append(EvalJob(f"gqa_{tag}", str(gqa_dir), "gqa", gqa_cr, "gqa-pooled"))
+        if gqa_uptrained_dir is not None:
+            key, label = f"gqa_uptrained_{tag}", "gqa-uptrained"
+            jobs.append(EvalJob(key, str(gqa_uptrained_dir), "gqa", gqa_cr, label))
     return jobs
 
 

@@ -1,13 +1,15 @@
 """The main job as a chain of steps:
 
 assets -> import HF into Megatron -> zero_out -> retrofit + finetune per target CR ->
-DMC HF export -> (GQA pooling) -> decode benchmark -> evaluation -> report.
+DMC HF export -> (GQA pooling -> import -> plain uptraining -> HF export) -> decode
+benchmark -> evaluation -> report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from megatron_dmc.pipeline import retrofit
@@ -51,12 +53,25 @@ class Job:
             steps.append(
                 Step("gqa", "GQA baseline: mean-pooled KV heads", self._gqa, [lay.gqa_dir])
             )
+        if self.preset.eval.gqa_uptrain:
+            steps += self._gqa_uptrain_steps()
         steps += [
             Step("decode", "Decode throughput and KV bytes vs vanilla", self._decode, [lay.decode_file]),
             Step("eval", "Evaluation: perplexity, tasks, baselines", self._eval, [lay.eval_dir], True),
             Step("report", "Report", self._report, [lay.report, lay.summary, lay.plots_dir]),
         ]  # fmt: skip
         return steps
+
+    def _gqa_uptrain_steps(self) -> list[Step]:
+        lay = self.layout
+        return [
+            Step("gqa_import", "Import the pooled GQA model -> Megatron", self._gqa_import,
+                 [lay.gqa_model_yaml, lay.gqa_megatron_dir]),
+            Step("gqa_uptrain", "GQA uptraining: plain attention, the DMC run's steps, data "
+                 "and LR schedule", self._gqa_uptrain, [lay.gqa_train_dir], True),
+            Step("gqa_export", "Export the uptrained GQA model to HF", self._gqa_export,
+                 [lay.gqa_export_dir]),
+        ]  # fmt: skip
 
     def run(self, force: bool = False, redo: tuple[str, ...] = (), command: str = "") -> Path:
         self.command = command
@@ -101,9 +116,8 @@ class Job:
         args = retrofit.retrofit_args(
             self.preset, self.assets, lay.model_yaml, lay.zero_out_dir, lay.train_dir(cr), cr
         )
-        last = t.zero_out_iters + t.ramp_iters(cr) + t.hold_iters + t.finetune_iters
         tp = self.preset.tensor_parallel
-        retrofit.run_training(tp, args, lay.train_dir(cr), t.zero_out_iters, last)
+        retrofit.run_training(tp, args, lay.train_dir(cr), t.zero_out_iters, t.total_iters(cr))
 
     def _export(self, cr: float) -> None:
         from megatron_dmc.convert import export_hf
@@ -117,6 +131,37 @@ class Job:
 
         heads = int(self.preset.eval.gqa_kv_heads or 0)
         convert_to_gqa(self.assets.hf_dir, self.layout.gqa_dir, heads)
+
+    def _gqa_import(self) -> None:
+        from megatron_dmc.convert import import_hf
+
+        lay = self.layout
+        lay.gqa_model_yaml.parent.mkdir(parents=True, exist_ok=True)
+        write_model_yaml(lay.gqa_dir, lay.gqa_model_yaml)
+        import_hf(lay.gqa_dir, lay.gqa_megatron_dir, self._gqa_tensor_parallel())
+
+    def _gqa_uptrain(self) -> None:
+        lay, t = self.layout, self.preset.train
+        budget = self.preset.gqa_budget_cr(self._gqa_cr())
+        tp = self._gqa_tensor_parallel()
+        args = retrofit.uptrain_args(
+            self.preset, self.assets, lay.gqa_model_yaml, lay.gqa_megatron_dir,
+            lay.gqa_train_dir, budget, tp,
+        )  # fmt: skip
+        print(f"   {t.total_iters(budget)} steps: the {cr_tag(budget)} DMC run's budget, TP={tp}")
+        retrofit.run_training(tp, args, lay.gqa_train_dir, 0, t.total_iters(budget))
+
+    def _gqa_export(self) -> None:
+        from megatron_dmc.convert import export_hf
+
+        out = self.layout.gqa_export_dir
+        export_hf(self.layout.gqa_train_dir, out, dmc=False, assets_from=self.layout.gqa_dir)
+        copy_generation_ids(self.layout.gqa_dir / "config.json", out / "config.json")
+
+    def _gqa_tensor_parallel(self) -> int:
+        """The preset's TP where the pooled KV heads split over it, else the largest TP that
+        divides both (the global batch, hence tokens per step, is the same)."""
+        return math.gcd(self.preset.tensor_parallel, int(self.preset.eval.gqa_kv_heads or 1))
 
     def _exports(self) -> dict[float, Path]:
         return {cr: self.layout.export_dir(cr) for cr in self.preset.target_crs}
@@ -135,7 +180,8 @@ class Job:
         settings = self.preset.eval
         gqa_cr = self._gqa_cr()
         gqa_dir = self.layout.gqa_dir if gqa_cr else None
-        jobs = eval_jobs(self.assets.hf_dir, self._exports(), settings, gqa_dir, gqa_cr)
+        uptrained = self.layout.gqa_export_dir if settings.gqa_uptrain else None
+        jobs = eval_jobs(self.assets.hf_dir, self._exports(), settings, gqa_dir, gqa_cr, uptrained)
         tokens = held_out_tokens(self.assets.held_out_prefix)
         run_evaluation(jobs, tokens, settings, self.layout.eval_dir)
 

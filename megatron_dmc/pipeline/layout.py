@@ -54,7 +54,26 @@ class RunLayout:
 
     @property
     def gqa_dir(self) -> Path:
+        """The mean-pooled GQA model (HF)."""
         return self.root / "gqa_hf"
+
+    @property
+    def gqa_model_yaml(self) -> Path:
+        """The Megatron model shape of the pooled model."""
+        return self.root / "gqa" / "model.yaml"
+
+    @property
+    def gqa_megatron_dir(self) -> Path:
+        return self.root / "gqa" / "megatron"
+
+    @property
+    def gqa_train_dir(self) -> Path:
+        return self.root / "train" / "gqa"
+
+    @property
+    def gqa_export_dir(self) -> Path:
+        """The uptrained GQA model (HF)."""
+        return self.root / "export" / "gqa"
 
     @property
     def eval_dir(self) -> Path:

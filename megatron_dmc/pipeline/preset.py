@@ -51,6 +51,12 @@ class TrainSettings:
     def ramp_iters(self, target_cr: float) -> int:
         return max(1, round(self.ramp_iters_per_cr * (target_cr - 1.0)))
 
+    def total_iters(self, target_cr: float) -> int:
+        """Steps of one target's whole schedule: zero_out, retrofit (ramp + hold), finetune."""
+        return (
+            self.zero_out_iters + self.ramp_iters(target_cr) + self.hold_iters + self.finetune_iters
+        )
+
 
 @dataclass
 class EvalPreset:
@@ -70,6 +76,10 @@ class EvalPreset:
     """Training-free eviction baselines, each at every target CR."""
     gqa_kv_heads: int | None = None
     """Also evaluate the mean-pooled GQA model with this many KV heads (None: skip)."""
+    gqa_uptrain: bool = False
+    """Uptrain the pooled model before evaluating it (needs gqa_kv_heads): plain attention,
+    the same steps, tokens per step, LR schedule, seed and data as the DMC run of the target
+    CR nearest the GQA ratio (the larger on a tie). The pooled row stays in the table."""
 
 
 @dataclass
@@ -109,6 +119,17 @@ class Preset:
         unknown = sorted(set(self.eval.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+        heads = self.eval.gqa_kv_heads
+        if heads is not None and heads < 1:
+            raise ValueError(f"eval.gqa_kv_heads must be >= 1; got {heads}")
+        if self.eval.gqa_uptrain and heads is None:
+            raise ValueError("eval.gqa_uptrain needs eval.gqa_kv_heads (the KV heads to pool into)")
+
+    def gqa_budget_cr(self, gqa_cr: float | None) -> float:
+        """The DMC target whose training budget GQA uptraining copies: the one nearest the
+        GQA ratio, the larger (longer run) on a tie."""
+        assert gqa_cr is not None, "GQA uptraining needs eval.gqa_kv_heads"
+        return min(self.target_crs, key=lambda cr: (abs(cr - gqa_cr), -cr))
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -72,6 +72,25 @@ def outcome_lines(summary: dict) -> list[str]:
     return lines
 
 
+def gqa_outcome_lines(summary: dict) -> list[str]:
+    """The uptrained GQA baseline: its budget and its perplexity change, pooled vs uptrained."""
+    g = summary.get("gqa_training")
+    if not g:
+        return []
+    cr, budget = g["compression_ratio"], cr_tag(g["budget_target_cr"])
+    lines = [
+        f"- **GQA uptraining ({cr_tag(cr)}):** {g['steps']} plain-attention steps "
+        f"({g['tokens']} tokens), the {budget} DMC run's budget, data and LR schedule; LM loss "
+        f"(mean of first / last 5 steps) {_fmt(g['lm_loss_start'], '.3f')} -> "
+        f"{_fmt(g['lm_loss_end'], '.3f')}"
+    ]
+    for key, name in (("ppl_continuation", "continuation"), ("ppl_strided", "whole-sequence")):
+        changes = {m: _ppl_change(summary, m, cr, key) for m in ("gqa-pooled", "gqa-uptrained")}
+        shown = ", ".join(f"{m} {_fmt(v, '+.1f')}%" for m, v in changes.items())
+        lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")
+    return lines
+
+
 def training_table(summary: dict) -> str:
     rows = []
     for t in summary["training"]:
@@ -128,7 +147,7 @@ def render(summary: dict, plots: dict[str, Path], root: Path) -> str:
         f"# DMC main job: `{summary['preset']['name']}` preset\n",
         f"`{summary['command']}` · {summary['date']} · {m['platform']}, {m['cpus']} CPUs, "
         f"torch {m['torch']}, load average at the end {m['load_average_1_5_15']}\n",
-        "## Outcome\n", "\n".join(outcome_lines(summary)) + "\n",
+        "## Outcome\n", "\n".join(outcome_lines(summary) + gqa_outcome_lines(summary)) + "\n",
         "## Training (metrics.jsonl)\n", training_table(summary),
         "## Evaluation\n",
         format_markdown([ResultRow(**r) for r in summary["results"]]),

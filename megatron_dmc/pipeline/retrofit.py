@@ -23,13 +23,12 @@ LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
 
 
-def common_args(preset: Preset, assets: Assets, model_yaml: Path, target_cr: float) -> list[str]:
-    """Flags shared by the zero_out launch and the retrofit launches."""
+def shared_args(preset: Preset, assets: Assets, model_yaml: Path, tensor_parallel: int):
+    """Model, layout, batch, seed, LR and data: what every training launch of the job shares."""
     t = preset.train
-    ramp = t.ramp_iters(target_cr)
     values = {
         "--model": model_yaml,
-        "--tensor-model-parallel-size": preset.tensor_parallel,
+        "--tensor-model-parallel-size": tensor_parallel,
         "--seq-length": t.seq_length,
         "--micro-batch-size": t.micro_batch_size,
         "--global-batch-size": t.global_batch_size,
@@ -38,16 +37,26 @@ def common_args(preset: Preset, assets: Assets, model_yaml: Path, target_cr: flo
         "--min-lr": t.min_lr,
         "--data-path": assets.train_prefix,
         "--tokenizer-dir": assets.tokenizer_dir,
+        "--log-interval": 1,
+    }
+    return [str(item) for pair in values.items() for item in pair]
+
+
+def common_args(preset: Preset, assets: Assets, model_yaml: Path, target_cr: float) -> list[str]:
+    """Flags shared by the zero_out launch and the retrofit launches."""
+    t = preset.train
+    ramp = t.ramp_iters(target_cr)
+    values = {
         "--dmc-target-cr": target_cr,
         "--dmc-zero-out-iters": t.zero_out_iters,
         "--dmc-zero-out-anneal-iters": t.zero_out_anneal_iters,
         "--dmc-ramp-iters": ramp,
         "--dmc-retrofit-iters": ramp + t.hold_iters,
         "--dmc-finetune-iters": t.finetune_iters,
-        "--log-interval": 1,
     }
     args = [str(item) for pair in values.items() for item in pair]
-    return [*args, "--log-per-head-cr", *t.extra_args]
+    base = shared_args(preset, assets, model_yaml, preset.tensor_parallel)
+    return [*base, *args, "--log-per-head-cr", *t.extra_args]
 
 
 def zero_out_args(preset: Preset, assets: Assets, model_yaml: Path, megatron_dir: Path, save: Path):
@@ -63,6 +72,45 @@ def retrofit_args(
     """Stages 2 and 3 from the finished zero_out run (weights, optimizer and progress)."""
     base = common_args(preset, assets, model_yaml, cr)
     return [*base, "--dmc-stage", "all", "--load", str(zero_out), "--save", str(save)]
+
+
+def uptrain_args(
+    preset: Preset,
+    assets: Assets,
+    model_yaml: Path,
+    megatron_dir: Path,
+    save: Path,
+    target_cr: float,
+    tensor_parallel: int,
+) -> list[str]:
+    """Plain continued training from an imported checkpoint (weights only) on the DMC run of
+    `target_cr`: its steps, tokens per step, seed and data; LR constant, then decaying over
+    the finetune steps. `train.extra_args` pass through except the DMC-only ones."""
+    t = preset.train
+    plain = {
+        "--dmc-stage": "plain",
+        "--plain-iters": t.total_iters(target_cr),
+        "--plain-decay-iters": t.finetune_iters,
+        "--load": megatron_dir,
+        "--save": save,
+    }
+    args = [str(item) for pair in plain.items() for item in pair]
+    base = shared_args(preset, assets, model_yaml, tensor_parallel)
+    return [*base, *args, "--finetune", *without_dmc_flags(t.extra_args)]
+
+
+def without_dmc_flags(args: list[str]) -> list[str]:
+    """`args` without `--dmc-*` flags and their values (`--dmc-x V` or `--dmc-x=V`)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+        elif arg.startswith("--dmc-"):
+            skip_value = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
 
 
 def launch_command(tensor_parallel: int, train_args: list[str]) -> list[str]:

@@ -57,6 +57,19 @@ def training_summary(
     }  # fmt: skip
 
 
+def gqa_training_summary(records: list[dict], gqa_cr: float, budget_cr: float, seq_tokens: int):
+    """What the GQA uptraining did: its ratio, whose budget it copied, steps, tokens, LM loss."""
+    losses = [r["lm_loss"] for r in records]
+    return {
+        "compression_ratio": gqa_cr,
+        "budget_target_cr": budget_cr,
+        "steps": len(records),
+        "tokens": len(records) * seq_tokens,
+        "lm_loss_start": _mean(losses[:LOSS_WINDOW]),
+        "lm_loss_end": _mean(losses[-LOSS_WINDOW:]),
+    }
+
+
 def build_summary(
     preset: dict,
     command: str,
@@ -64,6 +77,7 @@ def build_summary(
     training: list[dict],
     rows: list[ResultRow],
     decode: list[DecodeResult],
+    gqa_training: dict | None = None,
 ) -> dict:
     return {
         "command": command,
@@ -72,6 +86,7 @@ def build_summary(
         "preset": preset,
         "timings": timings,
         "training": training,
+        "gqa_training": gqa_training,
         "results": [asdict(r) for r in rows],
         "decode": [d.as_dict() for d in decode],
     }

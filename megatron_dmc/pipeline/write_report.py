@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from megatron_dmc.eval.results import load_results
+from megatron_dmc.eval.results import ResultRow, load_results
 from megatron_dmc.pipeline import plots, report
 from megatron_dmc.pipeline.decode import DecodeResult
 from megatron_dmc.pipeline.decode import load_results as load_decode
@@ -14,7 +14,7 @@ from megatron_dmc.pipeline.layout import RunLayout, cr_tag
 from megatron_dmc.pipeline.preset import Preset
 from megatron_dmc.pipeline.retrofit import read_metrics
 from megatron_dmc.pipeline.steps import read_timings
-from megatron_dmc.pipeline.summary import build_summary, training_summary
+from megatron_dmc.pipeline.summary import build_summary, gqa_training_summary, training_summary
 
 
 def training_runs(preset: Preset, layout: RunLayout) -> dict[str, list[dict]]:
@@ -28,6 +28,16 @@ def trained_layer_head_cr(export_dir: Path) -> list[list[float]] | None:
     (metrics.jsonl does not carry it)."""
     config = json.loads((export_dir / "config.json").read_text())
     return config.get("dmc_layer_head_cr")
+
+
+def gqa_training(preset: Preset, layout: RunLayout, rows: list[ResultRow]) -> dict | None:
+    """The uptraining's summary (None when the preset does not uptrain GQA)."""
+    gqa_cr = next((r.compression_ratio for r in rows if r.method == "gqa-uptrained"), None)
+    if not preset.eval.gqa_uptrain or gqa_cr is None:
+        return None
+    seq = preset.train.seq_length * preset.train.global_batch_size
+    records = read_metrics(layout.gqa_train_dir)
+    return gqa_training_summary(records, gqa_cr, preset.gqa_budget_cr(gqa_cr), seq)
 
 
 def make_plots(
@@ -55,13 +65,15 @@ def write_report(preset: Preset, layout: RunLayout, command: str) -> Path:
         for cr in preset.target_crs
     ]
     decode = load_decode(layout.decode_file)
+    rows = load_results(layout.eval_dir / "results.json")
     summary = build_summary(
         dataclasses.asdict(preset) | {"name": preset.name},
         command,
         read_timings(layout.done_dir),
         training,
-        load_results(layout.eval_dir / "results.json"),
+        rows,
         decode,
+        gqa_training(preset, layout, rows),
     )
     figures = make_plots(runs, summary, decode, layout.plots_dir)
     layout.summary.write_text(json.dumps(summary, indent=2) + "\n")

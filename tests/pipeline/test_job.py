@@ -1,6 +1,6 @@
 """The main job end to end on the tiny preset: every step runs (training under torchrun
-with two tensor-parallel ranks), report.md holds real numbers and valid plots, and a
-re-run skips every finished step."""
+with two tensor-parallel ranks, GQA uptraining with one), report.md holds real numbers and
+valid plots, and a re-run skips every finished step."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_report_tables_parse_with_finite_numbers(job):
                if re.fullmatch(r"[+-]?\d+(\.\d+)?[x%]?", c)]  # fmt: skip
     assert len(numbers) > 40 and all(math.isfinite(n) for n in numbers)
     methods = [row[0] for row in tables[1][1:]]
-    assert methods == ["vanilla", "dmc", "h2o", "tova"]
+    assert methods == ["vanilla", "dmc", "h2o", "tova", "gqa-pooled", "gqa-uptrained"]
 
 
 def test_report_cr_is_the_last_training_record(job):
@@ -96,11 +96,31 @@ def test_export_is_a_dmc_model_and_decode_measured_it(job):
     assert all(d["tokens_per_s"] > 0 and d["kv_allocated_bytes"] > 0 for d in decode)
 
 
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gqa_uptraining_follows_the_dmc_run_and_exports_a_plain_llama(job):
+    out, _ = job
+    dmc = _records(out / "train/zero_out") + _records(out / "train/2x")
+    gqa = _records(out / "train/gqa")
+    assert [r["iteration"] for r in gqa] == [r["iteration"] for r in dmc] == list(range(1, 11))
+    assert {r["stage"] for r in gqa} == {"plain"}
+    assert [r["lr"] for r in gqa] == [r["lr"] for r in dmc]
+    config = json.loads((out / "export/gqa/config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 1
+    assert config["eos_token_id"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gqa_training"]["steps"] == 10
+    assert summary["gqa_training"]["budget_target_cr"] == 2.0
+    assert "GQA uptraining (2x)" in (out / "report.md").read_text()
+
+
 def test_rerun_skips_every_finished_step(job, capsys):
     out, _ = job
     before = (out / "report.md").stat().st_mtime
     assert demo.main(["--preset", "tiny", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 8
+    assert capsys.readouterr().out.count("done before, skipped") == 12
     assert (out / "report.md").stat().st_mtime == before
 
 

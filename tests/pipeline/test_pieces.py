@@ -12,7 +12,13 @@ from megatron_dmc.pipeline.assets import Assets
 from megatron_dmc.pipeline.plots import running_mean
 from megatron_dmc.pipeline.preset import PRESET_DIR
 from megatron_dmc.pipeline.report import reached
-from megatron_dmc.pipeline.retrofit import read_metrics, retrofit_args, zero_out_args
+from megatron_dmc.pipeline.retrofit import (
+    read_metrics,
+    retrofit_args,
+    uptrain_args,
+    without_dmc_flags,
+    zero_out_args,
+)
 from megatron_dmc.pipeline.steps import Step, StepRunner
 from megatron_dmc.training.arguments import parse_args
 
@@ -30,6 +36,9 @@ def test_preset_refuses_unknown_keys_and_bad_ratios(tmp_path):
         load_preset(str(bad))
     bad.write_text("target_crs: [1.0]\n")
     with pytest.raises(ValueError, match="> 1"):
+        load_preset(str(bad))
+    bad.write_text("eval: {gqa_uptrain: true}\n")
+    with pytest.raises(ValueError, match=r"needs eval\.gqa_kv_heads"):
         load_preset(str(bad))
     with pytest.raises(ValueError, match="known presets"):
         load_preset("no_such_preset")
@@ -51,6 +60,30 @@ def test_training_flags_parse_into_the_trainers_config(tmp_path):
         ramp + preset.train.hold_iters,
     )
     assert cfg.checkpoint.load == str(tmp_path / "z") and not cfg.checkpoint.finetune
+
+
+def test_gqa_uptraining_copies_the_dmc_runs_budget_schedule_and_data(tmp_path):
+    preset = load_preset("full")
+    preset.train.extra_args = ["--clip-grad", "0.5", "--dmc-decision-lr-mult", "4"]
+    assets = Assets("hf", "tok", "train_prefix", "held_out_prefix")
+    assert preset.gqa_budget_cr(3.0) == 4.0 and preset.gqa_budget_cr(2.0) == 2.0
+    model = tmp_path / "model.yaml"
+    dmc = parse_args(retrofit_args(preset, assets, model, tmp_path / "z", tmp_path / "r", 4.0))
+    plain_argv = uptrain_args(
+        preset, assets, tmp_path / "gqa.yaml", tmp_path / "m", tmp_path / "g", 4.0, 1
+    )
+    plain = parse_args(plain_argv)
+    assert plain.dmc.stages == ("plain",) and plain.checkpoint.finetune
+    assert plain.dmc.plain_iters == dmc.dmc.schedule_iters == preset.train.total_iters(4.0)
+    assert plain.dmc.plain_decay_iters == dmc.dmc.dmc_finetune_iters
+    assert vars(plain.batch) == vars(dmc.batch) and vars(plain.data) == vars(dmc.data)
+    assert vars(plain.optim) == vars(dmc.optim) | {"dmc_decision_lr_mult": 1.0}
+    assert plain.optim.clip_grad == 0.5 and dmc.optim.dmc_decision_lr_mult == 4.0
+    assert without_dmc_flags(["--a", "--dmc-x=1", "--dmc-y", "2", "--b", "3"]) == [
+        "--a",
+        "--b",
+        "3",
+    ]
 
 
 def _step(name: str, log: list[str], out: Path, resumable: bool = False) -> Step:
@@ -102,8 +135,11 @@ def test_eval_rows_compare_every_method_at_each_target(tmp_path):
 
     settings = load_preset("full").eval
     exports = {2.0: tmp_path / "e2", 4.0: tmp_path / "e4"}
-    jobs = eval_jobs("src", exports, settings, tmp_path / "gqa", 3.0)
+    jobs = eval_jobs("src", exports, settings, tmp_path / "gqa", 3.0, tmp_path / "up")
     assert [j.key for j in jobs] == ["vanilla", "dmc_2x", "h2o_2x", "tova_2x", "dmc_4x",
-                                     "h2o_4x", "tova_4x", "gqa_3x"]  # fmt: skip
+                                     "h2o_4x", "tova_4x", "gqa_3x", "gqa_uptrained_3x"]  # fmt: skip
     assert {j.model_dir for j in jobs if j.method in ("h2o", "tova")} == {"src"}
-    assert jobs[-1].label == "gqa-pooled"
+    assert [(j.label, j.model_dir) for j in jobs[-2:]] == [
+        ("gqa-pooled", str(tmp_path / "gqa")),
+        ("gqa-uptrained", str(tmp_path / "up")),
+    ]
