@@ -1,7 +1,8 @@
 """GQA uptraining baseline, conversion step (Ainslie et al., 2023): an HF Llama directory
 -> an HF Llama directory with fewer KV heads, each the mean of a group of the original
-K/V heads (checkpoint-level mean pooling of the k_proj/v_proj rows). Continued training
-of the result uses the same training loop as the DMC retrofit.
+K/V heads (checkpoint-level mean pooling of the k_proj/v_proj rows). Uptraining the result
+is `python -m megatron_dmc.train --dmc-stage plain` on its imported checkpoint (the main
+job's `eval.gqa_uptrain` does all of it, docs/demo.md).
 
     python -m megatron_dmc.eval.gqa --src SRC_DIR --dst DST_DIR --kv-heads 1
 
