@@ -244,13 +244,16 @@ class PagedSlots:
     overwrites the last slot).
     """
 
-    def __init__(self, rows: int, like_D: torch.Tensor, value_dim: int, page_size: int) -> None:
+    def __init__(
+        self, rows: int, key_dim: int, value_dim: int, page_size: int, like: torch.Tensor
+    ) -> None:
+        """Empty rows; the pool takes the dtype and device of `like`."""
         self.page_size = page_size
-        self.lengths_N = torch.zeros(rows, dtype=torch.long, device=like_D.device)
+        self.lengths_N = torch.zeros(rows, dtype=torch.long, device=like.device)
         self.used_pages = 0
-        self.keys_PSD = like_D.new_zeros(0, page_size, like_D.shape[-1])
-        self.values_PSD = like_D.new_zeros(0, page_size, value_dim)
-        self.pages_NM = torch.full((rows, 0), -1, dtype=torch.long, device=like_D.device)
+        self.keys_PSD = like.new_zeros(0, page_size, key_dim)
+        self.values_PSD = like.new_zeros(0, page_size, value_dim)
+        self.pages_NM = torch.full((rows, 0), -1, dtype=torch.long, device=like.device)
 
     def extend(
         self,
@@ -433,9 +436,8 @@ class DMCCacheLayer(CacheLayerMixin):
         first_N = first_B.repeat_interleave(g)
         time_T = torch.arange(length, device=first_N.device)
         kept_NT = (F.pad(alpha_NT[:, 1:], (0, 1)) == 0) & (time_T >= first_N[:, None])
-        self.slots = PagedSlots(
-            b * g, parallel.k_rot_BGTD, parallel.vtilde_BGTD.shape[-1], self.page_size
-        )
+        value_dim = parallel.vtilde_BGTD.shape[-1]
+        self.slots = PagedSlots(b * g, d, value_dim, self.page_size, parallel.k_rot_BGTD)
         self.slots.extend(
             kept_NT,
             parallel.k_rot_BGTD.reshape(b * g, length, d),
