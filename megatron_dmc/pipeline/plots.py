@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.colors import LogNorm
 
 from megatron_dmc.pipeline.decode import DecodeResult
 
@@ -67,11 +68,13 @@ def plot_cr(runs: dict[str, list[dict]], path: Path) -> Path:
 
 
 def plot_heatmaps(maps: dict[str, list[list[float]]], path: Path) -> Path:
-    """`maps`: {title: CR[layer][kv head]}, one panel each, one colour scale."""
+    """`maps`: {title: CR[layer][kv head]}, one panel each, one logarithmic colour scale
+    (per-head CRs span 1 to hundreds)."""
     fig, axes = plt.subplots(1, len(maps), figsize=(3 + 2.5 * len(maps), 6), squeeze=False)
     top = max(max(max(row) for row in grid) for grid in maps.values())
+    norm = LogNorm(vmin=1.0, vmax=max(top, 1.01))
     for ax, (title, grid) in zip(axes[0], maps.items()):
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1.0, vmax=max(top, 1.01))
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
         ax.set(xlabel="KV head", ylabel="layer", title=title)
         ax.set_xticks(range(len(grid[0])))
         ax.set_yticks(range(0, len(grid), max(1, len(grid) // 10)))
