@@ -50,18 +50,19 @@ def _check_sizes(tensor_model_parallel_size: int, pipeline_model_parallel_size: 
 
 
 def _init_process_group(timeout_minutes: int) -> None:
+    """env:// under torchrun or a spawned rank; otherwise a world of one on an in-memory
+    store (no TCP port to race for, no environment left behind)."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if cuda_available() else "gloo"
     if cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes)
-    )
+    timeout = timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    else:
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 def seed_everything(seed: int) -> None:
