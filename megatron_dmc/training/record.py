@@ -98,6 +98,7 @@ class StepRecorder:
             record["achieved_cr"] = cr_from_alpha(alpha)
             record["layer_cr"] = [cr_from_alpha(a) for a in alpha_LN.mean(dim=1).tolist()]
             self.layer_head_cr = [[cr_from_alpha(a) for a in row] for row in alpha_LN.tolist()]
+            record["layer_head_cr"] = self.layer_head_cr
         self.last = record
         return record
 
