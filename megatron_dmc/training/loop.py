@@ -234,11 +234,8 @@ def _enter_stage(run: Run, stage: Stage) -> None:
         run.model, run.optimizer = model_api.rebuild(
             run.model, run.optimizer, run.model_config, run.cfg, stage.attention
         )
-    if stage.attention == "vanilla":
-        return
     mult = run.cfg.optim.dmc_decision_lr_mult if stage.attention == "dmc" else 1.0
-    selectors = decision_row_selectors(run.model.module)
-    set_decision_lr_mult(run.optimizer, selectors, mult)
+    set_decision_lr_mult(run.optimizer, decision_row_selectors(run.model.module), mult)
 
 
 def train(cfg: TrainConfig) -> ckpt.Progress:
