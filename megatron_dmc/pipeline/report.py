@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_dmc.eval.results import ResultRow, format_markdown
+from megatron_dmc.pipeline.goals import ppl_change, verdicts
 from megatron_dmc.pipeline.layout import cr_tag
 
 REACHED_TOLERANCE = 0.1
@@ -24,20 +25,6 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _row(summary: dict, method: str, cr: float) -> dict | None:
-    return next(
-        (r for r in summary["results"] if r["method"] == method and r["compression_ratio"] == cr),
-        None,
-    )
-
-
-def _ppl_change(summary: dict, method: str, cr: float, key: str) -> float | None:
-    base, row = _row(summary, "vanilla", 1.0), _row(summary, method, cr)
-    if not base or not row or base[key] is None or row[key] is None:
-        return None
-    return 100.0 * (row[key] / base[key] - 1.0)
-
-
 def reached(achieved: float | None, target: float) -> bool:
     return achieved is not None and achieved >= target * (1.0 - REACHED_TOLERANCE)
 
@@ -55,7 +42,7 @@ def outcome_lines(summary: dict) -> list[str]:
             f"on held-out decoding {_fmt(held_out, '.3f')}."
         )
         for key, name in (("ppl_continuation", "continuation"), ("ppl_strided", "whole-sequence")):
-            changes = {m: _ppl_change(summary, m, cr, key) for m in ("dmc", "h2o", "tova")}
+            changes = {m: ppl_change(summary, m, cr, key) for m in ("dmc", "h2o", "tova")}
             shown = ", ".join(f"{m.upper()} {_fmt(v, '+.1f')}%" for m, v in changes.items())
             lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")
         if verdict != "reached":
@@ -85,7 +72,7 @@ def gqa_outcome_lines(summary: dict) -> list[str]:
         f"{_fmt(g['lm_loss_end'], '.3f')}"
     ]
     for key, name in (("ppl_continuation", "continuation"), ("ppl_strided", "whole-sequence")):
-        changes = {m: _ppl_change(summary, m, cr, key) for m in ("gqa-pooled", "gqa-uptrained")}
+        changes = {m: ppl_change(summary, m, cr, key) for m in ("gqa-pooled", "gqa-uptrained")}
         shown = ", ".join(f"{m} {_fmt(v, '+.1f')}%" for m, v in changes.items())
         lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")
     return lines
@@ -139,6 +126,13 @@ def _protocols(summary: dict) -> str:
     )
 
 
+def _goals(summary: dict) -> list[str]:
+    lines = [v.line() for v in verdicts(summary)]
+    if not lines:
+        return []
+    return ["## Quality goals (megatron_dmc/pipeline/goals.py)\n", "\n".join(lines) + "\n"]
+
+
 def render(summary: dict, plots: dict[str, Path], root: Path) -> str:
     """The markdown report; plot paths are written relative to `root`."""
     m = summary["machine"]
@@ -148,6 +142,7 @@ def render(summary: dict, plots: dict[str, Path], root: Path) -> str:
         f"`{summary['command']}` · {summary['date']} · {m['platform']}, {m['cpus']} CPUs, "
         f"torch {m['torch']}, load average at the end {m['load_average_1_5_15']}\n",
         "## Outcome\n", "\n".join(outcome_lines(summary) + gqa_outcome_lines(summary)) + "\n",
+        *_goals(summary),
         "## Training (metrics.jsonl)\n", training_table(summary),
         "## Evaluation\n",
         format_markdown([ResultRow(**r) for r in summary["results"]]),
