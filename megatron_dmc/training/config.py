@@ -114,6 +114,11 @@ class OptimizerArgs:
     )
     """Shape of the finetune decay from --lr to --min-lr."""
 
+    lr_warmup_iters: int = 0
+    """Linear warm-up from 0 to --lr over the first N steps of the stage this launch's plan
+    opens with (zero_out for --dmc-stage all, plain, or the one stage named); a resumed
+    launch already past them does not warm up again. 0 is the release."""
+
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to biases and norm weights)."""
 
@@ -146,6 +151,8 @@ class OptimizerArgs:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
         _positive("adam_eps", self.adam_eps)
         _positive("dmc_decision_lr_mult", self.dmc_decision_lr_mult)
+        if self.lr_warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters must be >= 0; got {self.lr_warmup_iters}")
 
 
 @dataclass

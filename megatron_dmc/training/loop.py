@@ -101,10 +101,12 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
     )
 
 
-def _run_stage(run: Run, stage: Stage, stop_at: int) -> bool:
+def _run_stage(run: Run, stage: Stage, stop_at: int, warmup_iters: int = 0) -> bool:
     """Train `stage` from run.progress.stage_step; False when --train-iters stopped it."""
     cfg, progress = run.cfg, run.progress
-    scheduler = stage_lr_scheduler(run.optimizer, stage, cfg.optim, progress.stage_step)
+    scheduler = stage_lr_scheduler(
+        run.optimizer, stage, cfg.optim, progress.stage_step, warmup_iters
+    )
     data = micro_batches(run.train_data, cfg.batch.micro_batch_size, progress.consumed_samples)
     watch = LayerWatch(run.model, run.model_config.num_layers)
     try:
@@ -245,7 +247,8 @@ def train(cfg: TrainConfig) -> ckpt.Progress:
     try:
         for stage in stages[first:]:
             _enter_stage(run, stage)
-            if not _run_stage(run, stage, stop_at):
+            warmup = cfg.optim.lr_warmup_iters if stage is stages[0] else 0
+            if not _run_stage(run, stage, stop_at, warmup):
                 save(run)
                 break
             if stage.name == "zero_out":

@@ -223,15 +223,16 @@ def _lr_curve(stage: Stage, args: OptimizerArgs) -> dict[str, Any]:
 
 
 def stage_lr_scheduler(
-    optimizer: Optimizer, stage: Stage, args: OptimizerArgs, step: int
+    optimizer: Optimizer, stage: Stage, args: OptimizerArgs, step: int, warmup_iters: int = 0
 ) -> OptimizerParamScheduler:
     """Constant --lr in zero_out and retrofit; --lr -> --min-lr over finetune, and over the
-    last --plain-decay-iters steps of plain. Set to `step`."""
+    last --plain-decay-iters steps of plain; after a linear warm-up from 0 over the first
+    `warmup_iters` steps. Set to `step`."""
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=args.lr,
+        init_lr=0.0 if warmup_iters else args.lr,
         max_lr=args.lr,
-        lr_warmup_steps=0,
+        lr_warmup_steps=warmup_iters,
         lr_decay_steps=max(stage.iters, 1),
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,

@@ -13,6 +13,7 @@ from megatron_dmc.data.gpt_dataset import check_data_prefix
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.training.checkpoint import has_checkpoint
 from megatron_dmc.training.config import PLAIN, TrainConfig
+from megatron_dmc.training.stages import plan
 
 
 def world_size_from_env() -> int:
@@ -81,6 +82,18 @@ def _check_files(cfg: TrainConfig) -> None:
         )
 
 
+def _check_warmup(cfg: TrainConfig) -> None:
+    warmup = cfg.optim.lr_warmup_iters
+    if not warmup:
+        return
+    first = plan(cfg.dmc)[0]
+    if warmup >= first.iters - first.decay_iters:
+        raise ValueError(
+            f"--lr-warmup-iters {warmup} must end before the {first.name} stage's LR decay "
+            f"({first.iters} steps, the last {first.decay_iters} decaying): lower it"
+        )
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
     """All checks; fills in the default global batch size. Returns the model shape."""
     world_size = world_size_from_env() if world_size is None else world_size
@@ -100,5 +113,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
     _check_batch(cfg, world_size)
     _check_device(cfg)
     _check_recompute(cfg)
+    _check_warmup(cfg)
     _check_files(cfg)
     return model

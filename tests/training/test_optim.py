@@ -9,7 +9,13 @@ from megatron_dmc.model.qkv import decision_row_selectors
 from megatron_dmc.training import validate as validate_module
 from megatron_dmc.training.arguments import parse_args
 from megatron_dmc.training.config import OptimizerArgs
-from megatron_dmc.training.optim import CpuAdamW, restart_decision_moments, set_decision_lr_mult
+from megatron_dmc.training.optim import (
+    CpuAdamW,
+    restart_decision_moments,
+    set_decision_lr_mult,
+    stage_lr_scheduler,
+)
+from megatron_dmc.training.stages import plan
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,3 +106,36 @@ def test_decision_lr_mult_is_refused_on_gpu(monkeypatch, tmp_path):
     ]
     with pytest.raises(ValueError, match="dmc-decision-lr-mult"):
         validate_module.validate(parse_args([*args, "--dmc-decision-lr-mult", "10"]), world_size=1)
+
+
+def _lrs(stage, optim_args: OptimizerArgs, warmup: int, start: int = 0) -> list[float]:
+    _, optimizer = _model_and_optimizer(lr=optim_args.lr)
+    scheduler = stage_lr_scheduler(optimizer, stage, optim_args, start, warmup)
+    lrs = []
+    for _ in range(stage.iters - start):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(1)
+    return lrs
+
+
+def test_warmup_ramps_from_zero_then_keeps_the_stage_schedule(tmp_path):
+    cfg = parse_args(["--model", "tiny_gqa", "--mock-data", "--save", str(tmp_path),
+                      "--dmc-stage", "all", "--dmc-zero-out-iters", "6",
+                      "--dmc-zero-out-anneal-iters", "4", "--dmc-finetune-iters", "8",
+                      "--lr", "1e-3", "--min-lr", "1e-4"])  # fmt: skip
+    zero_out, *_, finetune = plan(cfg.dmc)
+    assert _lrs(zero_out, cfg.optim, 4) == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert _lrs(zero_out, cfg.optim, 4, start=3) == pytest.approx([7.5e-4, 1e-3, 1e-3])
+    assert _lrs(zero_out, cfg.optim, 0)[0] == pytest.approx(1e-3)
+    decay = _lrs(finetune, cfg.optim, 2)
+    assert decay[:3] == pytest.approx([0, 5e-4, 1e-3]) and decay[-1] < decay[3] < 1e-3
+
+
+def test_warmup_must_end_before_the_first_stages_decay(tmp_path):
+    args = ["--model", "tiny_gqa", "--mock-data", "--seq-length", "32", "--save",
+            str(tmp_path / "run"), "--dmc-stage", "finetune", "--dmc-finetune-iters", "5"]  # fmt: skip
+    validate_module.validate(parse_args([*args, "--lr-warmup-iters", "0"]), world_size=1)
+    with pytest.raises(ValueError, match="lr-warmup-iters 3 must end before the finetune"):
+        validate_module.validate(parse_args([*args, "--lr-warmup-iters", "3"]), world_size=1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        parse_args([*args, "--lr-warmup-iters", "-1"])
