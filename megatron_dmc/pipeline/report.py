@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_dmc.eval.results import ResultRow, format_markdown
-from megatron_dmc.pipeline.goals import ppl_change, verdicts
+from megatron_dmc.pipeline.goals import PROTOCOLS, ppl_change, verdicts
 from megatron_dmc.pipeline.layout import cr_tag
 
 REACHED_TOLERANCE = 0.1
@@ -41,7 +41,7 @@ def outcome_lines(summary: dict) -> list[str]:
             f"{_fmt(achieved, '.4f')} (target {_fmt(t['final_target_cr'], '.4f')}); "
             f"on held-out decoding {_fmt(held_out, '.3f')}."
         )
-        for key, name in (("ppl_continuation", "continuation"), ("ppl_strided", "whole-sequence")):
+        for key, name in PROTOCOLS:
             changes = {m: ppl_change(summary, m, cr, key) for m in ("dmc", "h2o", "tova")}
             shown = ", ".join(f"{m.upper()} {_fmt(v, '+.1f')}%" for m, v in changes.items())
             lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")
@@ -71,7 +71,7 @@ def gqa_outcome_lines(summary: dict) -> list[str]:
         f"(mean of first / last 5 steps) {_fmt(g['lm_loss_start'], '.3f')} -> "
         f"{_fmt(g['lm_loss_end'], '.3f')}"
     ]
-    for key, name in (("ppl_continuation", "continuation"), ("ppl_strided", "whole-sequence")):
+    for key, name in PROTOCOLS:
         changes = {m: ppl_change(summary, m, cr, key) for m in ("gqa-pooled", "gqa-uptrained")}
         shown = ", ".join(f"{m} {_fmt(v, '+.1f')}%" for m, v in changes.items())
         lines.append(f"  - {name} perplexity vs vanilla at {cr_tag(cr)}: {shown}")

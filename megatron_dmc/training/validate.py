@@ -83,14 +83,15 @@ def _check_files(cfg: TrainConfig) -> None:
 
 
 def _check_warmup(cfg: TrainConfig) -> None:
-    warmup = cfg.optim.lr_warmup_iters
-    if not warmup:
-        return
-    first = plan(cfg.dmc)[0]
-    if warmup >= first.iters - first.decay_iters:
+    """The warm-up fits in the opening stage: shorter than it, and over before a decay that
+    starts late (plain's --plain-decay-iters); a whole-stage decay starts after it."""
+    warmup, first = cfg.optim.lr_warmup_iters, plan(cfg.dmc)[0]
+    whole_stage = first.decay_iters in (0, first.iters)
+    bound = first.iters if whole_stage else first.iters - first.decay_iters
+    if warmup and warmup >= bound:
         raise ValueError(
-            f"--lr-warmup-iters {warmup} must end before the {first.name} stage's LR decay "
-            f"({first.iters} steps, the last {first.decay_iters} decaying): lower it"
+            f"--lr-warmup-iters {warmup} must be below {bound}: the {first.name} stage has "
+            f"{first.iters} steps, the last {first.decay_iters} of them decaying the LR"
         )
 
 

@@ -131,11 +131,17 @@ def test_warmup_ramps_from_zero_then_keeps_the_stage_schedule(tmp_path):
     assert decay[:3] == pytest.approx([0, 5e-4, 1e-3]) and decay[-1] < decay[3] < 1e-3
 
 
-def test_warmup_must_end_before_the_first_stages_decay(tmp_path):
+def test_warmup_must_fit_in_the_opening_stage(tmp_path):
     args = ["--model", "tiny_gqa", "--mock-data", "--seq-length", "32", "--save",
             str(tmp_path / "run"), "--dmc-stage", "finetune", "--dmc-finetune-iters", "5"]  # fmt: skip
-    validate_module.validate(parse_args([*args, "--lr-warmup-iters", "0"]), world_size=1)
-    with pytest.raises(ValueError, match="lr-warmup-iters 3 must end before the finetune"):
-        validate_module.validate(parse_args([*args, "--lr-warmup-iters", "3"]), world_size=1)
+    validate_module.validate(parse_args([*args, "--lr-warmup-iters", "4"]), world_size=1)
+    with pytest.raises(ValueError, match="lr-warmup-iters 5 must be below 5: the finetune"):
+        validate_module.validate(parse_args([*args, "--lr-warmup-iters", "5"]), world_size=1)
+    plain = [*args[:-4], "--dmc-stage", "plain", "--plain-iters", "6", "--plain-decay-iters", "2"]
+    validate_module.validate(parse_args([*plain, "--lr-warmup-iters", "3"]), world_size=1)
+    with pytest.raises(
+        ValueError, match="must be below 4: the plain stage has 6 steps, the last 2"
+    ):
+        validate_module.validate(parse_args([*plain, "--lr-warmup-iters", "4"]), world_size=1)
     with pytest.raises(ValueError, match="must be >= 0"):
         parse_args([*args, "--lr-warmup-iters", "-1"])
