@@ -48,7 +48,7 @@ def test_delay_that_cannot_reach_the_target_cr_is_refused() -> None:
     ok = parse_args([*BASE, "--dmc-target-cr", "4", "--dmc-merge-delay", "7"])
     validate(ok, world_size=1)  # 32 / (7 + 1) = 4: reachable
     too_long = parse_args([*BASE, "--dmc-target-cr", "4", "--dmc-merge-delay", "8"])
-    with pytest.raises(ValueError, match="cannot reach|no sequence can reach"):
+    with pytest.raises(ValueError, match="no sequence can reach"):
         validate(too_long, world_size=1)
 
 
