@@ -28,7 +28,16 @@ REFUSALS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too (the usage itself is in --help)."""
+    """argparse whose usage errors are one line too (the usage itself is in --help), with
+    --debug listed (`run` acts on it wherever it appears)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            DEBUG_FLAG,
+            action="store_true",
+            help=f"on an error, print the traceback too (or set {DEBUG_ENV}=1)",
+        )
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(REFUSED, f"error: {one_line(message)} (see {self.prog} --help)\n")

@@ -111,15 +111,18 @@ def _skip_or_stop(run: Run, problem: str) -> None:
     --skip-nonfinite-steps allows, else stop (nothing of this step is saved)."""
     allowed, done = run.cfg.optim.skip_nonfinite_steps, run.progress.skipped_iterations
     if done >= allowed:
+        hint = (
+            f"{done} such steps were skipped already (--skip-nonfinite-steps {allowed})"
+            if allowed
+            else "to skip such steps instead, add --skip-nonfinite-steps N"
+        )
         raise NonFiniteLossError(
-            f"{problem}; the update was not applied and not saved (the last checkpoint is the "
-            f"last good one; {done} of --skip-nonfinite-steps {allowed} skipped so far)"
+            f"{problem}; this update was not applied and nothing was saved, so the last "
+            f"checkpoint is the last good one; {hint}"
         )
     run.progress.skipped_iterations += 1
     if model_api.is_logging_rank():
-        print(
-            f"skipped: {problem} ({done + 1} of --skip-nonfinite-steps {allowed})", flush=True
-        )
+        print(f"skipped: {problem} ({done + 1} of --skip-nonfinite-steps {allowed})", flush=True)
 
 
 def _run_stage(run: Run, stage: Stage, stop_at: int, warmup_iters: int = 0) -> bool:
