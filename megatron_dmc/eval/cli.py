@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from megatron_dmc.cli_errors import Parser
 from megatron_dmc.eval import gqa
 from megatron_dmc.eval.methods import METHODS, build_method, load_model, load_tokenizer
 from megatron_dmc.eval.results import load_results, write_results
 from megatron_dmc.eval.run import EvalSettings, evaluate
 from megatron_dmc.eval.task_files import ALL_TASKS, render_tasks
+from megatron_dmc.finite import check_finite_weights
 
 
 def _token_ids(args, tokenizer) -> torch.Tensor:
@@ -25,6 +27,7 @@ def _token_ids(args, tokenizer) -> torch.Tensor:
 
 def _run(args) -> None:
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    check_finite_weights(model.state_dict().items(), args.model)
     settings = EvalSettings(
         max_samples=args.max_samples,
         max_tokens=args.max_tokens,
@@ -46,7 +49,7 @@ def _table(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_dmc.eval")
+    parser = Parser(prog="python -m megatron_dmc.eval")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate one model with one KV method -> JSON row")
     run.add_argument("--model", required=True, help="HF model directory (Llama or DMC Llama)")
