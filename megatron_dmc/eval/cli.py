@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from megatron_dmc.eval import gqa
+from megatron_dmc.eval.matched import MATCHED_CHUNK
 from megatron_dmc.eval.methods import METHODS, build_method, load_model, load_tokenizer
 from megatron_dmc.eval.results import load_results, write_results
-from megatron_dmc.eval.run import EvalSettings, evaluate
+from megatron_dmc.eval.run import PROTOCOLS, EvalSettings, evaluate
 from megatron_dmc.eval.task_files import ALL_TASKS, render_tasks
 
 
@@ -31,6 +32,7 @@ def _run(args) -> None:
         tasks=tuple(t for t in args.tasks.split(",") if t),
         limit=args.limit or None,
         protocols=tuple(p for p in args.protocols.split(",") if p),
+        matched_chunk=args.matched_chunk,
     )
     tokens = _token_ids(args, tokenizer) if settings.protocols else torch.zeros(0)
     row = evaluate(model, tokenizer, build_method(args.method, args.cr), tokens, settings)
@@ -53,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--method", default="vanilla", choices=METHODS)
     run.add_argument("--cr", type=float, default=1.0, help="compression ratio (h2o/tova budget)")
     run.add_argument("--text", help="held-out plain text for perplexity")
-    run.add_argument("--protocols", default="strided,continuation")
+    run.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma list")
+    run.add_argument("--matched-chunk", type=int, default=MATCHED_CHUNK,
+                     help="matched protocols: tokens per call (budget enforced after each)")  # fmt: skip
     run.add_argument("--max-samples", type=int, default=8, help="continuation samples")
     run.add_argument("--max-tokens", type=int, default=8192, help="whole-sequence tokens")
     run.add_argument("--tasks", default="", help=f"comma list from {','.join(ALL_TASKS)}")
