@@ -71,7 +71,16 @@ def test_matched_protocol_holds_h2o_to_the_budget_and_leads_the_goals(job):
     h2o = next(r for r in summary["results"] if r["method"] == "h2o")
     assert set(h2o["real_cr"]) == {"strided", "continuation", "matched_strided",
                                    "matched_continuation"}  # fmt: skip
-    assert h2o["real_cr"]["continuation"] < h2o["real_cr"]["matched_continuation"] <= 2.0
+    e = summary["preset"]["eval"]
+    seen, scored, chunk = (
+        e["context_len"] + e["continuation_len"],
+        e["continuation_len"],
+        e["matched_chunk"],
+    )
+    today = seen / (math.ceil(e["context_len"] / 2) + scored)  # the continuation held exactly
+    matched = seen / (math.ceil((seen - chunk) / 2) + chunk)  # the last call's tokens exact
+    assert h2o["real_cr"]["continuation"] == pytest.approx(today)
+    assert h2o["real_cr"]["matched_continuation"] == pytest.approx(matched)
     report = (out / "report.md").read_text()
     assert "Headline, at equal KV slots (matched continuation protocol)" in report
     assert "plots/ppl_vs_cr.png" in report
