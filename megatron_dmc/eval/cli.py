@@ -25,7 +25,6 @@ def _token_ids(args, tokenizer) -> torch.Tensor:
 
 
 def _run(args) -> None:
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     settings = EvalSettings(
         max_samples=args.max_samples,
         max_tokens=args.max_tokens,
@@ -34,6 +33,7 @@ def _run(args) -> None:
         protocols=tuple(p for p in args.protocols.split(",") if p),
         matched_chunk=args.matched_chunk,
     )
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     tokens = _token_ids(args, tokenizer) if settings.protocols else torch.zeros(0)
     row = evaluate(model, tokenizer, build_method(args.method, args.cr), tokens, settings)
     text = json.dumps(asdict(row), indent=2)
