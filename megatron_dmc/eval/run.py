@@ -51,6 +51,8 @@ class EvalSettings:
         unknown = sorted(set(self.protocols) - set(PROTOCOLS))
         if unknown:
             raise ValueError(f"unknown protocols {unknown}; choose from {', '.join(PROTOCOLS)}")
+        if self.matched_chunk < 1:
+            raise ValueError(f"matched_chunk must be >= 1 token; got {self.matched_chunk}")
 
 
 def evaluate(

@@ -124,14 +124,9 @@ class Preset:
         unknown = sorted(set(self.eval.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
-        from megatron_dmc.eval.run import PROTOCOLS
+        from megatron_dmc.eval.run import EvalSettings
 
-        unknown = sorted(set(self.eval.protocols) - set(PROTOCOLS))
-        if unknown or self.eval.matched_chunk < 1:
-            raise ValueError(
-                f"eval.protocols must come from {PROTOCOLS} (got unknown {unknown}) and "
-                f"eval.matched_chunk must be >= 1 (got {self.eval.matched_chunk})"
-            )
+        EvalSettings(protocols=tuple(self.eval.protocols), matched_chunk=self.eval.matched_chunk)
         heads = self.eval.gqa_kv_heads
         if heads is not None and heads < 1:
             raise ValueError(f"eval.gqa_kv_heads must be >= 1; got {heads}")
