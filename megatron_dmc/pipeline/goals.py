@@ -22,8 +22,11 @@ from megatron_dmc.pipeline.layout import cr_tag
 PROTOCOLS = (
     ("ppl_matched_continuation", "matched continuation"),
     ("ppl_matched_strided", "matched whole-sequence"),
-    ("ppl_continuation", "continuation: compress after a dense prefill, continuation uncompressed"),
-    ("ppl_strided", "whole-sequence: fixed budget of window/CR, every token held until it fills"),
+    (
+        "ppl_continuation",
+        "continuation (compress after a dense prefill; continuation uncompressed)",
+    ),
+    ("ppl_strided", "whole-sequence (fixed budget of window/CR)"),
 )
 """(row key, protocol named in the verdicts), the headline first."""
 HEADLINE = PROTOCOLS[0][1]

@@ -71,6 +71,12 @@ def gqa_outcome_lines(summary: dict) -> list[str]:
     return lines + protocol_lines(summary, ("gqa-pooled", "gqa-uptrained"), cr)
 
 
+def _change_and_cr(summary: dict, method: str, cr: float, key: str, change: float | None) -> str:
+    name = method.upper() if method in ("dmc", "h2o", "tova") else method
+    real = real_cr(summary, method, cr, key)
+    return f"{name} {_fmt(change, '+.1f')}%" + ("" if real is None else f" (real CR {real:.2f})")
+
+
 def protocol_lines(summary: dict, methods: tuple[str, ...], cr: float) -> list[str]:
     """Per protocol measured: each method's perplexity change vs vanilla and its real CR."""
     lines = []
@@ -78,11 +84,7 @@ def protocol_lines(summary: dict, methods: tuple[str, ...], cr: float) -> list[s
         changes = {m: ppl_change(summary, m, cr, key) for m in methods}
         if all(v is None for v in changes.values()):
             continue
-        shown = ", ".join(
-            f"{m.upper() if m in ('dmc', 'h2o', 'tova') else m} {_fmt(v, '+.1f')}% "
-            f"(real CR {_fmt(real_cr(summary, m, cr, key), '.2f')})"
-            for m, v in changes.items()
-        )
+        shown = ", ".join(_change_and_cr(summary, m, cr, key, v) for m, v in changes.items())
         lines.append(f"  - {name}: perplexity vs vanilla at {cr_tag(cr)}: {shown}")
     return lines
 
@@ -126,7 +128,6 @@ def timing_table(summary: dict) -> str:
 
 def _protocols(summary: dict) -> str:
     e = summary["preset"]["eval"]
-    chunk = e.get("matched_chunk")
     return (
         f"ppl whole: windows of {e['window']} tokens moved by {e['stride']}, fed "
         f"{e['chunk']} tokens per call, at most {e['max_tokens']} tokens; ppl "
@@ -134,13 +135,21 @@ def _protocols(summary: dict) -> str:
         f"{e['context_len']}-token context then {e['continuation_len']} scored tokens. "
         "Today's protocols: DMC compresses every token (continuation included); H2O/TOVA keep "
         "a fixed budget (window/CR, context/CR slots per layer and KV head), the continuation "
-        "compressed only after a dense prefill and scored uncompressed. Matched protocols "
-        f"(calls of {chunk} tokens): every method runs each window or sample from its first "
-        "token and holds at most ceil(tokens seen / CR) slots per layer and KV head after every "
-        "call (H2O/TOVA by eviction; DMC as it learned). Real CR: tokens seen / slots the last "
-        "scored token attended (the recent exact tokens counted; GQA's fewer heads counted). "
-        "Peak KV MiB: the most the cache held at any measured moment, prefill included. "
+        "compressed only after a dense prefill and scored uncompressed. "
+        f"{_matched(e)}Real CR: tokens seen / slots the last scored token attended (the recent "
+        "exact tokens counted; GQA's fewer heads counted). Peak KV MiB: the most the cache "
+        "held at any measured moment, prefill included. "
         f"Tasks: {e['limit']} documents each (limit)."
+    )
+
+
+def _matched(e: dict) -> str:
+    if not any(p.startswith("matched") for p in e.get("protocols", ())):
+        return ""
+    return (
+        f"Matched protocols (calls of {e['matched_chunk']} tokens): every method runs each "
+        "window or sample from its first token and holds at most ceil(tokens seen / CR) slots "
+        "per layer and KV head after every call (H2O/TOVA by eviction; DMC as it learned). "
     )
 
 
