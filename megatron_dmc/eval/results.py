@@ -26,6 +26,8 @@ class ResultRow:
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     """{task: {"acc": .., "acc_norm": ..}}."""
     settings: dict = field(default_factory=dict)
+    task_details: dict = field(default_factory=dict)
+    """Generation tasks' per-problem / per-sample records: {"humaneval": .., "needle": ..}."""
 
 
 def make_row(
