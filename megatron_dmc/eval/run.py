@@ -58,6 +58,8 @@ class EvalSettings:
         if unknown:
             known = ", ".join((*ALL_TASKS, *GENERATION_TASKS))
             raise ValueError(f"unknown tasks {unknown}; choose from {known}")
+        if self.mmlu_per_subject is not None and self.mmlu_per_subject < 1:
+            raise ValueError(f"mmlu_per_subject must be >= 1 question; got {self.mmlu_per_subject}")
 
 
 def _lm_eval_tasks(model, tokenizer, method, s: EvalSettings, progress: bool) -> dict:
