@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_dmc.convert.layout import LATEST_FILE, METADATA_KEY, resolve_iteration_dir
+from megatron_dmc.model.lora import drop_absent_adapters
 from megatron_dmc.training.rng import get_rng_state, set_rng_state
 
 CHECKPOINT_VERSION = 3.0
@@ -174,7 +175,10 @@ def load_checkpoint(
     request = _state_dict(model, optimizer, Progress(), {}, is_loading=True)
     if not (ours and load_rng and common.get("parallel_layout") == _layout()):
         request.pop("rng_state")
+    absent = drop_absent_adapters(request["model"], directory)
     loaded = dist_checkpointing.load(request, str(directory))
+    own = _unwrap(model).state_dict(keep_vars=True)
+    loaded["model"].update({key: own[key] for key in absent})
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
