@@ -199,7 +199,7 @@ def drop_absent_adapters(sharded: dict, directory) -> list[str]:
     adapters = [
         key
         for key, value in sharded.items()
-        if key.rsplit(".", 1)[-1] in ADAPTER_PARAMS and isinstance(value, ShardedBase)
+        if is_adapter_key(key) and isinstance(value, ShardedBase)
     ]
     if not adapters:
         return []
@@ -212,3 +212,18 @@ def drop_absent_adapters(sharded: dict, directory) -> list[str]:
 
 def _checkpoint_key(value) -> str:
     return value.key
+
+
+def is_adapter_key(key: str) -> bool:
+    """A checkpoint or state-dict key of an adapter parameter."""
+    return key.rsplit(".", 1)[-1] in ADAPTER_PARAMS
+
+
+def adapter_keys(weight_key: str, available) -> tuple[str, ...]:
+    """(A key, B key) of the adapter on the weight `weight_key` when `available` (a
+    container of checkpoint keys) holds them, else ()."""
+    if not weight_key.endswith(".weight"):
+        return ()
+    stem = weight_key[: -len("weight")]
+    keys = tuple(stem + name for name in ADAPTER_PARAMS)
+    return keys if all(k in available for k in keys) else ()

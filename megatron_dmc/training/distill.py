@@ -24,8 +24,9 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 def vocab_parallel_log_softmax(logits_bsV: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the whole (TP-split) vocabulary of this rank's slice; no gradient."""
-    logits_bsV = logits_bsV.detach().float()
+    """log-softmax over the whole (TP-split) vocabulary of this rank's slice, in fp32 at
+    least; no gradient."""
+    logits_bsV = logits_bsV.detach().to(torch.promote_types(logits_bsV.dtype, torch.float32))
     max_bs = _all_reduce(logits_bsV.max(dim=-1).values, dist.ReduceOp.MAX)
     shifted_bsV = logits_bsV - max_bs[..., None]
     sum_exp_bs = _all_reduce(shifted_bsV.exp().sum(dim=-1))
@@ -51,7 +52,7 @@ class _VocabParallelKL(torch.autograd.Function):
 
 
 def vocab_parallel_kl(student_bsV: torch.Tensor, teacher_bsV: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(student || teacher) [b, s] in fp32, on every TP rank; gradient to the
+    """Per-token KL(student || teacher) [b, s] in fp32 (fp64 for fp64 input), on every TP rank; gradient to the
     student logits only (the teacher is a constant)."""
     if student_bsV.shape != teacher_bsV.shape:
         raise ValueError(
