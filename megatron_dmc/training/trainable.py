@@ -23,7 +23,8 @@ def _is_head(name: str) -> bool:
 
 
 def _is_attention(name: str) -> bool:
-    return any(m in name for m in ATTENTION_MARKERS) and "layer_norm" not in name
+    in_attention = any(m in name for m in ATTENTION_MARKERS)
+    return in_attention and "layer_norm" not in name and not _is_adapter(name)
 
 
 def _is_adapter(name: str) -> bool:
