@@ -1,15 +1,15 @@
 """Llama with Dynamic Memory Compression (DMC) for transformers, and its compressed KV cache.
 
-Self-contained (imports only torch and transformers) so that it can be copied next to an
-exported checkpoint and loaded with `trust_remote_code=True`. The DMC maths below is a compact
-copy of `megatron_dmc.ops`; the test suite checks that both give the same outputs.
+Its source is `modular_llama_dmc.py`, which imports the DMC maths from `megatron_dmc.ops`
+and the cache's page pool and window state from `megatron_dmc.inference`;
+`tools/generate_hf_modeling.py` writes `modeling_llama_dmc.py` from it with those definitions
+inlined, so that an exported checkpoint loads with `trust_remote_code=True` where
+megatron_dmc is not installed.
 
-Legend: B batch, H query heads, G KV heads, R = H/G query heads per KV head, T time, D head dim,
-E = 2*D + 1 (a window contribution w*k, w*v, w), A = D + 2 and F = D + 1 (augmented keys and
-values of the one-call attention), N = B*G cache rows (one per sequence and KV head), P pages,
-S slots per page, M pages per row, L gathered slots per row, K tail tokens, W window,
-C = L + T keys a call's tokens may see, X = R*T stacked queries of a KV head, U = W + T
-(the open slot's window history, then the call's tokens).
+Legend (docs/shapes.md): B batch, H query heads, G KV heads, T time, D head dim, W window,
+N = B*G cache rows (one per sequence and KV head), P pages, S slots per page, M pages per
+row, L gathered slots per row, C = L + T keys a call's tokens may see, X = (H/G)*T stacked
+queries of a KV head, E = D + 1 (a token's key or value plus its weight).
 """
 
 from __future__ import annotations
@@ -35,147 +35,44 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_llama_dmc import LlamaDMCConfig
+from megatron_dmc.inference.pool import PagePool
+from megatron_dmc.inference.window import (
+    WindowState,
+    chronological,
+    merge_step,
+    state_after_chunk,
+)
+from megatron_dmc.ops.accumulate import windowed_partial_accumulation
+from megatron_dmc.ops.attention import HARD_MASK_VALUE, attention_bias, dmc_attention
+from megatron_dmc.ops.config import DMCConfig
+from megatron_dmc.ops.decisions import (
+    decision_logits,
+    importance_weights,
+    rope_without_decision_channel,
+    zero_decision_channel,
+)
+from megatron_dmc.ops.forward import make_decisions
+from megatron_dmc.ops.relaxation import eval_decisions
 
-HARD_MASK_VALUE = -1.0e4
-"""exp(-1e4) is exactly 0 in every float dtype, so hard masking is exact."""
+from .configuration_llama_dmc import LlamaDMCConfig
 
 PAGE_GROWTH = 1.25
 """A layer's page pool grows to at least this multiple of its old capacity when full."""
 
 
 # ----------------------------------------------------------------------------------------------
-# DMC maths (the parallel form of `megatron_dmc.ops`)
+# The parallel form: megatron_dmc.ops, plus left padding (each row's first real token appends,
+# padding keys are masked)
 # ----------------------------------------------------------------------------------------------
 
 
-def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
-
-
-def rope_without_decision_channel(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Zero channel D-1, rotate-half RoPE, zero channel D-1 again (as the release does)."""
-    x = zero_decision_channel(x)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return zero_decision_channel(x * cos + rotated * sin)
-
-
-def importance_weights(q_BHTD: torch.Tensor, num_kv_heads: int, init_value: float) -> torch.Tensor:
-    """omega = sigmoid(mean over the KV group of q[D-1] + c) + eps, [B, G, T]."""
-    b, h, t, _ = q_BHTD.shape
-    qbar_BGT = q_BHTD[..., -1].reshape(b, num_kv_heads, h // num_kv_heads, t).mean(dim=2)
-    return torch.sigmoid(qbar_BGT + init_value) + torch.finfo(q_BHTD.dtype).eps
-
-
-def merge_decisions(
-    k_BGTD: torch.Tensor,
-    first_B: torch.Tensor,
-    init_value: float,
-    temperature: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """alpha (1 = merge), [B, G, T]: hard without a temperature, else Gumbel-sigmoid.
-
-    The first real token of each row (index first_B) always appends.
-    """
-    logits_BGT = k_BGTD[..., -1] - init_value
-    if temperature is None:
-        alpha_BGT = (logits_BGT > 0).to(k_BGTD.dtype)
-    else:
-        tiny, eps = torch.finfo(logits_BGT.dtype).tiny, torch.finfo(logits_BGT.dtype).eps
-        u = torch.rand(
-            logits_BGT.shape, generator=generator, dtype=logits_BGT.dtype, device=logits_BGT.device
-        ).clamp(tiny, 1.0 - eps)
-        noise_BGT = torch.log(u) - torch.log1p(-u)
-        alpha_BGT = torch.sigmoid((logits_BGT + noise_BGT) / temperature)
-    first_B1T = torch.arange(k_BGTD.shape[2], device=k_BGTD.device) == first_B[:, None, None]
-    return alpha_BGT.masked_fill(first_B1T, 0.0)
-
-
-def _shift_time(x_BGT_: torch.Tensor, offset: int, time_dim: int) -> torch.Tensor:
-    """x[t - offset] along time_dim, zeros where t < offset."""
-    length = x_BGT_.shape[time_dim]
-    pad = [0, 0] * (x_BGT_.dim() - 1 - time_dim % x_BGT_.dim()) + [offset, 0]
-    return F.pad(x_BGT_, pad).narrow(time_dim, 0, length)
-
-
-def windowed_sums(
-    contribution_BGTE: torch.Tensor, alpha_BGT: torch.Tensor, window: int
-) -> torch.Tensor:
-    """Per token, the sum of its own contribution and those of the merge run before it,
-    truncated to the last `window` tokens (the run's tokens t' < t with alpha = 1 after them)."""
-    total_BGTE = contribution_BGTE
-    decay_BGT = torch.ones_like(alpha_BGT)
-    for offset in range(1, min(window, alpha_BGT.shape[-1])):
-        decay_BGT = decay_BGT * _shift_time(alpha_BGT, offset - 1, time_dim=-1)
-        total_BGTE = total_BGTE + decay_BGT[..., None] * _shift_time(
-            contribution_BGTE, offset, time_dim=-2
-        )
-    return total_BGTE
-
-
-def windowed_accumulation(
-    k_BGTD: torch.Tensor,
-    v_BGTD: torch.Tensor,
-    alpha_BGT: torch.Tensor,
-    omega_BGT: torch.Tensor,
-    window: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial accumulations ktilde, vtilde: the merge recurrence truncated to `window` tokens."""
-    omega_BGT1 = omega_BGT[..., None]
-    contribution_BGTE = torch.cat([omega_BGT1 * k_BGTD, omega_BGT1 * v_BGTD, omega_BGT1], -1)
-    total_BGTE = windowed_sums(contribution_BGTE, alpha_BGT, window)
-    kvtilde_BGT2D = total_BGTE[..., :-1] / total_BGTE[..., -1:]
-    return kvtilde_BGT2D[..., : k_BGTD.shape[-1]], kvtilde_BGT2D[..., k_BGTD.shape[-1] :]
-
-
-def attention_bias(alpha_BGT: torch.Tensor, first_B: torch.Tensor, hard: bool) -> torch.Tensor:
-    """b_j from alpha_{j+1} (log(1 - alpha) relaxed, HARD_MASK_VALUE * alpha hard); padding
-    keys before each row's first real token are masked."""
-    next_alpha_BGT = F.pad(alpha_BGT[..., 1:], (0, 1))
-    if hard:
-        bias_BGT = HARD_MASK_VALUE * next_alpha_BGT
-    else:
-        bias_BGT = torch.log((1.0 - next_alpha_BGT).clamp_min(torch.finfo(alpha_BGT.dtype).tiny))
-    padding_B1T = torch.arange(alpha_BGT.shape[2], device=alpha_BGT.device) < first_B[:, None, None]
-    return bias_BGT.masked_fill(padding_B1T, HARD_MASK_VALUE)
-
-
-def biased_causal_attention(
-    q_BHTD: torch.Tensor,
-    ktilde_BGTD: torch.Tensor,
-    vtilde_BGTD: torch.Tensor,
-    bias_BGT: torch.Tensor,
-) -> torch.Tensor:
-    """s_ij = q_i.k_j*scale + b_j for j < i, s_ii unbiased, through one causal SDPA call.
-
-    The bias rides in an extra channel (q[D] = 1/scale, k_j[D] = b_j); the unbiased own slot
-    becomes a "self" key placed first (q_i[D+1] = s_ii/scale, k_self[D+1] = 1) whose value is a
-    one-hot channel, so that channel of the output is the own slot's weight.
-    """
-    group = q_BHTD.shape[1] // ktilde_BGTD.shape[1]
-    value_dim = vtilde_BGTD.shape[-1]
-    scale = q_BHTD.shape[-1] ** -0.5
-    k_BHTD = ktilde_BGTD.repeat_interleave(group, 1)
-    v_BHTD = vtilde_BGTD.repeat_interleave(group, 1)
-    bias_BHT1 = bias_BGT.repeat_interleave(group, 1)[..., None]
-    self_score_BHT1 = (q_BHTD * k_BHTD).sum(-1, keepdim=True) * scale
-    q_aug = torch.cat(
-        [q_BHTD, torch.full_like(self_score_BHT1, 1.0 / scale), self_score_BHT1 / scale], -1
+def ops_config(config: LlamaDMCConfig) -> DMCConfig:
+    """The ops hyper-parameters of a transformers config."""
+    return DMCConfig(
+        window=config.dmc_window_size,
+        init_value=float(config.dmc_init_val),
+        temperature=float(config.dmc_temperature),
     )
-    k_aug = torch.cat([k_BHTD, bias_BHT1, torch.zeros_like(bias_BHT1)], dim=-1)
-    k_self = F.pad(torch.ones_like(k_aug[:, :, :1, :1]), (k_aug.shape[-1] - 1, 0))
-    v_aug = F.pad(v_BHTD, (0, 1))
-    v_self = F.pad(torch.ones_like(v_aug[:, :, :1, :1]), (value_dim, 0))
-    keys_BHTA = torch.cat([k_self, k_aug[:, :, :-1]], dim=2)
-    values_BHTF = torch.cat([v_self, v_aug[:, :, :-1]], dim=2)
-    out_BHTF = F.scaled_dot_product_attention(
-        q_aug, keys_BHTA, values_BHTF, is_causal=True, scale=scale
-    )
-    return out_BHTF[..., :value_dim] + out_BHTF[..., value_dim:] * v_BHTD
 
 
 @dataclass
@@ -204,21 +101,30 @@ def dmc_parallel_attention(
     first_B: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> ParallelDMC:
-    """Eval: hard decisions (Algorithm 1 exactly). Training: Gumbel-sigmoid relaxation."""
+    """Eval: hard decisions (Algorithm 1 exactly). Training: Gumbel-sigmoid relaxation.
+
+    first_B: [B] index of each row's first real token (left padding), None for none."""
+    batch, length = q_BHTD.shape[0], q_BHTD.shape[2]
     if first_B is None:
-        first_B = torch.zeros(q_BHTD.shape[0], dtype=torch.long, device=q_BHTD.device)
-    temperature = config.dmc_temperature if training else None
-    alpha_BGT = merge_decisions(k_BGTD, first_B, config.dmc_init_val, temperature, generator)
-    omega_BGT = importance_weights(q_BHTD, k_BGTD.shape[1], config.dmc_init_val)
+        first_B = torch.zeros(batch, dtype=torch.long, device=q_BHTD.device)
+    dmc = ops_config(config)
+    decisions = make_decisions(q_BHTD, k_BGTD, dmc, training, generator)
+    time_T = torch.arange(length, device=q_BHTD.device)
+    alpha_BGT = decisions.alpha_BGT.masked_fill(time_T == first_B[:, None, None], 0.0)
     k_BGTD = zero_decision_channel(k_BGTD)
-    ktilde_BGTD, vtilde_BGTD = windowed_accumulation(
-        k_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.dmc_window_size
+    ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
+        k_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc.window
     )
     q_rot_BHTD = rope_without_decision_channel(q_BHTD, cos_B1TD, sin_B1TD)
     k_rot_BGTD = rope_without_decision_channel(ktilde_BGTD, cos_B1TD, sin_B1TD)
-    bias_BGT = attention_bias(alpha_BGT, first_B, hard=not training)
-    out_BHTD = biased_causal_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT)
-    return ParallelDMC(out_BHTD, alpha_BGT, omega_BGT, k_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD)
+    padding_B1T = time_T < first_B[:, None, None]
+    bias_BGT = attention_bias(alpha_BGT, hard=not training).masked_fill(
+        padding_B1T, HARD_MASK_VALUE
+    )
+    out_BHTD = dmc_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT)
+    return ParallelDMC(
+        out_BHTD, alpha_BGT, decisions.omega_BGT, k_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,23 +143,23 @@ def _storage_bytes(*tensors: torch.Tensor) -> int:
 class PagedSlots:
     """The kept K/V slots of one layer: N rows (sequence, KV head) of different lengths.
 
-    Slots live in pages of `page_size` from one pool per layer; row n owns
+    Slots live in pages of `page_size` from one `PagePool` per layer; row n owns
     ceil(length_n / page_size) pages, listed in its block-table row. The first write (prefill)
     sizes the pool exactly; later, when rows need pages and the pool is full, it is
     reallocated to at least PAGE_GROWTH times its capacity. Rows never shrink (a merge
     overwrites the last slot).
     """
 
-    def __init__(
-        self, rows: int, key_dim: int, value_dim: int, page_size: int, like: torch.Tensor
-    ) -> None:
+    def __init__(self, rows: int, head_dim: int, page_size: int, like: torch.Tensor) -> None:
         """Empty rows; the pool takes the dtype and device of `like`."""
-        self.page_size = page_size
+        self.page_size, self.head_dim, self.like = page_size, head_dim, like.new_zeros(0)
         self.lengths_N = torch.zeros(rows, dtype=torch.long, device=like.device)
-        self.used_pages = 0
-        self.keys_PSD = like.new_zeros(0, page_size, key_dim)
-        self.values_PSD = like.new_zeros(0, page_size, value_dim)
+        self.pool: PagePool | None = None
         self.pages_NM = torch.full((rows, 0), -1, dtype=torch.long, device=like.device)
+
+    @property
+    def used_pages(self) -> int:
+        return 0 if self.pool is None else self.pool.pages_in_use
 
     def extend(
         self,
@@ -270,10 +176,11 @@ class PagedSlots:
         self._reserve(new_lengths_N)
         self.lengths_N = new_lengths_N
         rows_n, times_n = kept_NT.nonzero(as_tuple=True)
-        pages_n = self.pages_NM[rows_n, slots_NT[rows_n, times_n] // self.page_size]
-        offsets_n = slots_NT[rows_n, times_n] % self.page_size
-        self.keys_PSD[pages_n, offsets_n] = keys_NTD[rows_n, times_n]
-        self.values_PSD[pages_n, offsets_n] = values_NTD[rows_n, times_n]
+        slots_n = slots_NT[rows_n, times_n]
+        flat_n = self.pages_NM[rows_n, slots_n // self.page_size] * self.page_size
+        flat_n = flat_n + slots_n % self.page_size
+        self.pool.k_flat[flat_n] = keys_NTD[rows_n, times_n].to(self.pool.k_flat.dtype)
+        self.pool.v_flat[flat_n] = values_NTD[rows_n, times_n].to(self.pool.v_flat.dtype)
 
     def step(self, append_N: torch.Tensor, keys_ND: torch.Tensor, values_ND: torch.Tensor) -> None:
         """One token per row: append rows open a new slot, the others overwrite their last."""
@@ -293,89 +200,71 @@ class PagedSlots:
         rows_n = torch.repeat_interleave(torch.arange(len(count_N), device=count_N.device), count_N)
         new_n = torch.arange(count, device=count_N.device)
         first_new_N = count_N.cumsum(0) - count_N
-        self.pages_NM[rows_n, old_pages_N[rows_n] + new_n - first_new_N[rows_n]] = (
-            self.used_pages + new_n
-        )
-        self.used_pages += count
+        columns_n = old_pages_N[rows_n] + new_n - first_new_N[rows_n]
+        self.pages_NM[rows_n, columns_n] = self.pool.allocate(count, "the DMC cache")
 
     def _grow_pool(self, needed: int) -> None:
-        capacity = self.keys_PSD.shape[0]
+        """A larger pool holding the same pages under the same ids (nothing is ever released,
+        so the used ids are 0 .. used-1 and a fresh pool hands out exactly those first)."""
+        capacity = 0 if self.pool is None else self.pool.num_pages
         if needed <= capacity:
             return
-        extra = max(needed, int(capacity * PAGE_GROWTH) + 1) - capacity
-        self.keys_PSD = torch.cat(
-            [self.keys_PSD, self.keys_PSD.new_zeros(extra, *self.keys_PSD.shape[1:])]
-        )
-        self.values_PSD = torch.cat(
-            [self.values_PSD, self.values_PSD.new_zeros(extra, *self.values_PSD.shape[1:])]
-        )
+        size = needed if self.pool is None else max(needed, int(capacity * PAGE_GROWTH) + 1)
+        like = self.like
+        grown = PagePool(size, self.page_size, self.head_dim, like.dtype, like.device)
+        if self.pool is not None:
+            grown.allocate(self.pool.pages_in_use)
+            grown.k_pages_PND[:capacity] = self.pool.k_pages_PND
+            grown.v_pages_PND[:capacity] = self.pool.v_pages_PND
+        self.pool = grown
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [N, L, D], values [N, L, D] and validity [N, L], padded to the longest row."""
         num_pages = int(_ceil_div(self.lengths_N.max(), self.page_size))
         pages_NM = self.pages_NM[:, :num_pages].clamp_min(0)
-        keys_NLD = self.keys_PSD[pages_NM].flatten(1, 2)
-        values_NLD = self.values_PSD[pages_NM].flatten(1, 2)
+        keys_NLD = self.pool.k_pages_PND[pages_NM].flatten(1, 2)
+        values_NLD = self.pool.v_pages_PND[pages_NM].flatten(1, 2)
         valid_NL = torch.arange(keys_NLD.shape[1], device=keys_NLD.device) < self.lengths_N[:, None]
         return keys_NLD, values_NLD, valid_NL
 
     def allocated_bytes(self) -> int:
-        return _storage_bytes(self.keys_PSD, self.values_PSD, self.pages_NM, self.lengths_N)
+        """Page storage, the pool's free-page stack, block table and lengths."""
+        tables = _storage_bytes(self.pages_NM, self.lengths_N)
+        if self.pool is None:
+            return tables
+        return tables + _storage_bytes(
+            self.pool.k_pages_PND, self.pool.v_pages_PND, self.pool.free_P
+        )
 
 
-class OpenSlotWindow:
-    """Per row, the last `window` contributions (w*k, w*v, w) of the open slot's merge run, in a
-    ring indexed by (position in the run) mod window. The merged key and value are the ring's
-    sums divided by its weight: the release's running sums, recomputed so that no subtraction
-    error accumulates over long runs."""
+def empty_window(batch: int, groups: int, window: int, like: torch.Tensor) -> WindowState:
+    """The window state of streams that hold no token yet."""
+    k_BGWD = like.new_zeros(batch, groups, window, like.shape[-1])
+    state_dtype = torch.promote_types(like.dtype, torch.float32)
+    w_BGW = torch.zeros(batch, groups, window, dtype=state_dtype, device=like.device)
+    run_len_BG = torch.zeros(batch, groups, dtype=torch.long, device=like.device)
+    return WindowState(k_BGWD, torch.zeros_like(k_BGWD), w_BGW, run_len_BG)
 
-    def __init__(self, run_N: torch.Tensor, tail_NKE: torch.Tensor, window: int) -> None:
-        """run_N: tokens in each row's open run; tail_NKE: the last K contributions, in order."""
-        self.window = window
-        self._refill(run_N, tail_NKE)
 
-    def _refill(self, run_N: torch.Tensor, tail_NKE: torch.Tensor) -> None:
-        window, tail = self.window, tail_NKE.shape[1]
-        self.run_N = run_N
-        self.ring_NWE = tail_NKE.new_zeros(tail_NKE.shape[0], window, tail_NKE.shape[-1])
-        offset_O = torch.arange(min(window, tail), device=run_N.device)
-        rows_n, offsets_n = (offset_O < run_N[:, None]).nonzero(as_tuple=True)
-        run_index_n = run_N[rows_n] - 1 - offsets_n
-        self.ring_NWE[rows_n, run_index_n % window] = tail_NKE[rows_n, tail - 1 - offsets_n]
-
-    def step(self, append_N: torch.Tensor, contribution_NE: torch.Tensor) -> torch.Tensor:
-        """Add one token; returns the open slot's merged (k, v), [N, E - 1], pre-RoPE."""
-        self.ring_NWE = self.ring_NWE.masked_fill(append_N[:, None, None], 0.0)
-        index_N = torch.where(append_N, 0, self.run_N % self.window)
-        self.ring_NWE[torch.arange(len(index_N), device=index_N.device), index_N] = contribution_NE
-        self.run_N = torch.where(append_N, 1, self.run_N + 1)
-        total_NE = self.ring_NWE.sum(1)
-        return total_NE[:, :-1] / total_NE[:, -1:]
-
-    def history(self) -> torch.Tensor:
-        """The open run's last `window` contributions in time order, zeros before it, [N, W, E]."""
-        offset_W = torch.arange(self.window - 1, -1, -1, device=self.run_N.device)
-        index_NW = (self.run_N[:, None] - 1 - offset_W) % self.window
-        held_NW1 = (offset_W < self.run_N[:, None])[..., None]
-        gathered_NWE = self.ring_NWE.gather(1, index_NW[..., None].expand_as(self.ring_NWE))
-        return gathered_NWE * held_NW1
-
-    def extend(self, alpha_NT: torch.Tensor, contribution_NTE: torch.Tensor) -> torch.Tensor:
-        """Add T tokens at once (the parallel form continued from the open run); returns each
-        token's merged (k, v), [N, T, E - 1], pre-RoPE."""
-        n, length = alpha_NT.shape
-        held_NWE = self.history()
-        sequence_NUE = torch.cat([held_NWE, contribution_NTE], dim=1)
-        alpha_NU = torch.cat([alpha_NT.new_ones(n, self.window), alpha_NT], dim=1)
-        total_NTE = windowed_sums(sequence_NUE, alpha_NU, self.window)[:, self.window :]
-        time_T = torch.arange(length, device=alpha_NT.device)
-        last_append_N = torch.where(alpha_NT == 0, time_T, -1).amax(1)
-        run_N = torch.where(last_append_N >= 0, length - last_append_N, self.run_N + length)
-        self._refill(run_N, sequence_NUE[:, -self.window :])
-        return total_NTE[..., :-1] / total_NTE[..., -1:]
-
-    def allocated_bytes(self) -> int:
-        return _storage_bytes(self.ring_NWE, self.run_N)
+def accumulate_after_window(
+    window: WindowState,
+    k_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    alpha_BGT: torch.Tensor,
+    omega_BGT: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial accumulations of T new tokens whose first run may continue the open run: the
+    run's last W contributions go in front (oldest first, weight 0 where none), then are cut."""
+    held = chronological(window)
+    size, dtype = window.w_BGW.shape[-1], k_BGTD.dtype
+    ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
+        torch.cat([held.k_BGWD.to(dtype), k_BGTD], dim=2),
+        torch.cat([held.v_BGWD.to(dtype), v_BGTD], dim=2),
+        torch.cat([torch.ones_like(held.w_BGW, dtype=dtype), alpha_BGT], dim=2),
+        torch.cat([held.w_BGW.to(dtype), omega_BGT], dim=2),
+        size,
+    )
+    return ktilde_BGTD[:, :, size:], vtilde_BGTD[:, :, size:]
 
 
 def attend_slots(
@@ -386,8 +275,8 @@ def attend_slots(
 ) -> torch.Tensor:
     """Each query over the slots of its KV head (already rotated) it may see. [B, H, T, D].
 
-    The R query heads of a KV head are stacked along time (X = R*T) so that one SDPA call
-    serves the whole group without repeating its keys."""
+    The H/G query heads of a KV head are stacked along time (X = (H/G)*T) so that one SDPA
+    call serves the whole group without repeating its keys."""
     b, h, t, d = q_rot_BHTD.shape
     g, keys = keys_BGCD.shape[1], keys_BGCD.shape[2]
     q_BGXD = q_rot_BHTD.reshape(b, g, -1, d)
@@ -425,7 +314,7 @@ class DMCCacheLayer(CacheLayerMixin):
         super().__init__()
         self.config, self.page_size = config, page_size
         self.slots: PagedSlots | None = None
-        self.open_slot: OpenSlotWindow | None = None
+        self.window: WindowState | None = None
         self.first_B: torch.Tensor | None = None
         self.tokens_seen = 0
 
@@ -436,53 +325,59 @@ class DMCCacheLayer(CacheLayerMixin):
         first_N = first_B.repeat_interleave(g)
         time_T = torch.arange(length, device=first_N.device)
         kept_NT = (F.pad(alpha_NT[:, 1:], (0, 1)) == 0) & (time_T >= first_N[:, None])
-        value_dim = parallel.vtilde_BGTD.shape[-1]
-        self.slots = PagedSlots(b * g, d, value_dim, self.page_size, parallel.k_rot_BGTD)
+        self.slots = PagedSlots(b * g, d, self.page_size, parallel.k_rot_BGTD)
         self.slots.extend(
             kept_NT,
             parallel.k_rot_BGTD.reshape(b * g, length, d),
             parallel.vtilde_BGTD.reshape(b * g, length, -1),
             torch.zeros_like(first_N, dtype=torch.bool),
         )
-        tail = min(self.config.dmc_window_size, length)
-        omega_NK1 = parallel.omega_BGT[..., -tail:].reshape(b * g, tail, 1)
-        k_NKD = parallel.k_BGTD[:, :, -tail:].reshape(b * g, tail, d)
-        v_NKD = parallel.v_BGTD[:, :, -tail:].reshape(b * g, tail, -1)
-        tail_NKE = torch.cat([omega_NK1 * k_NKD, omega_NK1 * v_NKD, omega_NK1], dim=-1)
-        appends_NT = (alpha_NT == 0) & (time_T >= first_N[:, None])
-        run_N = length - torch.where(appends_NT, time_T, -1).amax(1)
-        self.open_slot = OpenSlotWindow(run_N, tail_NKE, self.config.dmc_window_size)
+        self.window = self._window_after(
+            empty_window(b, g, self.config.dmc_window_size, parallel.k_BGTD),
+            parallel.k_BGTD,
+            parallel.v_BGTD,
+            parallel.alpha_BGT,
+            parallel.omega_BGT,
+        )
         self.first_B, self.tokens_seen, self.is_initialized = first_B, length, True
 
-    def _contributions(self, q_BHTD, k_BGTD, v_BGTD) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard decisions alpha [N, T] and window contributions (w*k, w*v, w) [N, T, E]."""
-        (b, g, length, d), init_value = k_BGTD.shape, self.config.dmc_init_val
-        alpha_NT = (k_BGTD[..., -1] - init_value > 0).to(k_BGTD.dtype).reshape(b * g, length)
-        omega_NT1 = importance_weights(q_BHTD, g, init_value).reshape(b * g, length, 1)
-        k_NTD = zero_decision_channel(k_BGTD).reshape(b * g, length, d)
-        v_NTD = v_BGTD.reshape(b * g, length, -1)
-        return alpha_NT, torch.cat([omega_NT1 * k_NTD, omega_NT1 * v_NTD, omega_NT1], -1)
+    def _window_after(self, window, k_BGTD, v_BGTD, alpha_BGT, omega_BGT) -> WindowState:
+        """The window state after T more tokens (the first real token of a row appends)."""
+        lengths_B = torch.full_like(k_BGTD[:, 0, 0, 0], k_BGTD.shape[2], dtype=torch.long)
+        state = state_after_chunk(
+            window, k_BGTD, v_BGTD, omega_BGT.to(window.w_BGW.dtype), alpha_BGT == 0, lengths_B
+        )
+        compact = (t.contiguous() for t in (state.k_BGWD, state.v_BGWD, state.w_BGW))
+        return WindowState(*compact, state.run_len_BG)
+
+    def _decisions(self, q_BHTD, k_BGTD) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard decisions alpha and importance omega of new tokens, [B, G, T] each."""
+        init_value = float(self.config.dmc_init_val)
+        alpha_BGT = eval_decisions(decision_logits(k_BGTD, init_value))
+        return alpha_BGT, importance_weights(q_BHTD, k_BGTD.shape[1], init_value)
 
     def decode(self, q_BHD, k_BGD, v_BGD, cos_BD, sin_BD) -> torch.Tensor:
         """Algorithm 1 for one token of every row, then attention over the slots. [B, H, D]."""
         (b, g, d), n = k_BGD.shape, k_BGD.shape[0] * k_BGD.shape[1]
-        alpha_N1, contribution_N1E = self._contributions(
-            q_BHD[:, :, None], k_BGD[:, :, None], v_BGD[:, :, None]
+        alpha_BG1, omega_BG1 = self._decisions(q_BHD[:, :, None], k_BGD[:, :, None])
+        merge_BG = alpha_BG1[..., 0] == 1
+        self.window, slot_k_BGD, slot_v_BGD = merge_step(
+            self.window,
+            zero_decision_channel(k_BGD).to(self.window.k_BGWD.dtype),
+            v_BGD.to(self.window.v_BGWD.dtype),
+            omega_BG1[..., 0].to(self.window.w_BGW.dtype),
+            merge_BG,
         )
-        append_N = alpha_N1[:, 0] == 0
-        merged_NE = self.open_slot.step(append_N, contribution_N1E[:, 0])
-        k_rot_BGD = rope_without_decision_channel(
-            merged_NE[:, :d].view(b, g, d), cos_BD[:, None], sin_BD[:, None]
-        )
-        self.slots.step(append_N, k_rot_BGD.reshape(n, d), merged_NE[:, d:])
+        k_rot_BGD = rope_without_decision_channel(slot_k_BGD, cos_BD[:, None], sin_BD[:, None])
+        self.slots.step(~merge_BG.reshape(n), k_rot_BGD.reshape(n, d), slot_v_BGD.reshape(n, d))
         self.tokens_seen += 1
         keys_NLD, values_NLD, valid_NL = self.slots.gather()
         q_rot_BHD = rope_without_decision_channel(q_BHD, cos_BD[:, None], sin_BD[:, None])
         length = valid_NL.shape[1]
         return attend_slots(
             q_rot_BHD[:, :, None],
-            keys_NLD.view(b, g, length, d),
-            values_NLD.view(b, g, length, -1),
+            keys_NLD.view(b, g, length, d).to(q_BHD.dtype),
+            values_NLD.view(b, g, length, -1).to(q_BHD.dtype),
             valid_NL.view(b, g, 1, length),
         )[:, :, 0]
 
@@ -490,16 +385,21 @@ class DMCCacheLayer(CacheLayerMixin):
         """Several tokens of every row in one pass: the parallel form continued from the cache
         (hard decisions, so Algorithm 1 token by token gives the same slots). [B, H, T, D]."""
         (b, g, length, d), n = k_BGTD.shape, k_BGTD.shape[0] * k_BGTD.shape[1]
-        alpha_NT, contribution_NTE = self._contributions(q_BHTD, k_BGTD, v_BGTD)
-        merged_NTE = self.open_slot.extend(alpha_NT, contribution_NTE)
+        alpha_BGT, omega_BGT = self._decisions(q_BHTD, k_BGTD)
+        k0_BGTD = zero_decision_channel(k_BGTD)
+        ktilde_BGTD, vtilde_BGTD = accumulate_after_window(
+            self.window, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT
+        )
+        self.window = self._window_after(self.window, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT)
         k_rot_NTD = rope_without_decision_channel(
-            merged_NTE[..., :d].view(b, g, length, d), cos_BTD[:, None], sin_BTD[:, None]
+            ktilde_BGTD, cos_BTD[:, None], sin_BTD[:, None]
         ).reshape(n, length, d)
-        vtilde_NTD = merged_NTE[..., d:]
+        vtilde_NTD = vtilde_BGTD.reshape(n, length, d)
+        alpha_NT = alpha_BGT.reshape(n, length)
         keys_NLD, values_NLD, valid_NL = self.slots.gather()
         visible_NTC = chunk_visibility(valid_NL, self.slots.lengths_N, alpha_NT)
-        keys_NCD = torch.cat([keys_NLD, k_rot_NTD], dim=1)
-        values_NCD = torch.cat([values_NLD, vtilde_NTD], dim=1)
+        keys_NCD = torch.cat([keys_NLD.to(k_rot_NTD.dtype), k_rot_NTD], dim=1)
+        values_NCD = torch.cat([values_NLD.to(vtilde_NTD.dtype), vtilde_NTD], dim=1)
         next_append_NT = F.pad(alpha_NT[:, 1:] == 0, (0, 1), value=True)
         self.slots.extend(next_append_NT, k_rot_NTD, vtilde_NTD, alpha_NT[:, 0] == 1)
         self.tokens_seen += length
@@ -519,9 +419,10 @@ class DMCCacheLayer(CacheLayerMixin):
     def allocated_bytes(self) -> int:
         if self.slots is None:
             return 0
+        window = self.window
         return (
             self.slots.allocated_bytes()
-            + self.open_slot.allocated_bytes()
+            + _storage_bytes(window.k_BGWD, window.v_BGWD, window.w_BGW, window.run_len_BG)
             + _storage_bytes(self.first_B)
         )
 
@@ -544,7 +445,7 @@ class DMCCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.slots = self.open_slot = self.first_B = None
+        self.slots = self.window = self.first_B = None
         self.tokens_seen, self.is_initialized = 0, False
 
     def _unsupported(self, *args, **kwargs) -> None:
@@ -593,10 +494,8 @@ class DMCCache(Cache):
 
     def dense_bytes(self) -> int:
         """What an uncompressed K/V cache of the same real tokens would hold."""
-        pool = self.layers[0].slots
-        per_slot = (
-            pool.keys_PSD.shape[-1] + pool.values_PSD.shape[-1]
-        ) * pool.keys_PSD.element_size()
+        slots = self.layers[0].slots
+        per_slot = slots.pool.page_bytes // slots.page_size
         rows_per_sequence = self.slot_counts().shape[-1]
         return int(self.real_tokens().sum()) * rows_per_sequence * per_slot * len(self.layers)
 

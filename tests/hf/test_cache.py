@@ -16,7 +16,7 @@ FLOAT, LONG = 4, 8
 def predicted_layer_bytes(lengths_N, capacity_pages, table_columns, config, page_size, batch):
     d = config.head_dim
     rows = lengths_N.numel()
-    pool = capacity_pages * page_size * 2 * d * FLOAT
+    pool = capacity_pages * (page_size * 2 * d * FLOAT + LONG)  # pages and free-page stack
     table_and_lengths = rows * (table_columns + 1) * LONG
     window = rows * config.dmc_window_size * (2 * d + 1) * FLOAT + rows * LONG
     return pool + table_and_lengths + window + batch * LONG
@@ -59,7 +59,7 @@ def test_decode_and_chunks_grow_pages_on_demand_only(call_length):
     for layer in cache.layers:
         slots, lengths_N = layer.slots, layer.slots.lengths_N
         used = sum(math.ceil(n / 4) for n in lengths_N.tolist())
-        capacity = slots.keys_PSD.shape[0]
+        capacity = slots.pool.num_pages
         assert slots.used_pages == used
         assert used <= capacity <= int(used * PAGE_GROWTH) + 1
         assert slots.pages_NM.shape[1] == math.ceil(int(lengths_N.max()) / 4)
