@@ -6,10 +6,10 @@ and the cache's page pool and window state from `megatron_dmc.inference`;
 inlined, so that an exported checkpoint loads with `trust_remote_code=True` where
 megatron_dmc is not installed.
 
-Legend (docs/shapes.md): B batch, H query heads, G KV heads, T time, D head dim, W window,
-N = B*G cache rows (one per sequence and KV head), P pages, S slots per page, M pages per
-row, L gathered slots per row, C = L + T keys a call's tokens may see, X = (H/G)*T stacked
-queries of a KV head, E = D + 1 (a token's key or value plus its weight).
+Legend (docs/shapes.md): B batch, H query heads, G KV heads, R = H/G, T time, D head dim,
+W window, U = B*G cache streams (one per sequence and KV head), S slots a stream holds, P
+pages, N slots per page, M pages per stream, K selected items; file-local: J = S + T keys a
+call's tokens may see, X = R*T stacked queries of a KV head, E = H*D concatenated heads.
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ def _storage_bytes(*tensors: torch.Tensor) -> int:
 
 
 class PagedSlots:
-    """The kept K/V slots of one layer: N rows (sequence, KV head) of different lengths.
+    """The kept K/V slots of one layer: U rows (streams: sequence, KV head) of different lengths.
 
     Slots live in pages of `page_size` from one `PagePool` per layer; row n owns
-    ceil(length_n / page_size) pages, listed in its block-table row. The first write (prefill)
+    ceil(length_K / page_size) pages, listed in its block-table row. The first write (prefill)
     sizes the pool exactly; later, when rows need pages and the pool is full, it is
     reallocated to at least PAGE_GROWTH times its capacity. Rows never shrink (a merge
     overwrites the last slot).
@@ -153,9 +153,9 @@ class PagedSlots:
     def __init__(self, rows: int, head_dim: int, page_size: int, like: torch.Tensor) -> None:
         """Empty rows; the pool takes the dtype and device of `like`."""
         self.page_size, self.head_dim, self.like = page_size, head_dim, like.new_zeros(0)
-        self.lengths_N = torch.zeros(rows, dtype=torch.long, device=like.device)
+        self.lengths_U = torch.zeros(rows, dtype=torch.long, device=like.device)
         self.pool: PagePool | None = None
-        self.pages_NM = torch.full((rows, 0), -1, dtype=torch.long, device=like.device)
+        self.pages_UM = torch.full((rows, 0), -1, dtype=torch.long, device=like.device)
 
     @property
     def used_pages(self) -> int:
@@ -163,45 +163,45 @@ class PagedSlots:
 
     def extend(
         self,
-        kept_NT: torch.Tensor,
-        keys_NTD: torch.Tensor,
-        values_NTD: torch.Tensor,
-        continues_last_N: torch.Tensor,
+        kept_UT: torch.Tensor,
+        keys_UTD: torch.Tensor,
+        values_UTD: torch.Tensor,
+        continues_last_U: torch.Tensor,
     ) -> None:
         """Write the kept tokens' slots in order; a row whose first new token merges into its
         open slot (continues_last) overwrites its last slot, the other rows append."""
-        base_N = self.lengths_N - continues_last_N.long()
-        slots_NT = base_N[:, None] + kept_NT.long().cumsum(1) - 1
-        new_lengths_N = base_N + kept_NT.sum(1)
-        self._reserve(new_lengths_N)
-        self.lengths_N = new_lengths_N
-        rows_n, times_n = kept_NT.nonzero(as_tuple=True)
-        slots_n = slots_NT[rows_n, times_n]
-        flat_n = self.pages_NM[rows_n, slots_n // self.page_size] * self.page_size
-        flat_n = flat_n + slots_n % self.page_size
-        self.pool.k_flat[flat_n] = keys_NTD[rows_n, times_n].to(self.pool.k_flat.dtype)
-        self.pool.v_flat[flat_n] = values_NTD[rows_n, times_n].to(self.pool.v_flat.dtype)
+        base_U = self.lengths_U - continues_last_U.long()
+        slots_UT = base_U[:, None] + kept_UT.long().cumsum(1) - 1
+        new_lengths_U = base_U + kept_UT.sum(1)
+        self._reserve(new_lengths_U)
+        self.lengths_U = new_lengths_U
+        rows_K, times_K = kept_UT.nonzero(as_tuple=True)
+        slots_K = slots_UT[rows_K, times_K]
+        flat_K = self.pages_UM[rows_K, slots_K // self.page_size] * self.page_size
+        flat_K = flat_K + slots_K % self.page_size
+        self.pool.k_flat[flat_K] = keys_UTD[rows_K, times_K].to(self.pool.k_flat.dtype)
+        self.pool.v_flat[flat_K] = values_UTD[rows_K, times_K].to(self.pool.v_flat.dtype)
 
-    def step(self, append_N: torch.Tensor, keys_ND: torch.Tensor, values_ND: torch.Tensor) -> None:
+    def step(self, append_U: torch.Tensor, keys_UD: torch.Tensor, values_UD: torch.Tensor) -> None:
         """One token per row: append rows open a new slot, the others overwrite their last."""
-        kept_N1 = torch.ones_like(append_N)[:, None]
-        self.extend(kept_N1, keys_ND[:, None], values_ND[:, None], ~append_N)
+        kept_U1 = torch.ones_like(append_U)[:, None]
+        self.extend(kept_U1, keys_UD[:, None], values_UD[:, None], ~append_U)
 
-    def _reserve(self, new_lengths_N: torch.Tensor) -> None:
-        old_pages_N = _ceil_div(self.lengths_N, self.page_size)
-        count_N = _ceil_div(new_lengths_N, self.page_size) - old_pages_N
-        count = int(count_N.sum())
+    def _reserve(self, new_lengths_U: torch.Tensor) -> None:
+        old_pages_U = _ceil_div(self.lengths_U, self.page_size)
+        count_U = _ceil_div(new_lengths_U, self.page_size) - old_pages_U
+        count = int(count_U.sum())
         if count == 0:
             return
-        missing_columns = int((old_pages_N + count_N).max()) - self.pages_NM.shape[1]
+        missing_columns = int((old_pages_U + count_U).max()) - self.pages_UM.shape[1]
         if missing_columns > 0:
-            self.pages_NM = F.pad(self.pages_NM, (0, missing_columns), value=-1)
+            self.pages_UM = F.pad(self.pages_UM, (0, missing_columns), value=-1)
         self._grow_pool(self.used_pages + count)
-        rows_n = torch.repeat_interleave(torch.arange(len(count_N), device=count_N.device), count_N)
-        new_n = torch.arange(count, device=count_N.device)
-        first_new_N = count_N.cumsum(0) - count_N
-        columns_n = old_pages_N[rows_n] + new_n - first_new_N[rows_n]
-        self.pages_NM[rows_n, columns_n] = self.pool.allocate(count, "the DMC cache")
+        rows_K = torch.repeat_interleave(torch.arange(len(count_U), device=count_U.device), count_U)
+        new_K = torch.arange(count, device=count_U.device)
+        first_new_U = count_U.cumsum(0) - count_U
+        columns_K = old_pages_U[rows_K] + new_K - first_new_U[rows_K]
+        self.pages_UM[rows_K, columns_K] = self.pool.allocate(count, "the DMC cache")
 
     def _grow_pool(self, needed: int) -> None:
         """A larger pool holding the same pages under the same ids (nothing is ever released,
@@ -219,17 +219,17 @@ class PagedSlots:
         self.pool = grown
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys [N, L, D], values [N, L, D] and validity [N, L], padded to the longest row."""
-        num_pages = int(_ceil_div(self.lengths_N.max(), self.page_size))
-        pages_NM = self.pages_NM[:, :num_pages].clamp_min(0)
-        keys_NLD = self.pool.k_pages_PND[pages_NM].flatten(1, 2)
-        values_NLD = self.pool.v_pages_PND[pages_NM].flatten(1, 2)
-        valid_NL = torch.arange(keys_NLD.shape[1], device=keys_NLD.device) < self.lengths_N[:, None]
-        return keys_NLD, values_NLD, valid_NL
+        """Keys [U, S, D], values [U, S, D] and validity [U, S], padded to the longest row."""
+        num_pages = int(_ceil_div(self.lengths_U.max(), self.page_size))
+        pages_UM = self.pages_UM[:, :num_pages].clamp_min(0)
+        keys_USD = self.pool.k_pages_PND[pages_UM].flatten(1, 2)
+        values_USD = self.pool.v_pages_PND[pages_UM].flatten(1, 2)
+        valid_US = torch.arange(keys_USD.shape[1], device=keys_USD.device) < self.lengths_U[:, None]
+        return keys_USD, values_USD, valid_US
 
     def allocated_bytes(self) -> int:
         """Page storage, the pool's free-page stack, block table and lengths."""
-        tables = _storage_bytes(self.pages_NM, self.lengths_N)
+        tables = _storage_bytes(self.pages_UM, self.lengths_U)
         if self.pool is None:
             return tables
         return tables + _storage_bytes(
@@ -269,38 +269,38 @@ def accumulate_after_window(
 
 def attend_slots(
     q_rot_BHTD: torch.Tensor,
-    keys_BGCD: torch.Tensor,
-    values_BGCD: torch.Tensor,
-    visible_BGTC: torch.Tensor,
+    keys_BGJD: torch.Tensor,
+    values_BGJD: torch.Tensor,
+    visible_BGTJ: torch.Tensor,
 ) -> torch.Tensor:
     """Each query over the slots of its KV head (already rotated) it may see. [B, H, T, D].
 
-    The H/G query heads of a KV head are stacked along time (X = (H/G)*T) so that one SDPA
+    The H/G query heads of a KV head are stacked along time (X = R*T) so that one SDPA
     call serves the whole group without repeating its keys."""
     b, h, t, d = q_rot_BHTD.shape
-    g, keys = keys_BGCD.shape[1], keys_BGCD.shape[2]
+    g, keys = keys_BGJD.shape[1], keys_BGJD.shape[2]
     q_BGXD = q_rot_BHTD.reshape(b, g, -1, d)
-    visible_BGXC = visible_BGTC[:, :, None].expand(b, g, h // g, t, keys).reshape(b, g, -1, keys)
-    out_BGXD = F.scaled_dot_product_attention(q_BGXD, keys_BGCD, values_BGCD, visible_BGXC)
+    visible_BGXJ = visible_BGTJ[:, :, None].expand(b, g, h // g, t, keys).reshape(b, g, -1, keys)
+    out_BGXD = F.scaled_dot_product_attention(q_BGXD, keys_BGJD, values_BGJD, visible_BGXJ)
     return out_BGXD.view(b, h, t, -1)
 
 
 def chunk_visibility(
-    valid_NL: torch.Tensor, lengths_N: torch.Tensor, alpha_NT: torch.Tensor
+    valid_US: torch.Tensor, lengths_U: torch.Tensor, alpha_UT: torch.Tensor
 ) -> torch.Tensor:
-    """Which keys each new token sees, [N, T, C]: the cached slots (the last one unless the
+    """Which keys each new token sees, [U, T, J]: the cached slots (the last one unless the
     first new token merges into it), then the new tokens' partial slots under the DMC mask
     (its own, and every earlier one that the next token does not merge into)."""
-    length = alpha_NT.shape[1]
-    last_NL = torch.arange(valid_NL.shape[1], device=valid_NL.device) == lengths_N[:, None] - 1
-    cached_NL = valid_NL & ~(last_NL & alpha_NT[:, :1].bool())
-    next_append_NT = F.pad(alpha_NT[:, 1:] == 0, (0, 1), value=True)
-    time_T = torch.arange(length, device=alpha_NT.device)
+    length = alpha_UT.shape[1]
+    last_US = torch.arange(valid_US.shape[1], device=valid_US.device) == lengths_U[:, None] - 1
+    cached_US = valid_US & ~(last_US & alpha_UT[:, :1].bool())
+    next_append_UT = F.pad(alpha_UT[:, 1:] == 0, (0, 1), value=True)
+    time_T = torch.arange(length, device=alpha_UT.device)
     earlier_TT = time_T[None, :] < time_T[:, None]
-    new_NTT = (earlier_TT & next_append_NT[:, None, :]) | torch.eye(
-        length, dtype=torch.bool, device=alpha_NT.device
+    new_UTT = (earlier_TT & next_append_UT[:, None, :]) | torch.eye(
+        length, dtype=torch.bool, device=alpha_UT.device
     )
-    return torch.cat([cached_NL[:, None].expand(-1, length, -1), new_NTT], dim=2)
+    return torch.cat([cached_US[:, None].expand(-1, length, -1), new_UTT], dim=2)
 
 
 class DMCCacheLayer(CacheLayerMixin):
@@ -321,16 +321,16 @@ class DMCCacheLayer(CacheLayerMixin):
     def prefill(self, parallel: ParallelDMC, first_B: torch.Tensor) -> None:
         """Build the compressed cache directly from one parallel pass over the prompt."""
         b, g, length, d = parallel.k_rot_BGTD.shape
-        alpha_NT = parallel.alpha_BGT.reshape(b * g, length)
-        first_N = first_B.repeat_interleave(g)
-        time_T = torch.arange(length, device=first_N.device)
-        kept_NT = (F.pad(alpha_NT[:, 1:], (0, 1)) == 0) & (time_T >= first_N[:, None])
+        alpha_UT = parallel.alpha_BGT.reshape(b * g, length)
+        first_U = first_B.repeat_interleave(g)
+        time_T = torch.arange(length, device=first_U.device)
+        kept_UT = (F.pad(alpha_UT[:, 1:], (0, 1)) == 0) & (time_T >= first_U[:, None])
         self.slots = PagedSlots(b * g, d, self.page_size, parallel.k_rot_BGTD)
         self.slots.extend(
-            kept_NT,
+            kept_UT,
             parallel.k_rot_BGTD.reshape(b * g, length, d),
             parallel.vtilde_BGTD.reshape(b * g, length, -1),
-            torch.zeros_like(first_N, dtype=torch.bool),
+            torch.zeros_like(first_U, dtype=torch.bool),
         )
         self.window = self._window_after(
             empty_window(b, g, self.config.dmc_window_size, parallel.k_BGTD),
@@ -371,14 +371,14 @@ class DMCCacheLayer(CacheLayerMixin):
         k_rot_BGD = rope_without_decision_channel(slot_k_BGD, cos_BD[:, None], sin_BD[:, None])
         self.slots.step(~merge_BG.reshape(n), k_rot_BGD.reshape(n, d), slot_v_BGD.reshape(n, d))
         self.tokens_seen += 1
-        keys_NLD, values_NLD, valid_NL = self.slots.gather()
+        keys_USD, values_USD, valid_US = self.slots.gather()
         q_rot_BHD = rope_without_decision_channel(q_BHD, cos_BD[:, None], sin_BD[:, None])
-        length = valid_NL.shape[1]
+        length = valid_US.shape[1]
         return attend_slots(
             q_rot_BHD[:, :, None],
-            keys_NLD.view(b, g, length, d).to(q_BHD.dtype),
-            values_NLD.view(b, g, length, -1).to(q_BHD.dtype),
-            valid_NL.view(b, g, 1, length),
+            keys_USD.view(b, g, length, d).to(q_BHD.dtype),
+            values_USD.view(b, g, length, -1).to(q_BHD.dtype),
+            valid_US.view(b, g, 1, length),
         )[:, :, 0]
 
     def extend(self, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD) -> torch.Tensor:
@@ -391,30 +391,30 @@ class DMCCacheLayer(CacheLayerMixin):
             self.window, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT
         )
         self.window = self._window_after(self.window, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT)
-        k_rot_NTD = rope_without_decision_channel(
+        k_rot_UTD = rope_without_decision_channel(
             ktilde_BGTD, cos_BTD[:, None], sin_BTD[:, None]
         ).reshape(n, length, d)
-        vtilde_NTD = vtilde_BGTD.reshape(n, length, d)
-        alpha_NT = alpha_BGT.reshape(n, length)
-        keys_NLD, values_NLD, valid_NL = self.slots.gather()
-        visible_NTC = chunk_visibility(valid_NL, self.slots.lengths_N, alpha_NT)
-        keys_NCD = torch.cat([keys_NLD.to(k_rot_NTD.dtype), k_rot_NTD], dim=1)
-        values_NCD = torch.cat([values_NLD.to(vtilde_NTD.dtype), vtilde_NTD], dim=1)
-        next_append_NT = F.pad(alpha_NT[:, 1:] == 0, (0, 1), value=True)
-        self.slots.extend(next_append_NT, k_rot_NTD, vtilde_NTD, alpha_NT[:, 0] == 1)
+        vtilde_UTD = vtilde_BGTD.reshape(n, length, d)
+        alpha_UT = alpha_BGT.reshape(n, length)
+        keys_USD, values_USD, valid_US = self.slots.gather()
+        visible_UTJ = chunk_visibility(valid_US, self.slots.lengths_U, alpha_UT)
+        keys_UJD = torch.cat([keys_USD.to(k_rot_UTD.dtype), k_rot_UTD], dim=1)
+        values_UJD = torch.cat([values_USD.to(vtilde_UTD.dtype), vtilde_UTD], dim=1)
+        next_append_UT = F.pad(alpha_UT[:, 1:] == 0, (0, 1), value=True)
+        self.slots.extend(next_append_UT, k_rot_UTD, vtilde_UTD, alpha_UT[:, 0] == 1)
         self.tokens_seen += length
         q_rot_BHTD = rope_without_decision_channel(q_BHTD, cos_BTD[:, None], sin_BTD[:, None])
-        keys = keys_NCD.shape[1]
+        keys = keys_UJD.shape[1]
         return attend_slots(
             q_rot_BHTD,
-            keys_NCD.view(b, g, keys, d),
-            values_NCD.view(b, g, keys, -1),
-            visible_NTC.view(b, g, length, keys),
+            keys_UJD.view(b, g, keys, d),
+            values_UJD.view(b, g, keys, -1),
+            visible_UTJ.view(b, g, length, keys),
         )
 
     def slot_counts(self) -> torch.Tensor:
         """Kept slots per (sequence, KV head), [B, G]."""
-        return self.slots.lengths_N.view(len(self.first_B), -1)
+        return self.slots.lengths_U.view(len(self.first_B), -1)
 
     def allocated_bytes(self) -> int:
         if self.slots is None:
@@ -542,8 +542,8 @@ class DMCLlamaAttention(LlamaAttention):
             out_BHTD = self._cached(
                 layer, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, dmc_first_token
             )
-        out_BTX = out_BHTD.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
-        return self.o_proj(out_BTX), None
+        out_BTE = out_BHTD.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+        return self.o_proj(out_BTE), None
 
     def _cached(self, layer: DMCCacheLayer, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, first_B):
         if layer.tokens_seen == 0:

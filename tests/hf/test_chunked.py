@@ -50,7 +50,7 @@ def _assert_same_state(chunked: DMCCache, sequential: DMCCache) -> None:
         keys_a, values_a, valid_a = a.slots.gather()
         keys_b, values_b, valid_b = b.slots.gather()
         assert torch.equal(valid_a, valid_b)
-        assert torch.equal(a.slots.pages_NM >= 0, b.slots.pages_NM >= 0)
+        assert torch.equal(a.slots.pages_UM >= 0, b.slots.pages_UM >= 0)
         assert a.slots.used_pages == b.slots.used_pages
         assert relative_error(keys_a[valid_a], keys_b[valid_b]) <= 1e-5
         assert relative_error(values_a[valid_a], values_b[valid_b]) <= 1e-5
