@@ -14,13 +14,14 @@ call's tokens may see, X = R*T stacked queries of a KV head, E = H*D concatenate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.initialization import zeros_
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -45,13 +46,13 @@ from megatron_dmc.inference.window import (
 from megatron_dmc.ops.accumulate import windowed_partial_accumulation
 from megatron_dmc.ops.attention import HARD_MASK_VALUE, attention_bias, dmc_attention
 from megatron_dmc.ops.config import DMCConfig
-from megatron_dmc.ops.decisions import (
-    decision_logits,
-    importance_weights,
-    rope_without_decision_channel,
-    zero_decision_channel,
+from megatron_dmc.ops.forward import (
+    key_for_accumulation,
+    make_decisions,
+    resolve_decision_logits,
+    rope_for_attention,
 )
-from megatron_dmc.ops.forward import make_decisions
+from megatron_dmc.ops.heads import DecisionLogits, decision_head_logits, importance_from_logits
 from megatron_dmc.ops.relaxation import eval_decisions
 
 from .configuration_llama_dmc import LlamaDMCConfig
@@ -72,7 +73,21 @@ def ops_config(config: LlamaDMCConfig) -> DMCConfig:
         window=config.dmc_window_size,
         init_value=float(config.dmc_init_val),
         temperature=float(config.dmc_temperature),
+        decision_source=config.dmc_decision_source,
+        merge_delay=config.dmc_merge_delay,
     )
+
+
+class DMCDecisionProjection(nn.Module):
+    """The decision heads of one layer: the attention input -> alpha and omega logits per KV
+    head (`ops.decision_head_logits`). Zero-initialised, so a new model is the original."""
+
+    def __init__(self, hidden_size: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2 * num_kv_heads, hidden_size))
+
+    def forward(self, x_BTC: torch.Tensor, init_value: float) -> DecisionLogits:
+        return decision_head_logits(x_BTC, self.weight, init_value)
 
 
 @dataclass
@@ -83,10 +98,10 @@ class ParallelDMC:
     alpha_BGT: torch.Tensor
     omega_BGT: torch.Tensor
     k_BGTD: torch.Tensor
-    """Pre-RoPE keys with channel D-1 zeroed."""
+    """Pre-RoPE keys as they enter the slots (channel D-1 zeroed in channel mode)."""
     v_BGTD: torch.Tensor
     k_rot_BGTD: torch.Tensor
-    """Partial accumulations, rotated at their own (newest) position, channel D-1 zeroed."""
+    """Partial accumulations, rotated at their own (newest) position."""
     vtilde_BGTD: torch.Tensor
 
 
@@ -100,31 +115,35 @@ def dmc_parallel_attention(
     training: bool = False,
     first_B: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    logits: DecisionLogits | None = None,
 ) -> ParallelDMC:
-    """Eval: hard decisions (Algorithm 1 exactly). Training: Gumbel-sigmoid relaxation.
-
-    first_B: [B] index of each row's first real token (left padding), None for none."""
+    """`ops.dmc_self_attention` with left padding: each row's first real token (first_B, [B];
+    None: no padding) appends and the padding keys are masked. Eval: hard decisions
+    (Algorithm 1 exactly); training: the Gumbel-sigmoid relaxation. `logits` as for
+    `ops.make_decisions` (required in heads mode)."""
     batch, length = q_BHTD.shape[0], q_BHTD.shape[2]
     if first_B is None:
         first_B = torch.zeros(batch, dtype=torch.long, device=q_BHTD.device)
     dmc = ops_config(config)
-    decisions = make_decisions(q_BHTD, k_BGTD, dmc, training, generator)
+    decisions = make_decisions(q_BHTD, k_BGTD, dmc, training, generator, logits=logits)
     time_T = torch.arange(length, device=q_BHTD.device)
     alpha_BGT = decisions.alpha_BGT.masked_fill(time_T == first_B[:, None, None], 0.0)
-    k_BGTD = zero_decision_channel(k_BGTD)
+    k_in_BGTD = key_for_accumulation(k_BGTD, dmc)
     ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-        k_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc.window
+        k_in_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc.window
     )
-    q_rot_BHTD = rope_without_decision_channel(q_BHTD, cos_B1TD, sin_B1TD)
-    k_rot_BGTD = rope_without_decision_channel(ktilde_BGTD, cos_B1TD, sin_B1TD)
-    padding_B1T = time_T < first_B[:, None, None]
+    k_rot_BGTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, dmc)
     bias_BGT = attention_bias(alpha_BGT, hard=not training).masked_fill(
-        padding_B1T, HARD_MASK_VALUE
+        time_T < first_B[:, None, None], HARD_MASK_VALUE
     )
-    out_BHTD = dmc_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT)
-    return ParallelDMC(
-        out_BHTD, alpha_BGT, decisions.omega_BGT, k_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD
-    )
+    exact = {}
+    if dmc.merge_delay:
+        k_exact_BGTD = rope_for_attention(k_in_BGTD, cos_B1TD, sin_B1TD, dmc)
+        exact = dict(k_BGTD=k_exact_BGTD, v_BGTD=v_BGTD, merge_delay=dmc.merge_delay)
+    q_rot_BHTD = rope_for_attention(q_BHTD, cos_B1TD, sin_B1TD, dmc)
+    out_BHTD = dmc_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT, **exact)
+    omega_BGT = decisions.omega_BGT
+    return ParallelDMC(out_BHTD, alpha_BGT, omega_BGT, k_in_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +194,8 @@ class PagedSlots:
         new_lengths_U = base_U + kept_UT.sum(1)
         self._reserve(new_lengths_U)
         self.lengths_U = new_lengths_U
+        if self.pool is None:  # nothing kept yet (a delayed stream's first tokens)
+            return
         rows_K, times_K = kept_UT.nonzero(as_tuple=True)
         slots_K = slots_UT[rows_K, times_K]
         flat_K = self.pages_UM[rows_K, slots_K // self.page_size] * self.page_size
@@ -220,6 +241,9 @@ class PagedSlots:
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [U, S, D], values [U, S, D] and validity [U, S], padded to the longest row."""
+        if self.pool is None:
+            empty_USD = self.like.new_zeros(len(self.lengths_U), 0, self.head_dim)
+            return empty_USD, empty_USD, self.lengths_U[:, None] < 0
         num_pages = int(_ceil_div(self.lengths_U.max(), self.page_size))
         pages_UM = self.pages_UM[:, :num_pages].clamp_min(0)
         keys_USD = self.pool.k_pages_PND[pages_UM].flatten(1, 2)
@@ -303,8 +327,65 @@ def chunk_visibility(
     return torch.cat([cached_US[:, None].expand(-1, length, -1), new_UTT], dim=2)
 
 
+def _time_dim(name: str) -> int:
+    """The time dim of a tensor named with its shape suffix (`k_BGTD` -> 2)."""
+    return name.rsplit("_", 1)[1].index("T")
+
+
+@dataclass
+class CallTokens:
+    """Per-token tensors of tokens on their way into the compressed slots, in time order."""
+
+    k_BGTD: torch.Tensor
+    """Pre-RoPE keys as they enter the slots (`ops.key_for_accumulation`)."""
+    v_BGTD: torch.Tensor
+    alpha_BGT: torch.Tensor
+    """Hard decisions: 1 merges the token into the open slot."""
+    omega_BGT: torch.Tensor
+    cos_BTD: torch.Tensor
+    sin_BTD: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.alpha_BGT.shape[-1]
+
+    def _map(self, op) -> CallTokens:
+        """op(tensor, time_dim) applied to every field."""
+        return CallTokens(
+            *(op(getattr(self, f.name), _time_dim(f.name)) for f in fields(CallTokens))
+        )
+
+    def split(self, count: int) -> tuple[CallTokens, CallTokens]:
+        """The first `count` tokens (views) and a compact copy of the rest."""
+        head = self._map(lambda x, dim: x.narrow(dim, 0, count))
+        tail = self._map(lambda x, dim: x.narrow(dim, count, x.shape[dim] - count).clone())
+        return head, tail
+
+    def then(self, later: CallTokens) -> CallTokens:
+        return CallTokens(
+            *(
+                torch.cat([getattr(self, f.name), getattr(later, f.name)], _time_dim(f.name))
+                for f in fields(CallTokens)
+            )
+        )
+
+    def allocated_bytes(self) -> int:
+        return _storage_bytes(*(getattr(self, f.name) for f in fields(CallTokens)))
+
+
+def exact_band(held: int, length: int, delay: int, device: torch.device) -> torch.Tensor:
+    """[T, Y' + T]: which of the held exact tokens and the call's own each new token sees
+    (the last `delay` tokens up to itself; `held` = Y' tokens precede the call)."""
+    query_T1 = torch.arange(length, device=device)[:, None] + held
+    key_1K = torch.arange(held + length, device=device)[None, :]
+    return (key_1K <= query_T1) & (key_1K > query_T1 - delay)
+
+
 class DMCCacheLayer(CacheLayerMixin):
-    """One layer of the compressed cache, written by `DMCLlamaAttention` (not by `update`)."""
+    """One layer of the compressed cache, written by `DMCLlamaAttention` (not by `update`).
+
+    With a merge delay Y, the last Y tokens of every stream wait in `exact` (attended
+    exactly); a token goes through Algorithm 1 into the slots when it leaves them."""
 
     is_compileable = False
     is_croppable = False
@@ -312,67 +393,90 @@ class DMCCacheLayer(CacheLayerMixin):
 
     def __init__(self, config: LlamaDMCConfig, page_size: int) -> None:
         super().__init__()
-        self.config, self.page_size = config, page_size
+        self.config, self.page_size, self.dmc = config, page_size, ops_config(config)
         self.slots: PagedSlots | None = None
         self.window: WindowState | None = None
+        self.exact: CallTokens | None = None
         self.first_B: torch.Tensor | None = None
         self.tokens_seen = 0
 
-    def prefill(self, parallel: ParallelDMC, first_B: torch.Tensor) -> None:
+    def prefill(self, parallel: ParallelDMC, first_B: torch.Tensor, cos_BTD, sin_BTD) -> None:
         """Build the compressed cache directly from one parallel pass over the prompt."""
         b, g, length, d = parallel.k_rot_BGTD.shape
-        alpha_UT = parallel.alpha_BGT.reshape(b * g, length)
-        first_U = first_B.repeat_interleave(g)
-        time_T = torch.arange(length, device=first_U.device)
-        kept_UT = (F.pad(alpha_UT[:, 1:], (0, 1)) == 0) & (time_T >= first_U[:, None])
-        self.slots = PagedSlots(b * g, d, self.page_size, parallel.k_rot_BGTD)
-        self.slots.extend(
-            kept_UT,
-            parallel.k_rot_BGTD.reshape(b * g, length, d),
-            parallel.vtilde_BGTD.reshape(b * g, length, -1),
-            torch.zeros_like(first_U, dtype=torch.bool),
-        )
-        self.window = self._window_after(
-            empty_window(b, g, self.config.dmc_window_size, parallel.k_BGTD),
+        tokens = CallTokens(
             parallel.k_BGTD,
             parallel.v_BGTD,
             parallel.alpha_BGT,
             parallel.omega_BGT,
+            cos_BTD.expand(b, -1, -1),
+            sin_BTD.expand(b, -1, -1),
         )
+        leaving, self.exact = tokens.split(max(length - self.dmc.merge_delay, 0))
+        self.slots = PagedSlots(b * g, d, self.page_size, parallel.k_rot_BGTD)
+        self.window = empty_window(b, g, self.dmc.window, parallel.k_BGTD)
+        count = leaving.length
+        if count:
+            alpha_UT = leaving.alpha_BGT.reshape(b * g, count)
+            time_T = torch.arange(count, device=first_B.device)
+            real_UT = time_T >= first_B.repeat_interleave(g)[:, None]
+            self.slots.extend(
+                (F.pad(alpha_UT[:, 1:], (0, 1)) == 0) & real_UT,
+                parallel.k_rot_BGTD[:, :, :count].reshape(b * g, count, d),
+                parallel.vtilde_BGTD[:, :, :count].reshape(b * g, count, -1),
+                torch.zeros_like(alpha_UT[:, 0], dtype=torch.bool),
+            )
+            self.window = self._window_after(self.window, leaving)
         self.first_B, self.tokens_seen, self.is_initialized = first_B, length, True
 
-    def _window_after(self, window, k_BGTD, v_BGTD, alpha_BGT, omega_BGT) -> WindowState:
-        """The window state after T more tokens (the first real token of a row appends)."""
-        lengths_B = torch.full_like(k_BGTD[:, 0, 0, 0], k_BGTD.shape[2], dtype=torch.long)
+    def _window_after(self, window: WindowState, tokens: CallTokens) -> WindowState:
+        """The window state after more tokens (a row's first real token appends)."""
+        lengths_B = torch.full_like(tokens.alpha_BGT[:, 0, 0], tokens.length, dtype=torch.long)
         state = state_after_chunk(
-            window, k_BGTD, v_BGTD, omega_BGT.to(window.w_BGW.dtype), alpha_BGT == 0, lengths_B
+            window,
+            tokens.k_BGTD,
+            tokens.v_BGTD,
+            tokens.omega_BGT.to(window.w_BGW.dtype),
+            tokens.alpha_BGT == 0,
+            lengths_B,
         )
         compact = (t.contiguous() for t in (state.k_BGWD, state.v_BGWD, state.w_BGW))
         return WindowState(*compact, state.run_len_BG)
 
-    def _decisions(self, q_BHTD, k_BGTD) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard decisions alpha and importance omega of new tokens, [B, G, T] each."""
-        init_value = float(self.config.dmc_init_val)
-        alpha_BGT = eval_decisions(decision_logits(k_BGTD, init_value))
-        return alpha_BGT, importance_weights(q_BHTD, k_BGTD.shape[1], init_value)
+    def _call_tokens(self, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, logits) -> CallTokens:
+        """Hard decisions and importance of new tokens, with what the slots take from them."""
+        logits = resolve_decision_logits(q_BHTD, k_BGTD, self.dmc, logits)
+        b = k_BGTD.shape[0]
+        return CallTokens(
+            key_for_accumulation(k_BGTD, self.dmc),
+            v_BGTD,
+            eval_decisions(logits.alpha_BGT),
+            importance_from_logits(logits.omega_BGT),
+            cos_BTD.expand(b, -1, -1),
+            sin_BTD.expand(b, -1, -1),
+        )
 
-    def decode(self, q_BHD, k_BGD, v_BGD, cos_BD, sin_BD) -> torch.Tensor:
+    def decode(self, q_BHD, k_BGD, v_BGD, cos_BD, sin_BD, logits=None) -> torch.Tensor:
         """Algorithm 1 for one token of every row, then attention over the slots. [B, H, D]."""
-        (b, g, d), n = k_BGD.shape, k_BGD.shape[0] * k_BGD.shape[1]
-        alpha_BG1, omega_BG1 = self._decisions(q_BHD[:, :, None], k_BGD[:, :, None])
-        merge_BG = alpha_BG1[..., 0] == 1
+        if self.dmc.merge_delay:
+            args = (q_BHD[:, :, None], k_BGD[:, :, None], v_BGD[:, :, None])
+            return self.extend(*args, cos_BD[:, None], sin_BD[:, None], logits)[:, :, 0]
+        (b, g, d), u = k_BGD.shape, k_BGD.shape[0] * k_BGD.shape[1]
+        new = self._call_tokens(
+            q_BHD[:, :, None], k_BGD[:, :, None], v_BGD[:, :, None], cos_BD, sin_BD, logits
+        )
+        merge_BG = new.alpha_BGT[..., 0] == 1
         self.window, slot_k_BGD, slot_v_BGD = merge_step(
             self.window,
-            zero_decision_channel(k_BGD).to(self.window.k_BGWD.dtype),
+            new.k_BGTD[:, :, 0].to(self.window.k_BGWD.dtype),
             v_BGD.to(self.window.v_BGWD.dtype),
-            omega_BG1[..., 0].to(self.window.w_BGW.dtype),
+            new.omega_BGT[..., 0].to(self.window.w_BGW.dtype),
             merge_BG,
         )
-        k_rot_BGD = rope_without_decision_channel(slot_k_BGD, cos_BD[:, None], sin_BD[:, None])
-        self.slots.step(~merge_BG.reshape(n), k_rot_BGD.reshape(n, d), slot_v_BGD.reshape(n, d))
+        k_rot_BGD = rope_for_attention(slot_k_BGD, cos_BD[:, None], sin_BD[:, None], self.dmc)
+        self.slots.step(~merge_BG.reshape(u), k_rot_BGD.reshape(u, d), slot_v_BGD.reshape(u, d))
         self.tokens_seen += 1
         keys_USD, values_USD, valid_US = self.slots.gather()
-        q_rot_BHD = rope_without_decision_channel(q_BHD, cos_BD[:, None], sin_BD[:, None])
+        q_rot_BHD = rope_for_attention(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc)
         length = valid_US.shape[1]
         return attend_slots(
             q_rot_BHD[:, :, None],
@@ -381,40 +485,64 @@ class DMCCacheLayer(CacheLayerMixin):
             valid_US.view(b, g, 1, length),
         )[:, :, 0]
 
-    def extend(self, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD) -> torch.Tensor:
+    def extend(self, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, logits=None) -> torch.Tensor:
         """Several tokens of every row in one pass: the parallel form continued from the cache
         (hard decisions, so Algorithm 1 token by token gives the same slots). [B, H, T, D]."""
-        (b, g, length, d), n = k_BGTD.shape, k_BGTD.shape[0] * k_BGTD.shape[1]
-        alpha_BGT, omega_BGT = self._decisions(q_BHTD, k_BGTD)
-        k0_BGTD = zero_decision_channel(k_BGTD)
-        ktilde_BGTD, vtilde_BGTD = accumulate_after_window(
-            self.window, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT
-        )
-        self.window = self._window_after(self.window, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT)
-        k_rot_UTD = rope_without_decision_channel(
-            ktilde_BGTD, cos_BTD[:, None], sin_BTD[:, None]
-        ).reshape(n, length, d)
-        vtilde_UTD = vtilde_BGTD.reshape(n, length, d)
-        alpha_UT = alpha_BGT.reshape(n, length)
-        keys_USD, values_USD, valid_US = self.slots.gather()
-        visible_UTJ = chunk_visibility(valid_US, self.slots.lengths_U, alpha_UT)
-        keys_UJD = torch.cat([keys_USD.to(k_rot_UTD.dtype), k_rot_UTD], dim=1)
-        values_UJD = torch.cat([values_USD.to(vtilde_UTD.dtype), vtilde_UTD], dim=1)
-        next_append_UT = F.pad(alpha_UT[:, 1:] == 0, (0, 1), value=True)
-        self.slots.extend(next_append_UT, k_rot_UTD, vtilde_UTD, alpha_UT[:, 0] == 1)
+        (b, g, length, d), delay = k_BGTD.shape, self.dmc.merge_delay
+        new = self._call_tokens(q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, logits)
+        held = self.exact.length
+        tokens = self.exact.then(new)
+        leaving, self.exact = tokens.split(max(tokens.length - delay, 0))
+        keys_UJD, values_UJD, visible_UTJ = self._compressed_keys(leaving, length)
+        if delay:
+            k_exact_BGKD = rope_for_attention(
+                tokens.k_BGTD, tokens.cos_BTD[:, None], tokens.sin_BTD[:, None], self.dmc
+            )
+            band_TK = exact_band(held, length, delay, k_BGTD.device)
+            keys_UJD = torch.cat([keys_UJD, k_exact_BGKD.flatten(0, 1)], dim=1)
+            values_UJD = torch.cat([values_UJD, tokens.v_BGTD.flatten(0, 1)], dim=1)
+            band_UTK = band_TK[None].expand(b * g, -1, -1)
+            visible_UTJ = torch.cat([visible_UTJ, band_UTK], dim=2)
         self.tokens_seen += length
-        q_rot_BHTD = rope_without_decision_channel(q_BHTD, cos_BTD[:, None], sin_BTD[:, None])
+        q_rot_BHTD = rope_for_attention(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc)
         keys = keys_UJD.shape[1]
         return attend_slots(
             q_rot_BHTD,
-            keys_UJD.view(b, g, keys, d),
-            values_UJD.view(b, g, keys, -1),
+            keys_UJD.view(b, g, keys, d).to(q_BHTD.dtype),
+            values_UJD.view(b, g, keys, -1).to(q_BHTD.dtype),
             visible_UTJ.view(b, g, length, keys),
         )
 
+    def _compressed_keys(self, leaving: CallTokens, length: int):
+        """Write the K tokens leaving the exact window into the slots; returns the keys and
+        values [U, J, D] the call's T queries may see there (cached slots, then the leaving
+        tokens' partial slots) and which ones each sees, [U, T, J]. The last query sees the
+        slots as they are after the last leaving token, query t those after leaving token
+        t - T + K (none where that is negative: the sequence has no slot yet)."""
+        b, g, count, _ = leaving.k_BGTD.shape
+        keys_USD, values_USD, valid_US = self.slots.gather()
+        if count == 0:
+            return keys_USD, values_USD, valid_US.new_zeros(b * g, length, valid_US.shape[1])
+        ktilde_BGTD, vtilde_BGTD = accumulate_after_window(
+            self.window, leaving.k_BGTD, leaving.v_BGTD, leaving.alpha_BGT, leaving.omega_BGT
+        )
+        cos_B1TD, sin_B1TD = leaving.cos_BTD[:, None], leaving.sin_BTD[:, None]
+        k_rot_UTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, self.dmc).flatten(0, 1)
+        vtilde_UTD = vtilde_BGTD.flatten(0, 1)
+        alpha_UT = leaving.alpha_BGT.flatten(0, 1)
+        visible_UKJ = chunk_visibility(valid_US, self.slots.lengths_U, alpha_UT)
+        row_T = torch.arange(length, device=alpha_UT.device) + count - length
+        visible_UTJ = visible_UKJ[:, row_T.clamp_min(0)] & (row_T >= 0)[None, :, None]
+        next_append_UT = F.pad(alpha_UT[:, 1:] == 0, (0, 1), value=True)
+        self.slots.extend(next_append_UT, k_rot_UTD, vtilde_UTD, alpha_UT[:, 0] == 1)
+        self.window = self._window_after(self.window, leaving)
+        keys_UJD = torch.cat([keys_USD.to(k_rot_UTD.dtype), k_rot_UTD], dim=1)
+        values_UJD = torch.cat([values_USD.to(vtilde_UTD.dtype), vtilde_UTD], dim=1)
+        return keys_UJD, values_UJD, visible_UTJ
+
     def slot_counts(self) -> torch.Tensor:
-        """Kept slots per (sequence, KV head), [B, G]."""
-        return self.slots.lengths_U.view(len(self.first_B), -1)
+        """Kept slots per (sequence, KV head), [B, G]: compressed slots plus exact tokens."""
+        return self.slots.lengths_U.view(len(self.first_B), -1) + self.exact.length
 
     def allocated_bytes(self) -> int:
         if self.slots is None:
@@ -424,6 +552,7 @@ class DMCCacheLayer(CacheLayerMixin):
             self.slots.allocated_bytes()
             + _storage_bytes(window.k_BGWD, window.v_BGWD, window.w_BGW, window.run_len_BG)
             + _storage_bytes(self.first_B)
+            + self.exact.allocated_bytes()
         )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -445,7 +574,7 @@ class DMCCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.slots = self.window = self.first_B = None
+        self.slots = self.window = self.exact = self.first_B = None
         self.tokens_seen, self.is_initialized = 0, False
 
     def _unsupported(self, *args, **kwargs) -> None:
@@ -507,7 +636,15 @@ class DMCCache(Cache):
 
 class DMCLlamaAttention(LlamaAttention):
     """Llama attention with DMC: parallel form without a cache; with a `DMCCache`, parallel
-    prefill into the compressed cache, then Algorithm 1 one token at a time."""
+    prefill into the compressed cache, then Algorithm 1 one token at a time. In heads mode
+    the layer also owns `dmc_decision_proj`."""
+
+    def __init__(self, config: LlamaDMCConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        if config.dmc_decision_source == "heads":
+            self.dmc_decision_proj = DMCDecisionProjection(
+                config.hidden_size, config.num_key_value_heads
+            )
 
     def forward(
         self,
@@ -523,46 +660,38 @@ class DMCLlamaAttention(LlamaAttention):
         q_BHTD = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k_BGTD = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v_BGTD = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos_BTD, sin_BTD = position_embeddings
-        if dmc_first_token is None:
-            dmc_first_token = torch.zeros(q_BHTD.shape[0], dtype=torch.long, device=q_BHTD.device)
+        logits = None
+        if self.config.dmc_decision_source == "heads":
+            logits = self.dmc_decision_proj(hidden_states, float(self.config.dmc_init_val))
+        qkv = (q_BHTD, k_BGTD, v_BGTD, *position_embeddings)
         if cache is None:
-            out_BHTD = dmc_parallel_attention(
-                q_BHTD,
-                k_BGTD,
-                v_BGTD,
-                cos_BTD[:, None],
-                sin_BTD[:, None],
-                self.config,
-                self.training,
-                dmc_first_token,
-            ).out_BHTD
+            out_BHTD = self._parallel(*qkv, dmc_first_token, logits, self.training).out_BHTD
         else:
-            layer = cache.layers[self.layer_idx]
-            out_BHTD = self._cached(
-                layer, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, dmc_first_token
-            )
+            out_BHTD = self._cached(cache.layers[self.layer_idx], *qkv, dmc_first_token, logits)
         out_BTE = out_BHTD.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(out_BTE), None
 
-    def _cached(self, layer: DMCCacheLayer, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, first_B):
+    def _parallel(self, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, first_B, logits, training):
+        cos_B1TD, sin_B1TD = cos_BTD[:, None], sin_BTD[:, None]
+        return dmc_parallel_attention(
+            q_BHTD, k_BGTD, v_BGTD, cos_B1TD, sin_B1TD, self.config, training, first_B, None, logits
+        )
+
+    def _cached(
+        self, layer: DMCCacheLayer, q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, first_B, logits
+    ):
         if layer.tokens_seen == 0:
-            parallel = dmc_parallel_attention(
-                q_BHTD,
-                k_BGTD,
-                v_BGTD,
-                cos_BTD[:, None],
-                sin_BTD[:, None],
-                self.config,
-                False,
-                first_B,
+            if first_B is None:
+                first_B = torch.zeros(q_BHTD.shape[0], dtype=torch.long, device=q_BHTD.device)
+            parallel = self._parallel(
+                q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, first_B, logits, False
             )
-            layer.prefill(parallel, first_B)
+            layer.prefill(parallel, first_B, cos_BTD, sin_BTD)
             return parallel.out_BHTD
         if q_BHTD.shape[2] > 1:
-            return layer.extend(q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD)
+            return layer.extend(q_BHTD, k_BGTD, v_BGTD, cos_BTD, sin_BTD, logits)
         out_BHD = layer.decode(
-            q_BHTD[:, :, 0], k_BGTD[:, :, 0], v_BGTD[:, :, 0], cos_BTD[:, 0], sin_BTD[:, 0]
+            q_BHTD[:, :, 0], k_BGTD[:, :, 0], v_BGTD[:, :, 0], cos_BTD[:, 0], sin_BTD[:, 0], logits
         )
         return out_BHD[:, :, None]
 
@@ -625,6 +754,12 @@ class _DMCBackendFlags:
     _can_compile_fullgraph = False
     _can_record_outputs: ClassVar[dict] = {"hidden_states": LlamaDecoderLayer}
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's initialisation; decision heads start at zero (the model is the original)."""
+        super()._init_weights(module)
+        if isinstance(module, DMCDecisionProjection):
+            zeros_(module.weight)
+
 
 class DMCLlamaModel(_DMCBackendFlags, LlamaModel):
     config_class = LlamaDMCConfig
@@ -664,6 +799,11 @@ class DMCLlamaModel(_DMCBackendFlags, LlamaModel):
         batch, length = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         first_B = first_real_tokens(attention_mask, batch, length, past, cache is not None)
+        if first_B is not None and self.config.dmc_merge_delay:
+            raise ValueError(
+                "left padding is not supported with dmc_merge_delay > 0 (padding tokens would "
+                "sit in the exact window); pass prompts of equal length or one at a time"
+            )
         if position_ids is None:
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past)[None]
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
