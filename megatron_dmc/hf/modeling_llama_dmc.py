@@ -947,7 +947,7 @@ class PagedSlots:
         """Keys [U, S, D], values [U, S, D] and validity [U, S], padded to the longest row."""
         if self.pool is None:
             empty_USD = self.like.new_zeros(len(self.lengths_U), 0, self.head_dim)
-            return empty_USD, empty_USD, self.lengths_U[:, None] < 0
+            return empty_USD, empty_USD, empty_USD[..., 0] != 0
         num_pages = int(_ceil_div(self.lengths_U.max(), self.page_size))
         pages_UM = self.pages_UM[:, :num_pages].clamp_min(0)
         keys_USD = self.pool.k_pages_PND[pages_UM].flatten(1, 2)
