@@ -9,11 +9,14 @@ from pathlib import Path
 
 import torch
 
+from megatron_dmc.cli_errors import Parser
 from megatron_dmc.eval import gqa
+from megatron_dmc.eval.matched import MATCHED_CHUNK
 from megatron_dmc.eval.methods import METHODS, build_method, load_model, load_tokenizer
 from megatron_dmc.eval.results import load_results, write_results
-from megatron_dmc.eval.run import EvalSettings, evaluate
+from megatron_dmc.eval.run import PROTOCOLS, EvalSettings, evaluate
 from megatron_dmc.eval.task_files import ALL_TASKS, render_tasks
+from megatron_dmc.finite import check_finite_weights
 
 
 def _token_ids(args, tokenizer) -> torch.Tensor:
@@ -24,14 +27,16 @@ def _token_ids(args, tokenizer) -> torch.Tensor:
 
 
 def _run(args) -> None:
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     settings = EvalSettings(
         max_samples=args.max_samples,
         max_tokens=args.max_tokens,
         tasks=tuple(t for t in args.tasks.split(",") if t),
         limit=args.limit or None,
         protocols=tuple(p for p in args.protocols.split(",") if p),
+        matched_chunk=args.matched_chunk,
     )
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    check_finite_weights(model.state_dict().items(), args.model)
     tokens = _token_ids(args, tokenizer) if settings.protocols else torch.zeros(0)
     row = evaluate(model, tokenizer, build_method(args.method, args.cr), tokens, settings)
     text = json.dumps(asdict(row), indent=2)
@@ -46,14 +51,16 @@ def _table(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_dmc.eval")
+    parser = Parser(prog="python -m megatron_dmc.eval")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate one model with one KV method -> JSON row")
     run.add_argument("--model", required=True, help="HF model directory (Llama or DMC Llama)")
     run.add_argument("--method", default="vanilla", choices=METHODS)
     run.add_argument("--cr", type=float, default=1.0, help="compression ratio (h2o/tova budget)")
     run.add_argument("--text", help="held-out plain text for perplexity")
-    run.add_argument("--protocols", default="strided,continuation")
+    run.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma list")
+    run.add_argument("--matched-chunk", type=int, default=MATCHED_CHUNK,
+                     help="matched protocols: tokens per call (budget enforced after each)")  # fmt: skip
     run.add_argument("--max-samples", type=int, default=8, help="continuation samples")
     run.add_argument("--max-tokens", type=int, default=8192, help="whole-sequence tokens")
     run.add_argument("--tasks", default="", help=f"comma list from {','.join(ALL_TASKS)}")

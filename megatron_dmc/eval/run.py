@@ -1,4 +1,4 @@
-"""Evaluate one (model, method) end to end: both perplexity protocols and the tasks."""
+"""Evaluate one (model, method) end to end: the perplexity protocols and the tasks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from megatron_dmc.eval.caches import KVMethod
+from megatron_dmc.eval.matched import (
+    MATCHED_CHUNK,
+    matched_continuation_perplexity,
+    matched_strided_perplexity,
+)
 from megatron_dmc.eval.perplexity import continuation_perplexity, strided_perplexity
 from megatron_dmc.eval.results import ResultRow, make_row
+
+PROTOCOLS = ("strided", "continuation", "matched_strided", "matched_continuation")
+"""Today's protocols (perplexity.py) and their matched forms (matched.py)."""
 
 
 @dataclass
@@ -34,7 +42,17 @@ class EvalSettings:
     """lm-eval tasks to score (empty: none)."""
     limit: int | None = 100
     """Documents per task (per MMLU subject); None: all."""
-    protocols: tuple[str, ...] = field(default=("strided", "continuation"))
+    protocols: tuple[str, ...] = field(default=PROTOCOLS)
+    """Perplexity protocols to run, from PROTOCOLS."""
+    matched_chunk: int = MATCHED_CHUNK
+    """Matched protocols: tokens per call; the budget is enforced after every call."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
+        if unknown:
+            raise ValueError(f"unknown protocols {unknown}; choose from {', '.join(PROTOCOLS)}")
+        if self.matched_chunk < 1:
+            raise ValueError(f"matched_chunk must be >= 1 token; got {self.matched_chunk}")
 
 
 def evaluate(
@@ -48,27 +66,31 @@ def evaluate(
 ) -> ResultRow:
     """A results row for `method` on `model` over held-out `token_ids` (1-D)."""
     s = settings or EvalSettings()
-    strided = continuation = None
-    if "strided" in s.protocols:
-        strided = strided_perplexity(
-            model, method, token_ids, s.window, s.stride, s.chunk, s.max_tokens, progress
-        )
-    if "continuation" in s.protocols:
-        continuation = continuation_perplexity(
-            model,
-            method,
-            token_ids,
-            s.context_len,
-            s.continuation_len,
-            s.max_samples,
-            progress=progress,
-        )
+    results = [_perplexity(protocol, model, method, token_ids, s, progress)
+               for protocol in PROTOCOLS if protocol in s.protocols]  # fmt: skip
     tasks = {}
     if s.tasks:
         from megatron_dmc.eval.lm_eval_adapter import run_tasks
 
         tasks = run_tasks(model, tokenizer, method, s.tasks, s.limit)
-    row = make_row(method.name, method.compression_ratio, strided, continuation, tasks)
-    if dense_kv_bytes is not None:
-        row.dense_kv_bytes = dense_kv_bytes
-    return row
+    return make_row(method.name, method.compression_ratio, results, tasks, dense_kv_bytes)
+
+
+def _perplexity(protocol: str, model, method, token_ids, s: EvalSettings, progress: bool):
+    if protocol == "strided":
+        return strided_perplexity(
+            model, method, token_ids, s.window, s.stride, s.chunk, s.max_tokens, progress
+        )
+    if protocol == "continuation":
+        return continuation_perplexity(
+            model, method, token_ids, s.context_len, s.continuation_len, s.max_samples,
+            progress=progress,
+        )  # fmt: skip
+    if protocol == "matched_strided":
+        return matched_strided_perplexity(
+            model, method, token_ids, s.window, s.stride, s.matched_chunk, s.max_tokens, progress
+        )
+    return matched_continuation_perplexity(
+        model, method, token_ids, s.context_len, s.continuation_len, s.max_samples,
+        s.matched_chunk, progress,
+    )  # fmt: skip

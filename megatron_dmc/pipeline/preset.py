@@ -69,6 +69,11 @@ class EvalPreset:
     stride: int = 512
     chunk: int | None = 32
     max_tokens: int | None = 4096
+    protocols: list[str] = field(default_factory=lambda: ["strided", "continuation"])
+    """Perplexity protocols (megatron_dmc.eval.run.PROTOCOLS); `matched_strided` and
+    `matched_continuation` hold every method to the same slots (docs/eval.md)."""
+    matched_chunk: int = 64
+    """Matched protocols: tokens per call; every method's budget holds after each call."""
     tasks: list[str] = field(default_factory=list)
     limit: int | None = 20
     """Documents per task; None: all."""
@@ -119,6 +124,9 @@ class Preset:
         unknown = sorted(set(self.eval.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+        from megatron_dmc.eval.run import EvalSettings
+
+        EvalSettings(protocols=tuple(self.eval.protocols), matched_chunk=self.eval.matched_chunk)
         heads = self.eval.gqa_kv_heads
         if heads is not None and heads < 1:
             raise ValueError(f"eval.gqa_kv_heads must be >= 1; got {heads}")

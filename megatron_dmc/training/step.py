@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.training.loss import STATS, LossSettings, micro_batch_loss
 from megatron_dmc.training.model_api import unpack_output
+from megatron_dmc.training.optim import first_non_finite_grad
 
 
 @dataclass
@@ -28,6 +29,9 @@ class StepResult:
 
     grad_norm: float | None = None
     """Global gradient norm before clipping (None when the step was skipped)."""
+
+    bad_grad: str | None = None
+    """Where the first non-finite gradient was (the update was then not applied)."""
 
     @property
     def finite(self) -> bool:
@@ -107,13 +111,16 @@ def train_step(
     settings: LossSettings,
 ) -> StepResult:
     """Zero grads, forward/backward over the global batch (Megatron syncs DP and tied
-    embedding grads), then clip and step; a non-finite loss skips the update."""
+    embedding grads), then clip and step; a non-finite loss or gradient (on any rank) skips
+    the update."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     result = run_batches(
         model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, False
     )
     if result.finite:
+        result.bad_grad = first_non_finite_grad(model)
+    if result.finite and result.bad_grad is None:
         with cpu_device_mode():
             _, result.grad_norm, _ = optimizer.step()
     return result
