@@ -94,7 +94,7 @@ def run_decode(
     batch: int,
     context: int,
     num_pages: int | None = None,
-    backend: str = "padded",
+    backend: str = "paged",
 ) -> DecodeRun:
     """Prefill `batch` random prompts of `context` tokens, then time greedy decode steps."""
     model = with_mode(model, cr)
@@ -182,7 +182,7 @@ class FilledDecode:
     seq_ids_B: torch.Tensor
     next_B: torch.Tensor
 
-    def step(self, backend: str = "padded") -> None:
+    def step(self, backend: str = "paged") -> None:
         self.next_B = self.model.decode(self.next_B, self.cache, self.seq_ids_B, backend).argmax(-1)
 
 

@@ -11,7 +11,11 @@ from collections.abc import Callable
 import torch
 from torch.profiler import record_function
 
-from megatron_dmc.inference.attention import paged_attention_padded, paged_attention_reference
+from megatron_dmc.inference.attention import (
+    paged_attention_blocked,
+    paged_attention_padded,
+    paged_attention_reference,
+)
 from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
 from megatron_dmc.inference.kv_cache import PagedKVCache
 from megatron_dmc.ops import DMCConfig, apply_rope, rope_without_decision_channel
@@ -21,6 +25,7 @@ PagedAttention = Callable[[torch.Tensor, PagedKVCache, int, torch.Tensor], torch
 BACKENDS: dict[str, PagedAttention] = {
     "reference": paged_attention_reference,
     "padded": paged_attention_padded,
+    "blocked": paged_attention_blocked,
 }
 
 
@@ -31,11 +36,12 @@ def register_backend(name: str, fn: PagedAttention) -> None:
 _OPTIONAL_BACKENDS = {
     "triton": "megatron_dmc.inference.triton_decode",
     "flash": "megatron_dmc.inference.flash_decode",
+    "paged": "megatron_dmc.inference.paged_cpu",
 }
 
 
 def get_backend(name: str) -> PagedAttention:
-    """A decode attention by name; triton and flash are imported on first use."""
+    """A decode attention by name; paged, triton and flash are imported on first use."""
     if name not in BACKENDS and name in _OPTIONAL_BACKENDS:
         importlib.import_module(_OPTIONAL_BACKENDS[name])
     if name not in BACKENDS:
