@@ -140,6 +140,10 @@ class OptimizerArgs:
     more (the rows start at zero and must move the logits by c within tens of steps).
     CPU optimizer only."""
 
+    skip_nonfinite_steps: int = 0
+    """Skip (not apply, but count and log) up to this many steps over the run whose loss or
+    gradient is NaN/inf, then stop at the next one; 0 stops at the first."""
+
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
         if not 0 <= self.min_lr <= self.lr:
@@ -153,6 +157,10 @@ class OptimizerArgs:
         _positive("dmc_decision_lr_mult", self.dmc_decision_lr_mult)
         if self.lr_warmup_iters < 0:
             raise ValueError(f"--lr-warmup-iters must be >= 0; got {self.lr_warmup_iters}")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(
+                f"--skip-nonfinite-steps must be >= 0; got {self.skip_nonfinite_steps}"
+            )
 
 
 @dataclass
@@ -199,8 +207,14 @@ class CheckpointArgs:
     no_load_rng: bool = False
     """Do not load the RNG state of --load."""
 
+    ckpt_step: int | None = None
+    """Start from this saved iteration instead of the newest (e.g. the last good one before a
+    damaged save); with --load of a vanilla checkpoint it has no effect."""
+
     def __post_init__(self) -> None:
         _positive("save_interval", self.save_interval, allow_none=True)
+        if self.ckpt_step is not None and self.ckpt_step < 0:
+            raise ValueError(f"--ckpt-step must be >= 0; got {self.ckpt_step}")
 
 
 @dataclass

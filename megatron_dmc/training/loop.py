@@ -21,7 +21,7 @@ from megatron_dmc.training.data import build_datasets, micro_batches
 from megatron_dmc.training.loss import LossSettings
 from megatron_dmc.training.metrics import MetricsWriter
 from megatron_dmc.training.optim import build_optimizer, set_decision_lr_mult, stage_lr_scheduler
-from megatron_dmc.training.record import LayerWatch, StepRecorder
+from megatron_dmc.training.record import LayerWatch, NonFiniteLossError, StepRecorder
 from megatron_dmc.training.rng import reseed_for_step
 from megatron_dmc.training.stages import Stage, plan, start_position
 from megatron_dmc.training.step import run_batches, train_step
@@ -91,7 +91,9 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         run.teacher,
     )
     elapsed = time.perf_counter() - start
-    run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
+    problem = run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
+    if problem is not None:
+        _skip_or_stop(run, problem)
     alpha_LN = model_api.alpha_means(run.model, run.model_config)
     base = {
         "iteration": progress.iteration + 1,
@@ -105,9 +107,30 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
     record = run.recorder.record(
         base, result, alpha_LN, settings.decisions_per_sequence, settings.target_cr
     )
+    if problem is not None:
+        record["skipped_iterations"] = progress.skipped_iterations
     if run.teacher is not None:
         record["kl_loss"] = result.stats["kl_sum"] / max(result.stats["tokens"], 1.0)
     return record
+
+
+def _skip_or_stop(run: Run, problem: str) -> None:
+    """A step with a non-finite loss or gradient was not applied: skip it while
+    --skip-nonfinite-steps allows, else stop (nothing of this step is saved)."""
+    allowed, done = run.cfg.optim.skip_nonfinite_steps, run.progress.skipped_iterations
+    if done >= allowed:
+        hint = (
+            f"{done} such steps were skipped already (--skip-nonfinite-steps {allowed})"
+            if allowed
+            else "to skip such steps instead, add --skip-nonfinite-steps N"
+        )
+        raise NonFiniteLossError(
+            f"{problem}; this update was not applied and nothing was saved, so the last "
+            f"checkpoint is the last good one; {hint}"
+        )
+    run.progress.skipped_iterations += 1
+    if model_api.is_logging_rank():
+        print(f"skipped: {problem} ({done + 1} of --skip-nonfinite-steps {allowed})", flush=True)
 
 
 def _run_stage(run: Run, stage: Stage, stop_at: int, warmup_iters: int = 0) -> bool:
@@ -178,9 +201,13 @@ def _save_args(run: Run):
 
 
 def _resume_source(cfg: TrainConfig) -> tuple[str | None, bool]:
-    """(checkpoint to start from, whether it is this run's own): --save first, then --load."""
-    if ckpt.has_checkpoint(cfg.checkpoint.save):
-        return cfg.checkpoint.save, True
+    """(checkpoint to start from, whether it is this run's own): --save first (with a
+    tracker, or holding the --ckpt-step iteration), then --load."""
+    save, step = cfg.checkpoint.save, cfg.checkpoint.ckpt_step
+    if ckpt.has_checkpoint(save) or (
+        save is not None and step is not None and ckpt.iteration_dir(save, step).is_dir()
+    ):
+        return save, True
     return cfg.checkpoint.load, False
 
 
@@ -193,6 +220,7 @@ def _load(run: Run, source: str, own: bool) -> None:
         run.optimizer,
         load_optim=not (weights_only or cfg.no_load_optim),
         load_rng=not (weights_only or cfg.no_load_rng),
+        step=cfg.ckpt_step,
     )
     run.progress = ckpt.Progress() if weights_only else progress
     if own:
@@ -210,7 +238,8 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
     source, own = _resume_source(cfg)
     progress = ckpt.Progress()
     if source is not None and not (cfg.checkpoint.finetune and not own):
-        progress = ckpt.Progress(**ckpt.read_common(source).get("dmc_progress", {}))
+        common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
+        progress = ckpt.Progress(**common.get("dmc_progress", {}))
     position = start_position(stages, progress.stage, progress.stage_step, progress.stage_done)
     if source is not None:
         weights_only = cfg.checkpoint.finetune and not own
@@ -223,7 +252,10 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
         model, cfg.optim, cfg.model.bf16, cfg.parallel.use_distributed_optimizer
     )
     writer = MetricsWriter(
-        cfg.checkpoint.save, cfg.logging.tensorboard_dir, model_api.is_logging_rank()
+        cfg.checkpoint.save,
+        cfg.logging.tensorboard_dir,
+        model_api.is_logging_rank(),
+        resume_from=progress.iteration,
     )
     run = Run(
         cfg,

@@ -25,6 +25,7 @@ from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.training.distill import vocab_parallel_kl
 from megatron_dmc.training.loss import STATS, LossSettings, micro_batch_loss
 from megatron_dmc.training.model_api import unpack_output
+from megatron_dmc.training.optim import first_non_finite_grad
 from megatron_dmc.training.teacher import Teacher
 
 
@@ -35,6 +36,9 @@ class StepResult:
 
     grad_norm: float | None = None
     """Global gradient norm before clipping (None when the step was skipped)."""
+
+    bad_grad: str | None = None
+    """Where the first non-finite gradient was (the update was then not applied)."""
 
     @property
     def finite(self) -> bool:
@@ -134,7 +138,8 @@ def train_step(
     teacher: Teacher | None = None,
 ) -> StepResult:
     """Zero grads, forward/backward over the global batch (Megatron syncs DP and tied
-    embedding grads), then clip and step; a non-finite loss skips the update."""
+    embedding grads), then clip and step; a non-finite loss or gradient (on any rank) skips
+    the update."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     result = run_batches(
@@ -148,6 +153,8 @@ def train_step(
         teacher,
     )
     if result.finite:
+        result.bad_grad = first_non_finite_grad(model)
+    if result.finite and result.bad_grad is None:
         with cpu_device_mode():
             _, result.grad_norm, _ = optimizer.step()
     return result
