@@ -54,6 +54,9 @@ class _SilentCollector:
     def record(self, *args: Any) -> None:
         raise AssertionError("a DMC layer with compression off recorded a decision")
 
+    def record_uncompressed(self, *args: Any) -> None:
+        pass
+
     def generator(self, *args: Any) -> None:
         raise AssertionError("a DMC layer with compression off drew decision noise")
 

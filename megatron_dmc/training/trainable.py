@@ -13,7 +13,7 @@ import torch
 from megatron_dmc.model.lora import ADAPTER_PARAMS, add_adapters
 from megatron_dmc.training.config import RetrofitArgs
 
-DECISION_HEAD_MARKERS = ("decision",)
+DECISION_HEAD_MARKERS = ("dmc_decision_proj.",)
 """Substrings naming the parameters of the decision (and importance) heads."""
 
 ATTENTION_MARKERS = ("self_attention.linear_qkv.", "self_attention.linear_proj.")
