@@ -75,6 +75,17 @@ def test_distilled_run_resumes_bitwise_mid_retrofit(distilled, initial, tmp_path
     assert {k: v for k, v in got.items()} == want
 
 
+def test_teacher_chunks_give_the_same_step(distilled, initial, tmp_path):
+    """One micro-batch per teacher pass (gradients accumulated across four schedule calls,
+    finalised once) trains as the whole step in one pass."""
+    got = run_tiny(tmp_path / "chunked", initial, *DISTILL, "--dmc-distill-chunk", "1")
+    want = curves(distilled)
+    for key in ("lm_loss", "cr_loss", "grad_norm", "achieved_cr"):
+        for a, b in zip(got[key], want[key]):
+            assert (a is None) == (b is None)
+            assert a is None or a == pytest.approx(b, rel=1e-6, abs=1e-9), (key, got, want)
+
+
 @pytest.mark.parametrize("trainable", ["attention", "lora"])
 def test_frozen_weights_stay_bit_identical_and_carry_no_optimizer_state(
     trainable, initial, tmp_path
