@@ -54,7 +54,10 @@ def test_tp2_pp2_matches_one_process(four_ranks, initial, tmp_path, name: str) -
     sharded, single = _weights(four_ranks / name), _weights(one)
     assert sharded.keys() == single.keys()
     for key, tensor in single.items():
-        scale = max(float(tensor.abs().max()), 1e-6)
-        assert float((sharded[key] - tensor).abs().max()) <= 1e-5 * scale, key
+        # Adam moves an element with a near-zero gradient by lr x m / sqrt(v): a ratio of
+        # tiny numbers, so the layouts' different reduction orders show as absolute
+        # differences up to about lr x 1e-3 (lr = 1e-3) in weights that started equal.
+        tolerance = 1e-5 * float(tensor.abs().max()) + 1e-6
+        assert float((sharded[key] - tensor).abs().max()) <= tolerance, key
     assert any(k.endswith("lora_B") for k in single) == (name == "lora")
     assert torch.is_tensor(single["embedding.word_embeddings.weight"])
