@@ -67,7 +67,7 @@ class EngineCache:
 
     def slot_counts(self) -> torch.Tensor:
         """Kept slots per (layer, sequence, KV head), [L, 1, G]."""
-        return self.cache.lengths_LBG[:, self.seq_ids_B].clone()
+        return self.cache.slot_counts(self.seq_ids_B)
 
     def kv_bytes(self) -> int:
         """Allocated pages plus the DMC window rings (0 in dense mode)."""
