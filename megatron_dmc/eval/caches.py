@@ -34,8 +34,11 @@ class KVMethod(Protocol):
     name: str
     compression_ratio: float
 
-    def make_cache(self, model: nn.Module, context_len: int) -> Cache | EngineCache | None:
-        """A fresh cache for `context_len` tokens; None lets the model build its own."""
+    def make_cache(self, model: nn.Module, context_len: int | None) -> Cache | EngineCache | None:
+        """A fresh cache for `context_len` tokens; None lets the model build its own.
+
+        A budgeted method sizes its budget for `context_len` tokens; `context_len=None` asks
+        for a budget that follows the tokens seen (ceil(seen / CR) after every call)."""
         ...
 
 
@@ -46,7 +49,7 @@ class NativeCache:
     name: str = "vanilla"
     compression_ratio: float = 1.0
 
-    def make_cache(self, model: nn.Module, context_len: int) -> Cache | None:
+    def make_cache(self, model: nn.Module, context_len: int | None) -> Cache | None:
         return None
 
 

@@ -150,12 +150,14 @@ def run_tasks(
     limit: int | None = None,
     num_fewshot: int | None = None,
     prefill_chunk: int | None = None,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score the local tasks; {task: {metric: value}} (acc, acc_norm where defined).
 
     `limit` scores the first N documents of each task after a fixed shuffle (per MMLU
     subject: N of each of the 57); None scores all. `num_fewshot` None keeps each task's
-    own (0, MMLU 5).
+    own (0, MMLU 5). `samples` ({task: doc indices}, e.g. `mmlu_subset.mmlu_subset`)
+    scores exactly those documents instead of `limit`.
     """
     offline()
     from lm_eval.evaluator import simple_evaluate
@@ -170,7 +172,8 @@ def run_tasks(
         model=lm,
         tasks=list(tasks),
         num_fewshot=num_fewshot,
-        limit=limit,
+        limit=None if samples else limit,
+        samples=samples,
         task_manager=manager,
         bootstrap_iters=0,
         log_samples=False,

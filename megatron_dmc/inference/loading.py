@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from megatron_dmc.convert.llama_config import llama_shape_from_hf, read_hf_config
@@ -75,7 +76,10 @@ def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"no *.safetensors files in {model_dir}")
     weights: dict[str, torch.Tensor] = {}
     for path in files:
-        weights.update(load_file(str(path)))
+        try:
+            weights.update(load_file(str(path)))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: unreadable safetensors file ({error})") from error
     return {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
 
 

@@ -292,7 +292,7 @@ class LlamaForInference(nn.Module):
         tokens_B: torch.Tensor,
         cache: PagedKVCache,
         seq_ids_B: torch.Tensor,
-        backend: str = "padded",
+        backend: str = "paged",
     ) -> torch.Tensor:
         """One new token per sequence at its next position; returns logits [B, V]."""
         cache.check_step_capacity(seq_ids_B)

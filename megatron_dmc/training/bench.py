@@ -249,7 +249,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    from megatron_dmc.cli_errors import run
+
+    raise SystemExit(run(main))
