@@ -9,8 +9,8 @@ layer writing its compressed cache as it is computed), `decode` (one token per
 sequence) and `extend` (logits of every token of a chunk appended to cached sequences:
 scoring, as evaluation needs). dmc None runs plain Llama attention (vanilla) through the
 same engine. With decision heads (`decision_source="heads"`) each layer also has
-`self_attn.decision_heads` ([2G, E], HF name
-`model.layers.N.self_attn.decision_heads.weight`). With a merge delay W the first chunk
+`self_attn.dmc_decision_proj` ([2G, E], HF name
+`model.layers.N.self_attn.dmc_decision_proj.weight`). With a merge delay W the first chunk
 of a prefill is parallel and later tokens run as decode steps (`_stepwise`).
 """
 
@@ -58,14 +58,14 @@ class Attention(nn.Module):
         self.heads, self.groups, self.dim = heads, groups, dim
         self.init_value = dmc.init_value if dmc else 0.0
         if dmc is not None and not dmc.uses_channel:
-            self.decision_heads = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
+            self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
             """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
 
     def decisions(self, x_BTE: torch.Tensor) -> DecisionLogits | None:
         """Decision-head logits [B, G, T] of the (normed) attention input; None in channel mode."""
-        if not hasattr(self, "decision_heads"):
+        if not hasattr(self, "dmc_decision_proj"):
             return None
-        return decision_head_logits(x_BTE, self.decision_heads.weight, self.init_value)
+        return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_value)
 
     def qkv(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw pre-RoPE q [B,H,T,D], k [B,G,T,D], v [B,G,T,D]."""

@@ -35,7 +35,7 @@ def tiny_model(
     model = LlamaForInference(shape, config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "decision_heads" in name:
+            if "dmc_decision_proj" in name:
                 p.normal_(0.0, 0.015)
                 continue
             p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)

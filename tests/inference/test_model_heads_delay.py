@@ -50,7 +50,7 @@ def test_heads_at_zero_init_equal_the_plain_model():
     with torch.no_grad():
         plain.load_state_dict(model.state_dict(), strict=False)
         for layer in model.model.layers:
-            layer.self_attn.decision_heads.weight.zero_()
+            layer.self_attn.dmc_decision_proj.weight.zero_()
     tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4))
     logits, cache = _cached_logits(model, tokens, torch.tensor([30]), 11)
     assert _rel_err(logits[:, 10:], plain(tokens)[:, 10:]) <= 1e-5
