@@ -56,7 +56,7 @@ def generate(
     page_size: int = 16,
     num_pages: int | None = None,
     chunk_size: int | None = None,
-    backend: str = "padded",
+    backend: str = "paged",
 ) -> GenerationResult:
     """Prefill all prompts in parallel, then decode until EOS or max_new_tokens.
 

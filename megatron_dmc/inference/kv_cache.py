@@ -59,6 +59,10 @@ class CacheConfig:
 
     device: str = "cpu"
 
+    growable: bool = False
+    """Double the page pool when it runs out instead of raising CacheFullError (evaluation,
+    where one sequence's length is known only as it grows; serving keeps a fixed budget)."""
+
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "num_pages", "max_batch", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -101,7 +105,7 @@ class PagedKVCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         c = config
-        self.pool = PagePool(c.num_pages, c.page_size, c.head_dim, c.dtype, c.device)
+        self.pool = PagePool(c.num_pages, c.page_size, c.head_dim, c.dtype, c.device, c.growable)
         shape_LBG = (c.num_layers, c.max_batch, c.num_kv_heads)
         self.block_table_LBGM = torch.full(
             (*shape_LBG, c.pages_per_stream), -1, dtype=torch.long, device=c.device

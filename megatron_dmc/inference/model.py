@@ -3,10 +3,11 @@
 Legend: B sequences, T time, E hidden size, V vocabulary, H query heads, G KV heads,
 D head dim.
 
-Three entry points: `forward` (the full eval-mode forward without a cache, the parity
+Four entry points: `forward` (the full eval-mode forward without a cache, the parity
 reference, built on ops.dmc_self_attention), `prefill` (parallel, chunk by chunk, every
-layer writing its compressed cache as it is computed) and `decode` (one token per
-sequence). dmc None runs plain Llama attention (vanilla) through the same engine.
+layer writing its compressed cache as it is computed), `decode` (one token per
+sequence) and `extend` (logits of every token of a chunk appended to cached sequences:
+scoring, as evaluation needs). dmc None runs plain Llama attention (vanilla) through the same engine.
 """
 
 from __future__ import annotations
@@ -180,6 +181,33 @@ class LlamaForInference(nn.Module):
             last_BE[ends_here_B] = hidden_BTE[ends_here_B, lengths_B[ends_here_B] - 1 - start]
         return self.lm_head(last_BE)
 
+    @torch.no_grad()
+    def extend(
+        self,
+        tokens_BT: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids_B: torch.Tensor,
+        backend: str = "padded",
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of a chunk appended to sequences that have seen equally many tokens.
+
+        One decode step when T == 1, else a parallel chunk (a continuation chunk attends to
+        the cached slots); either way the cache then holds the chunk.
+        """
+        seen_B = cache.seen_LB[0, seq_ids_B]
+        start, length = int(seen_B[0]), tokens_BT.shape[1]
+        if bool((seen_B != start).any()):
+            raise ValueError("extend needs sequences at one position; prefill ragged prompts")
+        if length < 1 or start + length > self.shape.max_position_embeddings:
+            raise ValueError(
+                f"tokens {start}..{start + length} must be a non-empty chunk within "
+                f"max_position_embeddings={self.shape.max_position_embeddings}"
+            )
+        if length == 1:
+            return self.decode(tokens_BT[:, 0], cache, seq_ids_B, backend)[:, None]
+        lengths_B = torch.full_like(seq_ids_B, length)
+        return self.lm_head(self._prefill_chunk(tokens_BT, start, lengths_B, cache, seq_ids_B))
+
     def _prefill_chunk(self, tokens_BT, start, lengths_B, cache, seq_ids_B) -> torch.Tensor:
         batch, length = tokens_BT.shape
         positions_BT = torch.arange(start, start + length, device=tokens_BT.device).expand(
@@ -229,7 +257,7 @@ class LlamaForInference(nn.Module):
         tokens_B: torch.Tensor,
         cache: PagedKVCache,
         seq_ids_B: torch.Tensor,
-        backend: str = "padded",
+        backend: str = "paged",
     ) -> torch.Tensor:
         """One new token per sequence at its next position; returns logits [B, V]."""
         cache.check_step_capacity(seq_ids_B)

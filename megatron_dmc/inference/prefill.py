@@ -2,6 +2,7 @@
 directly from the parallel form (closed slots, open slot, window state) -- not token by token.
 
 Legend: B sequences, H query heads, G KV heads, N query heads per KV head, T chunk time,
+Q = N * T queries of one KV head, X = S + T keys of a continuation chunk,
 S cached slots, W window, D head dim.
 
 The first chunk of a sequence uses the training-form attention in eval mode
@@ -10,8 +11,6 @@ and its partial accumulations continue the cached open run through the window st
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -180,8 +179,10 @@ def _attention_with_prefix(q_rot_BHTD, chunk: ChunkKV, hidden_prefix_BG, cache, 
 
     keys_BGXD = torch.cat([keys_BGSD.to(q_rot_BHTD.dtype), chunk.keys_BGTD], dim=2)
     values_BGXD = torch.cat([values_BGSD.to(q_rot_BHTD.dtype), chunk.values_BGTD], dim=2)
-    q_BGNTD = q_rot_BHTD.view(batch, num_groups, num_heads // num_groups, length, head_dim)
-    scores_BGNTX = q_BGNTD @ keys_BGXD[:, :, None].transpose(-1, -2) / math.sqrt(head_dim)
-    scores_BGNTX = scores_BGNTX.masked_fill(~visible_BGTX[:, :, None], float("-inf"))
-    out_BGNTD = torch.softmax(scores_BGNTX, dim=-1) @ values_BGXD[:, :, None]
-    return out_BGNTD.reshape(batch, num_heads, length, head_dim)
+    group = num_heads // num_groups
+    q_BGQD = q_rot_BHTD.reshape(batch, num_groups, group * length, head_dim)
+    visible_BGQX = visible_BGTX[:, :, None].expand(-1, -1, group, -1, -1).flatten(2, 3)
+    out_BGQD = F.scaled_dot_product_attention(
+        q_BGQD, keys_BGXD, values_BGXD, attn_mask=visible_BGQX
+    )
+    return out_BGQD.view(batch, num_heads, length, head_dim)

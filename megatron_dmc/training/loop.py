@@ -25,6 +25,7 @@ from megatron_dmc.training.record import LayerWatch, NonFiniteLossError, StepRec
 from megatron_dmc.training.rng import reseed_for_step
 from megatron_dmc.training.stages import Stage, plan, start_position
 from megatron_dmc.training.step import run_batches, train_step
+from megatron_dmc.training.teacher import Teacher, build_teacher
 from megatron_dmc.training.validate import validate
 
 
@@ -42,6 +43,7 @@ class Run:
     writer: MetricsWriter
     recorder: StepRecorder
     saved_at: int = -1
+    teacher: Teacher | None = None
 
     @property
     def num_microbatches(self) -> int:
@@ -54,6 +56,8 @@ class Run:
             stage.target_cr(step),
             count * self.cfg.batch.seq_length,
             self.cfg.dmc.dmc_cr_loss_weight,
+            self.cfg.retrofit.dmc_lm_loss_weight,
+            self.cfg.retrofit.dmc_distill_weight,
         )
 
     def batches(self, data, stage: Stage, forward_only: bool):
@@ -83,6 +87,7 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         model_api.schedule_seq_length(run.model, cfg),
         cfg.batch.micro_batch_size,
         settings,
+        run.teacher,
     )
     elapsed = time.perf_counter() - start
     problem = run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
@@ -103,6 +108,8 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
     )
     if problem is not None:
         record["skipped_iterations"] = progress.skipped_iterations
+    if run.teacher is not None:
+        record["kl_loss"] = result.stats["kl_sum"] / max(result.stats["tokens"], 1.0)
     return record
 
 
@@ -257,6 +264,7 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
     )
     if source is not None:
         _load(run, source, own)
+    run.teacher = build_teacher(cfg, model_config, run.model)
     run.train_data, run.valid_data = build_datasets(cfg, model_config.vocab_size)
     return run, stages, position.stage_index
 

@@ -1,6 +1,11 @@
 """One optimizer step (or one evaluation batch) through Megatron-Core's pipeline schedules.
 
-Legend: b micro-batch size, s sequence length.
+Legend: b micro-batch size, s sequence length, V vocabulary entries on this TP rank.
+
+With a teacher, the step first runs the teacher over all micro-batches of the step (a
+forward-only pass of the same schedule; its logits stay on the last pipeline stage), then
+the student, whose last stage returns logits instead of per-token losses so that both the
+cross-entropy and the KL to the teacher come from them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dmc.compat import cpu_device_mode
+from megatron_dmc.training.distill import vocab_parallel_kl
 from megatron_dmc.training.loss import STATS, LossSettings, micro_batch_loss
 from megatron_dmc.training.model_api import unpack_output
 from megatron_dmc.training.optim import first_non_finite_grad
+from megatron_dmc.training.teacher import Teacher
 
 
 @dataclass
@@ -38,21 +45,33 @@ class StepResult:
         return all(math.isfinite(v) for v in self.stats.values())
 
 
-def _forward_step(settings: LossSettings, data_iterator, model):
+def _forward_step(settings: LossSettings, teacher_logits, data_iterator, model):
     batch = next(data_iterator)
-    output, sums = unpack_output(
-        model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    )
+    labels = None if teacher_logits is not None else batch["labels"]
+    output, sums = unpack_output(model(batch["tokens"], batch["position_ids"], None, labels=labels))
     if not parallel_state.is_pipeline_last_stage():
         return output, None
     if sums is not None:
         assert sums.count == settings.decisions_per_sequence, (sums.count, settings)
     alpha_sum_B = None if sums is None else sums.alpha_sum_B
-    return output, partial(_loss, batch["loss_mask"], alpha_sum_B, settings)
+    if teacher_logits is None:
+        return output, partial(_loss, batch["loss_mask"], alpha_sum_B, settings)
+    teacher_bsV = next(teacher_logits)
+    module = getattr(model, "module", model)
+    return output, partial(_distill_loss, batch, alpha_sum_B, settings, teacher_bsV, module)
 
 
 def _loss(loss_mask_BS, alpha_sum_B, settings, loss_BS):
     loss, stats = micro_batch_loss(loss_BS, loss_mask_BS, alpha_sum_B, settings)
+    return loss, {"stats": stats}
+
+
+def _distill_loss(batch, alpha_sum_B, settings, teacher_bsV, module, logits_bsV):
+    """Cross-entropy as the model computes it with labels, plus the KL to the teacher."""
+    logits_sbV = logits_bsV.transpose(0, 1).contiguous()
+    ce_bs = module.compute_language_model_loss(batch["labels"], logits_sbV)
+    kl_bs = vocab_parallel_kl(logits_bsV, teacher_bsV)
+    loss, stats = micro_batch_loss(ce_bs, batch["loss_mask"], alpha_sum_B, settings, kl_bs)
     return loss, {"stats": stats}
 
 
@@ -82,15 +101,22 @@ def run_batches(
     micro_batch_size: int,
     settings: LossSettings,
     forward_only: bool,
+    teacher: Teacher | None = None,
 ) -> StepResult:
     """Forward (and backward unless `forward_only`) over one global batch.
 
     `seq_length` is what the pipeline schedule sends between stages (see
-    `model_api.schedule_seq_length`).
+    `model_api.schedule_seq_length`). With a `teacher` (and a distillation weight) the
+    KL to its logits joins the loss.
     """
+    teacher_logits = None
+    if teacher is not None and settings.distill_weight > 0:
+        batches = [next(data_iterator) for _ in range(num_microbatches)]
+        logits = teacher.logits(model, batches, seq_length, micro_batch_size)
+        data_iterator, teacher_logits = iter(batches), iter(logits)
     with cpu_device_mode():
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, settings),
+            forward_step_func=partial(_forward_step, settings, teacher_logits),
             data_iterator=data_iterator,
             model=[model],
             num_microbatches=num_microbatches,
@@ -109,6 +135,7 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     settings: LossSettings,
+    teacher: Teacher | None = None,
 ) -> StepResult:
     """Zero grads, forward/backward over the global batch (Megatron syncs DP and tied
     embedding grads), then clip and step; a non-finite loss or gradient (on any rank) skips
@@ -116,7 +143,14 @@ def train_step(
     model.zero_grad_buffer()
     optimizer.zero_grad()
     result = run_batches(
-        model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, False
+        model,
+        data_iterator,
+        num_microbatches,
+        seq_length,
+        micro_batch_size,
+        settings,
+        False,
+        teacher,
     )
     if result.finite:
         result.bad_grad = first_non_finite_grad(model)
