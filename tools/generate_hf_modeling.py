@@ -259,10 +259,23 @@ def generate(modular_path: Path = MODULAR) -> str:
         for i, d in enumerate(inliner.ordered)
     )
     rest = "".join(lines[last_import_line:]).strip("\n")
-    return (
+    text = (
         f'{HEADER}"""{docstring}"""\n\nfrom __future__ import annotations\n\n{imports}\n\n'
         f"{inlined}\n\n{rest}\n"
     )
+    _check_self_contained(text)
+    return text
+
+
+def _check_self_contained(text: str) -> None:
+    """No import of the package may remain (e.g. one inside a function of an inlined module)."""
+    for node in ast.walk(ast.parse(text)):
+        for imported in _imports_of(node):
+            if is_package_import(imported):
+                raise ValueError(
+                    f"line {node.lineno} of the generated file still imports {imported.module}: "
+                    "move that import to the top of its module so it can be inlined"
+                )
 
 
 def _first_of_module(ordered: list[Definition], index: int) -> bool:

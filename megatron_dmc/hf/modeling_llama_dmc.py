@@ -8,10 +8,12 @@ and the cache's page pool and window state from `megatron_dmc.inference`;
 inlined, so that an exported checkpoint loads with `trust_remote_code=True` where
 megatron_dmc is not installed.
 
-Legend (docs/shapes.md): B batch, H query heads, G KV heads, R = H/G, T time, D head dim,
-W window, U = B*G cache streams (one per sequence and KV head), S slots a stream holds, P
-pages, N slots per page, M pages per stream, K selected items; file-local: J = S + T keys a
-call's tokens may see, X = R*T stacked queries of a KV head, E = H*D concatenated heads.
+Legend (docs/shapes.md): B batch, C hidden size, H query heads, G KV heads, R = H/G, T time,
+D head dim, W window, Y merge delay, U = B*G cache streams (one per sequence and KV head), S
+slots a stream holds, P pages, N slots per page, M pages per stream, K tokens leaving the
+exact window in a call; file-local: A = Y' + T exact tokens a call's queries may see (Y' <= Y
+held before it), J = S + K compressed keys they may see, X = R*T stacked queries of a KV
+head, E = H*D concatenated heads.
 """
 
 from __future__ import annotations
@@ -1078,11 +1080,11 @@ class CallTokens:
 
 
 def exact_band(held: int, length: int, delay: int, device: torch.device) -> torch.Tensor:
-    """[T, Y' + T]: which of the held exact tokens and the call's own each new token sees
-    (the last `delay` tokens up to itself; `held` = Y' tokens precede the call)."""
+    """[T, A]: which of the held exact tokens and the call's own each new token sees (the
+    last `delay` tokens up to itself; `held` = Y' tokens precede the call)."""
     query_T1 = torch.arange(length, device=device)[:, None] + held
-    key_1K = torch.arange(held + length, device=device)[None, :]
-    return (key_1K <= query_T1) & (key_1K > query_T1 - delay)
+    key_1A = torch.arange(held + length, device=device)[None, :]
+    return (key_1A <= query_T1) & (key_1A > query_T1 - delay)
 
 
 class DMCCacheLayer(CacheLayerMixin):
@@ -1199,14 +1201,14 @@ class DMCCacheLayer(CacheLayerMixin):
         leaving, self.exact = tokens.split(max(tokens.length - delay, 0))
         keys_UJD, values_UJD, visible_UTJ = self._compressed_keys(leaving, length)
         if delay:
-            k_exact_BGKD = rope_for_attention(
+            k_exact_BGAD = rope_for_attention(
                 tokens.k_BGTD, tokens.cos_BTD[:, None], tokens.sin_BTD[:, None], self.dmc
             )
-            band_TK = exact_band(held, length, delay, k_BGTD.device)
-            keys_UJD = torch.cat([keys_UJD, k_exact_BGKD.flatten(0, 1)], dim=1)
+            band_TA = exact_band(held, length, delay, k_BGTD.device)
+            keys_UJD = torch.cat([keys_UJD, k_exact_BGAD.flatten(0, 1)], dim=1)
             values_UJD = torch.cat([values_UJD, tokens.v_BGTD.flatten(0, 1)], dim=1)
-            band_UTK = band_TK[None].expand(b * g, -1, -1)
-            visible_UTJ = torch.cat([visible_UTJ, band_UTK], dim=2)
+            band_UTA = band_TA[None].expand(b * g, -1, -1)
+            visible_UTJ = torch.cat([visible_UTJ, band_UTA], dim=2)
         self.tokens_seen += length
         q_rot_BHTD = rope_for_attention(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc)
         keys = keys_UJD.shape[1]

@@ -50,6 +50,10 @@ def test_maths_is_inlined_verbatim_from_ops():
             "from megatron_dmc.ops import apply_rope\n\n\ndef apply_rope(x):\n    return x",
             "redefines",
         ),
+        (
+            "def lazy():\n    from megatron_dmc.ops import apply_rope\n\n    return apply_rope",
+            "still imports",
+        ),
     ],
 )
 def test_generator_refuses_what_it_cannot_inline(tmp_path, line, message):

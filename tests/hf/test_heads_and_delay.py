@@ -1,16 +1,11 @@
 """Decision heads (dmc_decision_source="heads") and delayed merging (dmc_merge_delay) in the
 transformers model and its cache, against megatron_dmc.ops and a plain Llama."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megatron_dmc.hf import DMCCache, DMCLlamaForCausalLM, save_pretrained_with_code
+from megatron_dmc.hf import DMCCache, DMCLlamaForCausalLM
 from tests.hf.helpers import (
     dmc_model,
     fire_decisions,
@@ -19,7 +14,6 @@ from tests.hf.helpers import (
     relative_error,
     tiny_config,
 )
-from tests.hf.test_save_load import REMOTE_LOAD
 
 IDS = torch.randint(3, 101, (2, 40), generator=torch.Generator().manual_seed(12))
 PROMPT, CHUNKS = 7, (1, 9, 2, 5)
@@ -138,20 +132,3 @@ def test_left_padding_with_a_delay_is_refused():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="left padding is not supported with dmc_merge_delay"):
         model(IDS[:, :9], attention_mask=mask)
-
-
-@pytest.mark.slow
-def test_heads_and_delay_export_loads_without_megatron_dmc(tmp_path):
-    model = fired("heads", 3)
-    export_dir = save_pretrained_with_code(model, tmp_path / "export")
-    config = json.loads((export_dir / "config.json").read_text())
-    assert config["dmc_decision_source"] == "heads" and config["dmc_merge_delay"] == 3
-    ids = IDS[:, :21]
-    torch.save(ids, tmp_path / "ids.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    script = [sys.executable, "-c", REMOTE_LOAD, str(export_dir), str(tmp_path / "ids.pt")]
-    subprocess.run([*script, str(tmp_path / "out.pt")], check=True, env=env, timeout=300)
-    result = torch.load(tmp_path / "out.pt")
-    with torch.no_grad():
-        assert relative_error(result["logits"], model(ids, use_cache=False).logits) <= 1e-5
-    assert torch.equal(result["sequences"], model.generate(ids, max_new_tokens=6, do_sample=False))
