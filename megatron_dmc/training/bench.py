@@ -6,8 +6,11 @@ measured side by side in one process.
 
 A step is the trainer's own `train_step`: forward and backward through Megatron-Core's
 schedule (DMC: Gumbel-sigmoid decisions, windowed accumulation, biased attention and the
-CR loss of the retrofit stage), then the clipped AdamW update. Steps alternate between the
-two models after warm-up, so both see the same machine load; the medians and their ratio
+CR loss of the retrofit stage), then the clipped AdamW update. Beside them, a plain
+transformers `LlamaForCausalLM` of the same shape takes a forward+backward+AdamW step on
+the same batch (training/bench_hf.py; --no-transformers skips it), and the CPU seconds per
+token of each are printed. Steps alternate between the models after warm-up, so all
+see the same machine load; the medians and their ratios
 are printed (goal: DMC <= 1.15x vanilla). On a CPU with one torch thread the clock is the
 process CPU time (the machine may be shared), elsewhere wall time after synchronising.
 """
@@ -44,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-cr", type=float, default=4.0, help="CR the DMC loss asks for")
     parser.add_argument("--recompute", choices=("selective",), default=None)
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU)")
+    parser.add_argument(
+        "--no-transformers", action="store_true",
+        help="skip the plain transformers LlamaForCausalLM fwd+bwd+AdamW baseline",
+    )  # fmt: skip
     return parser
 
 
@@ -148,6 +155,12 @@ def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Conte
             model.module.load_state_dict(out[0].model.module.state_dict(), strict=True)
         optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
         out.append(Contender(name, model, optimizer, LossSettings(target, decisions)))
+    if not args.no_transformers:
+        from megatron_dmc.training.bench_hf import plain_transformers_step
+
+        device = next(out[0].model.parameters()).device.type
+        plain = plain_transformers_step(shape, cfg.optim, args.num_microbatches, device)
+        out.append(Contender("transformers", plain.model, plain, None))
     return out
 
 
@@ -155,6 +168,10 @@ def _step(contender: Contender, args: argparse.Namespace, batch: dict, iteration
     """One training step; the first one's LM loss is kept (all models start equal)."""
     from megatron_dmc.training.step import train_step
 
+    if contender.name == "transformers":
+        loss = contender.optimizer(batch)
+        contender.first_lm_loss = contender.first_lm_loss or loss
+        return
     if contender.name == "dmc":
         contender.model.module.collector.start_step(iteration)
         contender.model.module.collector.reset_stats()
@@ -216,6 +233,11 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
         )
     for name in [c.name for c in contenders if c.name != "dmc"]:
         lines.append(f"DMC / {name} step time: {medians['dmc'] / medians[name]:.3f}x")
+    if "transformers" in medians:
+        per_token = {name: seconds / tokens for name, seconds in medians.items()}
+        lines.append("CPU-s per token: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in per_token.items())
+                     + f"; DMC / transformers {per_token['dmc'] / per_token['transformers']:.3f}x "
+                     "(goal <= 1.1x for a whole retrofit run, launches and checkpoints included)")  # fmt: skip
     verdict = "met" if ratio <= GOAL else "NOT met"
     lines.append(
         f"goal DMC / {baseline} <= {GOAL}x: {verdict} ({ratio:.3f}x; median of per-round "
