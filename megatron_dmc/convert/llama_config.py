@@ -77,8 +77,11 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """config.json of an HF model directory, as a plain dict."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path} not found: --hf-dir must be a Hugging Face model directory")
-    return json.loads(path.read_text())
+        raise ValueError(f"{path} not found: {hf_dir} is not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
 def llama_shape_from_hf(config: dict[str, Any]) -> LlamaShape:
