@@ -36,7 +36,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import get_pg_rank
 
-from megatron_dmc.model.heads import DecisionHeads
+from megatron_dmc.model.heads import DecisionHeads, attention_input, check_fused_norm
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import (
     DecisionLogits,
@@ -80,6 +80,8 @@ class DMCSelfAttention(SelfAttention):
         self.collector = None
         self._head_logits: DecisionLogits | None = None
         if not self.dmc_config.uses_channel:
+            if hasattr(self.linear_qkv, "layer_norm_weight"):
+                check_fused_norm(self.config)
             self.dmc_decision_proj = DecisionHeads(
                 self.config,
                 self.num_query_groups_per_partition,
@@ -99,7 +101,8 @@ class DMCSelfAttention(SelfAttention):
     def get_query_key_value_tensors(self, hidden_states, *args, **kwargs):
         self._head_logits = None
         if not self.dmc_config.uses_channel and not self.compression_off:
-            self._head_logits = self.dmc_decision_proj(hidden_states)
+            x_SBC = attention_input(hidden_states, self.linear_qkv, self.config)
+            self._head_logits = self.dmc_decision_proj(x_SBC)
         return super().get_query_key_value_tensors(hidden_states, *args, **kwargs)
 
     def _adjust_key_value_for_inference(

@@ -22,6 +22,30 @@ from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 from megatron_dmc.ops import DecisionLogits, decision_head_logits
 
 
+def attention_input(
+    hidden_SBC: torch.Tensor, linear_qkv: torch.nn.Module, config: TransformerConfig
+) -> torch.Tensor:
+    """The attention input after the input norm. The local spec norms before the attention;
+    the Transformer-Engine spec fuses the norm into `linear_qkv` (`layer_norm_weight`), so
+    the heads apply the same RMSNorm themselves (in fp32, as TE does)."""
+    weight_C = getattr(linear_qkv, "layer_norm_weight", None)
+    if weight_C is None:
+        return hidden_SBC
+    check_fused_norm(config)
+    gamma_C = weight_C + 1.0 if config.layernorm_zero_centered_gamma else weight_C
+    x_SBC = hidden_SBC.float()
+    rms_SB1 = torch.rsqrt(x_SBC.pow(2).mean(-1, keepdim=True) + config.layernorm_epsilon)
+    return (x_SBC * rms_SB1 * gamma_C.float()).to(hidden_SBC.dtype)
+
+
+def check_fused_norm(config: TransformerConfig) -> None:
+    if config.normalization != "RMSNorm":
+        raise ValueError(
+            f"decision heads under a fused input norm support RMSNorm (Llama) only; got "
+            f"{config.normalization}"
+        )
+
+
 class DecisionHeads(MegatronModule):
     """Zero-initialised linear map: attention input -> (alpha, omega) logits per KV head."""
 
