@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
+from megatron_dmc.model.lora import drop_absent_params
 from megatron_dmc.ops import DecisionLogits, decision_head_logits
 
 
@@ -83,3 +84,15 @@ class DecisionHeads(MegatronModule):
             self.weight, key, tp_axis=1, prepend_offsets=sharded_offsets, **groups
         )
         return {key: tensor}
+
+
+def is_decision_head_key(key: str) -> bool:
+    """A state-dict or checkpoint key of a decision-head weight."""
+    return key.endswith("dmc_decision_proj.weight")
+
+
+def drop_absent_heads(sharded: dict, directory) -> list[str]:
+    """Remove from a load request the decision heads that the checkpoint at `directory`
+    lacks (the vanilla model a heads-mode retrofit starts from): they keep their zero
+    initialisation. Returns their state-dict keys."""
+    return drop_absent_params(sharded, directory, is_decision_head_key)

@@ -82,3 +82,26 @@ def test_heads_with_delay_trains_saves_and_exports(tmp_path: Path) -> None:
     assert '"dmc_decision_source": "heads"' in config and '"dmc_merge_delay": 4' in config
     names = HFCheckpoint(out).files
     assert "model.layers.3.self_attn.dmc_decision_proj.weight" in names
+
+
+HEADS_RUN = [
+    "--dmc-decision-source", "heads", "--dmc-merge-delay", "4", "--dmc-target-cr", "2",
+    "--dmc-ramp-iters", "2", "--dmc-finetune-iters", "2",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_heads_run_from_a_vanilla_checkpoint_resumes_bitwise(initial, tmp_path: Path) -> None:
+    """Starts from the converted vanilla model (the heads start at zero: that checkpoint has
+    none), and a launch stopped mid-retrofit continues exactly as the uninterrupted run."""
+    from tests.training.helpers import KEYS, TINY_SHARED, curves, train
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train([*TINY_SHARED, *HEADS_RUN, "--save", str(whole), "--load", str(initial)])
+    base = [*TINY_SHARED, *HEADS_RUN, "--save", str(halves), "--load", str(initial)]
+    train([*base, "--train-iters", "1"])
+    train(base)
+    want, got = curves(whole), curves(halves)
+    assert want["iteration"] == [1, 2, 3, 4] and got["iteration"][-3:] == [2, 3, 4]
+    for key in KEYS:
+        assert got[key][-3:] == want[key][-3:], key
