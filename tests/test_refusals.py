@@ -19,10 +19,13 @@ POISONED = "model.layers.1.mlp.up_proj.weight"
 
 
 def _refused(capsys, main, argv: list[str]) -> str:
+    """The refusal of `main(argv)`: its one line (progress bars before it are fine)."""
     assert run(main, argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
+    assert "Traceback" not in err and err.endswith("\n") and err.count("error: ") == 1, err
+    line = err.rstrip("\n").split("\n")[-1].split("\r")[-1]
+    assert line.startswith("error: "), err
+    return line
 
 
 def test_run_maps_refusals_stops_and_bugs(capsys, monkeypatch) -> None:

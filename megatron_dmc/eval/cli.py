@@ -26,8 +26,9 @@ def _token_ids(args, tokenizer) -> torch.Tensor:
 
 
 def _run(args) -> None:
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    model = load_model(args.model)
     check_finite_weights(model.state_dict().items(), args.model)
+    tokenizer = load_tokenizer(args.model)
     settings = EvalSettings(
         max_samples=args.max_samples,
         max_tokens=args.max_tokens,
