@@ -111,6 +111,7 @@ def test_nan_weights_are_refused_naming_the_tensor(hf_dirs, capsys, tool: str) -
     assert f"tensor {POISONED} has 1 non-finite values (NaN/inf)" in err
 
 
+@pytest.mark.slow
 def test_export_hf_refuses_nan_weights_and_writes_nothing(hf_dirs, tmp_path, capsys) -> None:
     from megatron_dmc.convert.cli import main
     from megatron_dmc.convert.commands import import_hf
@@ -125,6 +126,7 @@ def test_export_hf_refuses_nan_weights_and_writes_nothing(hf_dirs, tmp_path, cap
     assert "latest_checkpointed_iteration.txt: expected an iteration number" in err
 
 
+@pytest.mark.slow
 def test_python_m_generate_prints_one_line_and_exits_2(tmp_path) -> None:
     command = [sys.executable, "-m", "megatron_dmc.generate", "--model-dir", str(tmp_path)]
     done = subprocess.run([*command, "--token-ids", "1"], capture_output=True, text=True)
