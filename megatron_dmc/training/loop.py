@@ -25,6 +25,8 @@ from megatron_dmc.training.record import LayerWatch, NonFiniteLossError, StepRec
 from megatron_dmc.training.rng import reseed_for_step
 from megatron_dmc.training.stages import Stage, plan, start_position
 from megatron_dmc.training.step import run_batches, train_step
+from megatron_dmc.training.teacher import Teacher, build_teacher
+from megatron_dmc.training.trainable import check_checkpoint
 from megatron_dmc.training.validate import validate
 
 
@@ -42,6 +44,7 @@ class Run:
     writer: MetricsWriter
     recorder: StepRecorder
     saved_at: int = -1
+    teacher: Teacher | None = None
 
     @property
     def num_microbatches(self) -> int:
@@ -54,6 +57,8 @@ class Run:
             stage.target_cr(step),
             count * self.cfg.batch.seq_length,
             self.cfg.dmc.dmc_cr_loss_weight,
+            self.cfg.retrofit.dmc_lm_loss_weight,
+            self.cfg.retrofit.dmc_distill_weight,
         )
 
     def batches(self, data, stage: Stage, forward_only: bool):
@@ -83,6 +88,7 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         model_api.schedule_seq_length(run.model, cfg),
         cfg.batch.micro_batch_size,
         settings,
+        run.teacher,
     )
     elapsed = time.perf_counter() - start
     problem = run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
@@ -103,6 +109,8 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
     )
     if problem is not None:
         record["skipped_iterations"] = progress.skipped_iterations
+    if run.teacher is not None:
+        record["kl_loss"] = result.stats["kl_sum"] / max(result.stats["tokens"], 1.0)
     return record
 
 
@@ -233,8 +241,13 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
         common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
         progress = ckpt.Progress(**common.get("dmc_progress", {}))
     position = start_position(stages, progress.stage, progress.stage_step, progress.stage_done)
+    if source is not None:
+        weights_only = cfg.checkpoint.finetune and not own
+        load_optim = not (weights_only or cfg.checkpoint.no_load_optim)
+        check_checkpoint(cfg.retrofit, ckpt.read_common(source), load_optim)
     first = stages[min(position.stage_index, len(stages) - 1)]
     model = model_api.build(model_config, cfg, first.attention)
+    teacher = build_teacher(cfg, model_config, model)
     optimizer = build_optimizer(
         model, cfg.optim, cfg.model.bf16, cfg.parallel.use_distributed_optimizer
     )
@@ -254,6 +267,7 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
         None,
         writer,
         StepRecorder(model_config),
+        teacher=teacher,
     )
     if source is not None:
         _load(run, source, own)
