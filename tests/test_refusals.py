@@ -20,7 +20,11 @@ POISONED = "model.layers.1.mlp.up_proj.weight"
 
 def _refused(capsys, main, argv: list[str]) -> str:
     """The refusal of `main(argv)`: its one line (progress bars before it are fine)."""
-    assert run(main, argv) == 2
+    try:
+        status = run(main, argv)
+    except SystemExit as exited:  # a main that exits itself, as eval's does
+        status = exited.code
+    assert status == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.endswith("\n") and err.count("error: ") == 1, err
     line = err.rstrip("\n").split("\n")[-1].split("\r")[-1]
