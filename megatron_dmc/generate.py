@@ -44,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="KV budget in pages (default: never runs out)")
     p.add_argument("--chunk-size", type=int, help="prefill chunk length (default: whole prompt)")
-    p.add_argument("--backend", default="padded", help="decode attention: padded, reference, ...")
+    p.add_argument(
+        "--backend",
+        default="paged",
+        help="decode attention: paged (default), blocked, padded, reference, triton, flash",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
     return p.parse_args(argv)
 

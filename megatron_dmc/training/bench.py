@@ -6,8 +6,11 @@ measured side by side in one process.
 
 A step is the trainer's own `train_step`: forward and backward through Megatron-Core's
 schedule (DMC: Gumbel-sigmoid decisions, windowed accumulation, biased attention and the
-CR loss of the retrofit stage), then the clipped AdamW update. Steps alternate between the
-two models after warm-up, so both see the same machine load; the medians and their ratio
+CR loss of the retrofit stage), then the clipped AdamW update. Beside them, a plain
+transformers `LlamaForCausalLM` of the same shape takes a forward+backward+AdamW step on
+the same batch (training/bench_hf.py; --no-transformers skips it), and the CPU seconds per
+token of each are printed. Steps alternate between the models after warm-up, so all
+see the same machine load; the medians and their ratios
 are printed (goal: DMC <= 1.15x vanilla). On a CPU with one torch thread the clock is the
 process CPU time (the machine may be shared), elsewhere wall time after synchronising.
 """
@@ -50,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time DMC with distillation from a frozen copy (dmc_distill) and LoRA "
         "adapters with the same teacher (dmc_lora_distill)",
     )
+    parser.add_argument(
+        "--no-transformers", action="store_true",
+        help="skip the plain transformers LlamaForCausalLM fwd+bwd+AdamW baseline",
+    )  # fmt: skip
     return parser
 
 
@@ -158,6 +165,12 @@ def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Conte
         out.append(Contender(name, model, optimizer, LossSettings(target, decisions)))
     if args.distill:
         out += [_distilled(name, args, cfg, shape, out[0]) for name in DISTILLED]
+    if not args.no_transformers:
+        from megatron_dmc.training.bench_hf import plain_transformers_step
+
+        device = next(out[0].model.parameters()).device.type
+        plain = plain_transformers_step(shape, cfg.optim, args.num_microbatches, device)
+        out.append(Contender("transformers", plain.model, plain, None))
     return out
 
 
@@ -220,6 +233,10 @@ def _step(contender: Contender, args: argparse.Namespace, batch: dict, iteration
     """One training step; the first one's LM loss is kept (all models start equal)."""
     from megatron_dmc.training.step import train_step
 
+    if contender.name == "transformers":
+        loss = contender.optimizer(batch)
+        contender.first_lm_loss = contender.first_lm_loss or loss
+        return
     if contender.name.startswith("dmc"):
         contender.model.module.collector.start_step(iteration)
         contender.model.module.collector.reset_stats()
@@ -294,6 +311,11 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
             f"optimizer state {mib['optimizer']} MiB, teacher weights {mib['teacher']} MiB, "
             f"teacher logits {mib['teacher_logits']} MiB"
         )
+    if "transformers" in medians:
+        per_token = {name: seconds / tokens for name, seconds in medians.items()}
+        lines.append("CPU-s per token: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in per_token.items())
+                     + f"; DMC / transformers {per_token['dmc'] / per_token['transformers']:.3f}x "
+                     "(goal <= 1.1x for a whole retrofit run, launches and checkpoints included)")  # fmt: skip
     verdict = "met" if ratio <= GOAL else "NOT met"
     lines.append(
         f"goal DMC / {baseline} <= {GOAL}x: {verdict} ({ratio:.3f}x; median of per-round "
