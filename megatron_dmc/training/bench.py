@@ -179,15 +179,14 @@ DISTILLED = ("dmc_distill", "dmc_lora_distill")
 
 
 def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> Contender:
-    """DMC (retrofit step, KL weight 1) with a frozen vanilla copy of `vanilla` as teacher."""
+    """DMC (retrofit step, KL weight 1) with a frozen copy of `vanilla`'s weights as teacher."""
     import copy
 
-    from megatron_dmc.model.builder import build_model
     from megatron_dmc.training import model_api
     from megatron_dmc.training.config import RetrofitArgs
     from megatron_dmc.training.loss import LossSettings
     from megatron_dmc.training.optim import build_optimizer
-    from megatron_dmc.training.teacher import Teacher
+    from megatron_dmc.training.teacher import Teacher, frozen_copy
 
     cfg = copy.deepcopy(cfg)
     trainable = "lora" if name == "dmc_lora_distill" else "all"
@@ -196,9 +195,8 @@ def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> 
     state = vanilla.model.module.state_dict()
     missing, unexpected = model.module.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(("lora_A", "lora_B")) for k in missing), missing
-    teacher_model = build_model(shape, "vanilla", None, model_api.transformer_config(shape, cfg))
+    teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
     teacher_model.load_state_dict(state, strict=True)
-    teacher_model.requires_grad_(False).eval()
     optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
     decisions = shape.num_layers * shape.num_query_groups * args.seq_length
     settings = LossSettings(args.target_cr, decisions, distill_weight=1.0)
