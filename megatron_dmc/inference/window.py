@@ -9,6 +9,18 @@ are recomputed from the ring at every merge (W adds per channel) instead of bein
 by subtraction, so they never drift over long runs. Keys are pre-RoPE, channel D-1 zeroed.
 Raw k and v are stored in the cache dtype (they are exact there); w and the sums are in at
 least float32.
+
+Pure torch (no package import). API:
+
+- `WindowState(k_BGWD, v_BGWD, w_BGW, run_len_BG)`, `.sums()`.
+- `merge_step(state, k_BGD, v_BGD, w_BG, merge_BG) -> (state, slot_k_BGD, slot_v_BGD)`:
+  one token of Algorithm 1.
+- `state_after_chunk(state, k_BGTD, v_BGTD, w_BGT, append_BGT, lengths_B) -> state`: the
+  state after a chunk, in one pass.
+- `chronological(state) -> state`: the ring rotated oldest-first (to continue a chunk).
+- `ExactRing(shape_LBG, delay, head_dim, dtype, state_dtype, device)`: delayed merging's
+  W most recent tokens per stream; `push`, `fill`, `chronological`, `read`, `clear`,
+  `nbytes`.
 """
 
 from __future__ import annotations
