@@ -109,3 +109,15 @@ def test_heads_and_delay_models_evaluate_like_the_transformers_cache(fields):
     hf_cache = prefill(model, NativeCache("dmc"), ids_T[:40], chunk=11).cache
     assert torch.equal(cache.slot_counts(), hf_cache.slot_counts())
     assert int(cache.slot_counts().sum()) < 0.9 * 40 * 2 * 2  # decisions really merged
+
+
+def test_matched_streaming_through_the_engine():
+    from megatron_dmc.eval.matched import stream
+
+    model, ids_T = _tiny_dmc(), torch.randint(0, 300, (48,))
+    caches = []
+    run = stream(model, PagedEngine("dmc"), ids_T, 16, lambda c, s: caches.append(c))
+    hf = stream(model, NativeCache("dmc"), ids_T, 16)
+    torch.testing.assert_close(run.logprobs_T, hf.logprobs_T, rtol=1e-5, atol=1e-5)
+    assert run.slots == pytest.approx(hf.slots)
+    assert 1.0 < 48 / run.slots == pytest.approx(caches[-1].compression_ratio())
