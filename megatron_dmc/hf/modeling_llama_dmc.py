@@ -63,12 +63,15 @@ class PagePool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        growable: bool = False,
     ) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError(
                 f"num_pages ({num_pages}) and page_size ({page_size}) must both be >= 1"
             )
         self.page_size = page_size
+        self.growable = growable
+        """Grow (double) the pool when a request exceeds the free pages, instead of refusing."""
         self.k_pages_PND = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
         self.v_pages_PND = torch.zeros_like(self.k_pages_PND)
         self.free_P = torch.arange(num_pages - 1, -1, -1, dtype=torch.long, device=device)
@@ -98,7 +101,7 @@ class PagePool:
         return self.v_pages_PND.view(-1, self.v_pages_PND.shape[-1])
 
     def check_available(self, count: int, what: str) -> None:
-        if count > self.num_free:
+        if count > self.num_free and not self.growable:
             raise CacheFullError(
                 f"KV page pool exhausted: {what} needs {count} pages, {self.num_free} of "
                 f"{self.num_pages} are free. Use a larger pool (num_pages), a smaller batch, "
@@ -108,10 +111,25 @@ class PagePool:
     def allocate(self, count: int, what: str = "a write") -> torch.Tensor:
         """Pop `count` free page ids ([K], long); CacheFullError if too few are free."""
         self.check_available(count, what)
+        if count > self.num_free:
+            self._grow(max(count - self.num_free, self.num_pages))
         pages_K = self.free_P[self.num_free - count : self.num_free].clone()
         self.num_free -= count
         self.peak_in_use = max(self.peak_in_use, self.pages_in_use)
         return pages_K
+
+    def _grow(self, extra: int) -> None:
+        """Add `extra` pages; existing pages keep their ids and contents."""
+        old = self.num_pages
+        new_PND = self.k_pages_PND.new_zeros(extra, *self.k_pages_PND.shape[1:])
+        self.k_pages_PND = torch.cat([self.k_pages_PND, new_PND])
+        self.v_pages_PND = torch.cat([self.v_pages_PND, torch.zeros_like(new_PND)])
+        new_ids_K = torch.arange(old + extra - 1, old - 1, -1, device=self.free_P.device)
+        free_P = torch.cat([new_ids_K, self.free_P[: self.num_free]])
+        self.free_P = torch.cat(
+            [free_P, torch.zeros(old - self.num_free, dtype=torch.long, device=free_P.device)]
+        )
+        self.num_free += extra
 
     def release(self, pages_K: torch.Tensor) -> None:
         count = pages_K.numel()
@@ -763,10 +781,6 @@ def decision_head_logits(
     return DecisionLogits(alpha_BGT - init_value, omega_BGT + init_value)
 
 
-PAGE_GROWTH = 1.25
-"""A layer's page pool grows to at least this multiple of its old capacity when full."""
-
-
 # ----------------------------------------------------------------------------------------------
 # The parallel form: megatron_dmc.ops, plus left padding (each row's first real token appends,
 # padding keys are masked)
@@ -868,11 +882,10 @@ def _storage_bytes(*tensors: torch.Tensor) -> int:
 class PagedSlots:
     """The kept K/V slots of one layer: U rows (streams: sequence, KV head) of different lengths.
 
-    Slots live in pages of `page_size` from one `PagePool` per layer; row n owns
-    ceil(length_K / page_size) pages, listed in its block-table row. The first write (prefill)
-    sizes the pool exactly; later, when rows need pages and the pool is full, it is
-    reallocated to at least PAGE_GROWTH times its capacity. Rows never shrink (a merge
-    overwrites the last slot).
+    Slots live in pages of `page_size` from one growable `PagePool` per layer; a row owns
+    ceil(its length / page_size) pages, listed in its block-table row. The first write
+    (prefill) sizes the pool exactly; later, when rows need pages and the pool is full, the
+    pool grows (doubles) in place. Rows never shrink (a merge overwrites the last slot).
     """
 
     def __init__(self, rows: int, head_dim: int, page_size: int, like: torch.Tensor) -> None:
@@ -923,27 +936,16 @@ class PagedSlots:
         missing_columns = int((old_pages_U + count_U).max()) - self.pages_UM.shape[1]
         if missing_columns > 0:
             self.pages_UM = F.pad(self.pages_UM, (0, missing_columns), value=-1)
-        self._grow_pool(self.used_pages + count)
+        if self.pool is None:
+            like = self.like
+            self.pool = PagePool(
+                count, self.page_size, self.head_dim, like.dtype, like.device, growable=True
+            )
         rows_K = torch.repeat_interleave(torch.arange(len(count_U), device=count_U.device), count_U)
         new_K = torch.arange(count, device=count_U.device)
         first_new_U = count_U.cumsum(0) - count_U
         columns_K = old_pages_U[rows_K] + new_K - first_new_U[rows_K]
         self.pages_UM[rows_K, columns_K] = self.pool.allocate(count, "the DMC cache")
-
-    def _grow_pool(self, needed: int) -> None:
-        """A larger pool holding the same pages under the same ids (nothing is ever released,
-        so the used ids are 0 .. used-1 and a fresh pool hands out exactly those first)."""
-        capacity = 0 if self.pool is None else self.pool.num_pages
-        if needed <= capacity:
-            return
-        size = needed if self.pool is None else max(needed, int(capacity * PAGE_GROWTH) + 1)
-        like = self.like
-        grown = PagePool(size, self.page_size, self.head_dim, like.dtype, like.device)
-        if self.pool is not None:
-            grown.allocate(self.pool.pages_in_use)
-            grown.k_pages_PND[:capacity] = self.pool.k_pages_PND
-            grown.v_pages_PND[:capacity] = self.pool.v_pages_PND
-        self.pool = grown
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [U, S, D], values [U, S, D] and validity [U, S], padded to the longest row."""
