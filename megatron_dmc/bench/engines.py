@@ -55,7 +55,7 @@ class DenseDecode:
 
     def step(self) -> None:
         with torch.inference_mode():
-            out = self.model(self.next_B[:, None], past_key_values=self.cache, use_cache=True)
+            out = self.model(self.next_B[:, None], cache=self.cache, use_cache=True)
         self.next_B = out.logits[:, -1].argmax(-1)
 
     def kv_bytes(self) -> int:
@@ -72,7 +72,7 @@ def transformers_dense(hf_model, prompt_1T: torch.Tensor, batch: int) -> Engine:
 
     cache = DynamicCache(config=hf_model.config)
     with torch.inference_mode():
-        out = hf_model(prompt_1T, past_key_values=cache, use_cache=True)
+        out = hf_model(prompt_1T, cache=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(batch)
     run = DenseDecode(hf_model, cache, out.logits[:, -1].argmax(-1).expand(batch).clone())
     return Engine("transformers dense", batch, run.step, run.kv_bytes)

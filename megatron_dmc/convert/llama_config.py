@@ -44,6 +44,9 @@ class LlamaShape:
     tie_word_embeddings: bool = False
     dtype: str = "float32"
     """Storage dtype of the weights ("float32", "bfloat16" or "float16")."""
+    dmc_decision_heads: bool = False
+    """The model carries DMC decision heads (decision_source "heads"): one more tensor per
+    layer, `self_attn.dmc_decision_proj.weight` [2 * KV heads, hidden]."""
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -99,7 +102,19 @@ def llama_shape_from_hf(config: dict[str, Any]) -> LlamaShape:
         max_position_embeddings=config.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         dtype=_dtype_name(config),
+        dmc_decision_heads=_decision_heads(config),
     )
+
+
+def _decision_heads(config: dict[str, Any]) -> bool:
+    if config.get("model_type") != "llama_dmc":
+        return False
+    source = config.get("dmc_decision_source", "channel")
+    if source not in ("channel", "heads"):
+        raise ValueError(
+            f"config.json dmc_decision_source={source!r}: expected 'channel' or 'heads'"
+        )
+    return source == "heads"
 
 
 def _check_convertible(config: dict[str, Any]) -> None:

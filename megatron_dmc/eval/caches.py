@@ -70,7 +70,7 @@ class EngineCache:
 
     def slot_counts(self) -> torch.Tensor:
         """Kept slots per (layer, sequence, KV head), [L, 1, G]."""
-        return self.cache.lengths_LBG[:, self.seq_ids_B].clone()
+        return self.cache.slot_counts(self.seq_ids_B)
 
     def kv_bytes(self) -> int:
         """Allocated pages plus the DMC window rings (0 in dense mode)."""
@@ -112,10 +112,10 @@ class PagedEngine:
     page_size: int = 16
     backend: str = "padded"
 
-    def make_cache(self, model: nn.Module, context_len: int) -> EngineCache:
+    def make_cache(self, model: nn.Module, context_len: int | None) -> EngineCache:
         engine = engine_for(model, "dmc" if self.name == "dmc" else "auto")
         shape = engine.shape
-        per_stream = -(-context_len // self.page_size)
+        per_stream = -(-(context_len or self.page_size) // self.page_size)
         pages = shape.num_hidden_layers * shape.num_key_value_heads * per_stream
         config = engine.cache_config(
             pages,

@@ -24,8 +24,13 @@ from torch import nn
 from tqdm import tqdm
 from transformers import Cache
 
-from megatron_dmc.eval.caches import KVMethod, dense_kv_bytes, forward_cached, kv_bytes
-from megatron_dmc.eval.caches import peak_kv_bytes as cache_peak_bytes
+from megatron_dmc.eval.caches import (
+    KVMethod,
+    dense_kv_bytes,
+    forward_cached,
+    kv_bytes,
+    peak_kv_bytes,
+)
 from megatron_dmc.eval.perplexity import PerplexityResult, _blocks, _windows
 from megatron_dmc.eval.slots import mean_slots, slots_attended
 
@@ -65,7 +70,7 @@ def stream(
         logprobs_1TV, cache = forward_cached(model, piece_T[None], cache)
         targets_T = ids_T[begin + 1 : begin + len(piece_T) + 1]
         scored.append(logprobs_1TV[0, : len(targets_T)].gather(1, targets_T[:, None])[:, 0])
-        peak = max(peak, cache_peak_bytes(cache))
+        peak = max(peak, peak_kv_bytes(cache))
         if on_boundary is not None:
             on_boundary(cache, begin + len(piece_T))
     slots = mean_slots(slots_attended(cache))

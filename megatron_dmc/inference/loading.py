@@ -1,7 +1,10 @@
 """Load an HF Llama directory (plain or DMC export) into LlamaForInference.
 
 config.json + *.safetensors (single file or sharded with an index). A DMC export carries
-`dmc_window_size` and `dmc_init_val` (model_type "llama_dmc"); a plain Llama runs vanilla.
+`dmc_window_size` and `dmc_init_val` (model_type "llama_dmc"), and optionally
+`dmc_decision_source` ("channel" | "heads": then each layer has
+`self_attn.dmc_decision_proj.weight` [2G, hidden]) and `dmc_merge_delay`; a plain Llama
+runs vanilla.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
             "only dmc_decision_channel=-1 (the last channel of each head) is supported"
         )
     return DMCConfig(
-        window=int(config["dmc_window_size"]), init_value=float(config["dmc_init_val"])
+        window=int(config["dmc_window_size"]),
+        init_value=float(config["dmc_init_val"]),
+        decision_source=str(config.get("dmc_decision_source", "channel")),
+        merge_delay=int(config.get("dmc_merge_delay", 0)),
     )
 
 

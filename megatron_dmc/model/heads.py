@@ -40,10 +40,15 @@ class DecisionHeads(MegatronModule):
         """Logits [B, G, T] from the (normed) attention input of this rank."""
         if self.config.sequence_parallel:
             x_SBC = gather_from_sequence_parallel_region(hidden_SBC, group=self.tp_group)
+            x_BTC = x_SBC.transpose(0, 1)
         else:
-            x_SBC = copy_to_tensor_model_parallel_region(hidden_SBC, group=self.tp_group)
+            # Transposed before the region: its backward all-reduce must receive the
+            # matmul's contiguous gradient (Megatron reduces a copy of a strided one).
+            x_BTC = copy_to_tensor_model_parallel_region(
+                hidden_SBC.transpose(0, 1), group=self.tp_group
+            )
         weight_NC = self.weight.reshape(-1, self.weight.shape[-1])
-        return decision_head_logits(x_SBC.transpose(0, 1), weight_NC, self.init_value)
+        return decision_head_logits(x_BTC, weight_NC, self.init_value)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         key = f"{prefix}weight"

@@ -99,6 +99,12 @@ class DecodeSettings:
     warmup: int = 2
     page_size: int = 16
     prefill_chunk: int | None = 256
+    headline_contexts: list[int] = field(default_factory=lambda: [1024])
+    """Contexts of the equal-KV-memory headline (pipeline/decode.py); empty skips it."""
+    headline_batch: int = 16
+    """Batch of transformers, vanilla and equal-batch DMC in the headline."""
+    headline_steps: int = 3
+    """Timed decode steps per engine in the headline."""
 
 
 @dataclass

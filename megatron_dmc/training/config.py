@@ -367,6 +367,11 @@ class RetrofitArgs:
     """Weight of the LM cross-entropy in the loss (1 in the release; 0 with distillation makes
     the KL the only task loss). The metrics log the unweighted LM loss either way."""
 
+    dmc_distill_chunk: int = 0
+    """Micro-batches per teacher pass: the teacher's logits of that many micro-batches wait on
+    the last pipeline stage for the student's loss (b x s x V/TP each). 0: the whole step in
+    one pass; set it when a step has many micro-batches (the result is the same step)."""
+
     dmc_teacher_load: str | None = None
     """Checkpoint of the teacher's weights when it is a frozen copy; default --load (the
     weights the run started from)."""
@@ -394,6 +399,8 @@ class RetrofitArgs:
                 "--dmc-lm-loss-weight 0 leaves no task loss without distillation; give "
                 "--dmc-distill-weight > 0 or keep the LM loss"
             )
+        if self.dmc_distill_chunk < 0:
+            raise ValueError(f"--dmc-distill-chunk must be >= 0; got {self.dmc_distill_chunk}")
         if self.dmc_lora_rank <= 0:
             raise ValueError(f"--dmc-lora-rank must be > 0; got {self.dmc_lora_rank}")
         _positive("dmc_lora_alpha", self.dmc_lora_alpha)

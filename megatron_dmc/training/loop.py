@@ -26,6 +26,7 @@ from megatron_dmc.training.rng import reseed_for_step
 from megatron_dmc.training.stages import Stage, plan, start_position
 from megatron_dmc.training.step import run_batches, train_step
 from megatron_dmc.training.teacher import Teacher, build_teacher
+from megatron_dmc.training.trainable import check_checkpoint
 from megatron_dmc.training.validate import validate
 
 
@@ -240,8 +241,13 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
         common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
         progress = ckpt.Progress(**common.get("dmc_progress", {}))
     position = start_position(stages, progress.stage, progress.stage_step, progress.stage_done)
+    if source is not None:
+        weights_only = cfg.checkpoint.finetune and not own
+        load_optim = not (weights_only or cfg.checkpoint.no_load_optim)
+        check_checkpoint(cfg.retrofit, ckpt.read_common(source), load_optim)
     first = stages[min(position.stage_index, len(stages) - 1)]
     model = model_api.build(model_config, cfg, first.attention)
+    teacher = build_teacher(cfg, model_config, model)
     optimizer = build_optimizer(
         model, cfg.optim, cfg.model.bf16, cfg.parallel.use_distributed_optimizer
     )
@@ -261,10 +267,10 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
         None,
         writer,
         StepRecorder(model_config),
+        teacher=teacher,
     )
     if source is not None:
         _load(run, source, own)
-    run.teacher = build_teacher(cfg, model_config, run.model)
     run.train_data, run.valid_data = build_datasets(cfg, model_config.vocab_size)
     return run, stages, position.stage_index
 

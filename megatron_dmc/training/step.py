@@ -45,20 +45,21 @@ class StepResult:
         return all(math.isfinite(v) for v in self.stats.values())
 
 
-def _forward_step(settings: LossSettings, teacher_logits, data_iterator, model):
+def _forward_step(settings: LossSettings, teacher, data_iterator, model):
+    """`teacher`: None, or (iterator over the teacher's logits, loss scale)."""
     batch = next(data_iterator)
-    labels = None if teacher_logits is not None else batch["labels"]
+    labels = None if teacher is not None else batch["labels"]
     output, sums = unpack_output(model(batch["tokens"], batch["position_ids"], None, labels=labels))
     if not parallel_state.is_pipeline_last_stage():
         return output, None
     if sums is not None:
         assert sums.count == settings.decisions_per_sequence, (sums.count, settings)
     alpha_sum_B = None if sums is None else sums.alpha_sum_B
-    if teacher_logits is None:
+    if teacher is None:
         return output, partial(_loss, batch["loss_mask"], alpha_sum_B, settings)
-    teacher_bsV = next(teacher_logits)
+    teacher_bsV, scale = next(teacher[0]), teacher[1]
     module = getattr(model, "module", model)
-    return output, partial(_distill_loss, batch, alpha_sum_B, settings, teacher_bsV, module)
+    return output, partial(_distill_loss, batch, alpha_sum_B, settings, teacher_bsV, scale, module)
 
 
 def _loss(loss_mask_BS, alpha_sum_B, settings, loss_BS):
@@ -66,13 +67,14 @@ def _loss(loss_mask_BS, alpha_sum_B, settings, loss_BS):
     return loss, {"stats": stats}
 
 
-def _distill_loss(batch, alpha_sum_B, settings, teacher_bsV, module, logits_bsV):
-    """Cross-entropy as the model computes it with labels, plus the KL to the teacher."""
+def _distill_loss(batch, alpha_sum_B, settings, teacher_bsV, scale, module, logits_bsV):
+    """Cross-entropy as the model computes it with labels, plus the KL to the teacher; the
+    loss is scaled by `scale` (the chunk's share of the step's micro-batches)."""
     logits_sbV = logits_bsV.transpose(0, 1).contiguous()
     ce_bs = module.compute_language_model_loss(batch["labels"], logits_sbV)
     kl_bs = vocab_parallel_kl(logits_bsV, teacher_bsV)
     loss, stats = micro_batch_loss(ce_bs, batch["loss_mask"], alpha_sum_B, settings, kl_bs)
-    return loss, {"stats": stats}
+    return loss * scale if scale != 1.0 else loss, {"stats": stats}
 
 
 def _holds_loss() -> bool:
@@ -109,14 +111,13 @@ def run_batches(
     `model_api.schedule_seq_length`). With a `teacher` (and a distillation weight) the
     KL to its logits joins the loss.
     """
-    teacher_logits = None
     if teacher is not None and settings.distill_weight > 0:
-        batches = [next(data_iterator) for _ in range(num_microbatches)]
-        logits = teacher.logits(model, batches, seq_length, micro_batch_size)
-        data_iterator, teacher_logits = iter(batches), iter(logits)
+        return _distilled_batches(
+            model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, teacher
+        )
     with cpu_device_mode():
         outputs = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, settings, teacher_logits),
+            forward_step_func=partial(_forward_step, settings, None),
             data_iterator=data_iterator,
             model=[model],
             num_microbatches=num_microbatches,
@@ -124,6 +125,40 @@ def run_batches(
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
+    return StepResult(_reduce_stats(outputs))
+
+
+def _distilled_batches(
+    model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, teacher
+) -> StepResult:
+    """Teacher then student over each chunk of `teacher.chunk` micro-batches (0: the whole
+    step). Gradients accumulate across chunks; Megatron's gradient finalisation (DP and
+    tied-embedding all-reduces) runs after the last one only, and each chunk's losses are
+    scaled by its share of the step, so any chunk size gives the step of one pass."""
+    chunk = teacher.chunk or num_microbatches
+    config = model.config
+    finalize = config.finalize_model_grads_func
+    outputs: list = []
+    try:
+        for start in range(0, num_microbatches, chunk):
+            size = min(chunk, num_microbatches - start)
+            batches = [next(data_iterator) for _ in range(size)]
+            logits = teacher.logits(model, batches, seq_length, micro_batch_size)
+            last = start + size == num_microbatches
+            config.finalize_model_grads_func = finalize if last else None
+            step = partial(_forward_step, settings, (iter(logits), size / num_microbatches))
+            with cpu_device_mode():
+                outputs += get_forward_backward_func()(
+                    forward_step_func=step,
+                    data_iterator=iter(batches),
+                    model=[model],
+                    num_microbatches=size,
+                    seq_length=seq_length,
+                    micro_batch_size=micro_batch_size,
+                    forward_only=False,
+                )
+    finally:
+        config.finalize_model_grads_func = finalize
     return StepResult(_reduce_stats(outputs))
 
 

@@ -54,6 +54,9 @@ class _SilentCollector:
     def record(self, *args: Any) -> None:
         raise AssertionError("a DMC layer with compression off recorded a decision")
 
+    def record_uncompressed(self, *args: Any) -> None:
+        pass
+
     def generator(self, *args: Any) -> None:
         raise AssertionError("a DMC layer with compression off drew decision noise")
 
@@ -91,11 +94,13 @@ def _teacher_forward_step(data_iterator, model):
 
 
 class Teacher:
-    """Logits of the original model; `copy` None: the student with compression off."""
+    """Logits of the original model; `copy` None: the student with compression off.
+    `chunk`: micro-batches per teacher pass (0: the whole step)."""
 
-    def __init__(self, copy: torch.nn.Module | None, seq_length: int) -> None:
+    def __init__(self, copy: torch.nn.Module | None, seq_length: int, chunk: int = 0) -> None:
         self.copy = copy
         self.seq_length = seq_length
+        self.chunk = chunk
 
     @torch.no_grad()
     def logits(
@@ -182,7 +187,7 @@ def build_teacher(
     if not cfg.retrofit.distill:
         return None
     if uses_self(cfg):
-        return Teacher(None, cfg.batch.seq_length)
+        return Teacher(None, cfg.batch.seq_length, cfg.retrofit.dmc_distill_chunk)
     from megatron_dmc.training.model_api import transformer_config
 
     copy = build_model(model_config, "vanilla", None, transformer_config(model_config, cfg))
@@ -193,4 +198,4 @@ def build_teacher(
     copy.load_state_dict(state["model"], strict=True)
     copy.requires_grad_(False)
     copy.eval()
-    return Teacher(copy, cfg.batch.seq_length)
+    return Teacher(copy, cfg.batch.seq_length, cfg.retrofit.dmc_distill_chunk)

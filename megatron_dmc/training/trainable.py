@@ -6,12 +6,14 @@ optimizers both take only parameters that require a gradient)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from megatron_dmc.model.lora import ADAPTER_PARAMS, add_adapters
 from megatron_dmc.training.config import RetrofitArgs
 
-DECISION_HEAD_MARKERS = ("decision",)
+DECISION_HEAD_MARKERS = ("dmc_decision_proj.",)
 """Substrings naming the parameters of the decision (and importance) heads."""
 
 ATTENTION_MARKERS = ("self_attention.linear_qkv.", "self_attention.linear_proj.")
@@ -54,3 +56,27 @@ def apply_trainable(module: torch.nn.Module, args: RetrofitArgs, seed: int) -> l
         if train:
             names.append(name)
     return names
+
+
+def check_checkpoint(args: RetrofitArgs, common: dict[str, Any], load_optim: bool) -> None:
+    """Refuse, before any work, a checkpoint whose adapters or optimizer state do not fit
+    this run's trainable set (`common`: the checkpoint's common.pt)."""
+    saved = common.get("args") or {}
+    if not saved:
+        return
+    trainable = saved.get("dmc_trainable", "all")
+    if trainable == "lora":
+        shape = (saved.get("dmc_lora_rank"), saved.get("dmc_lora_mlp", False))
+        if args.dmc_trainable != "lora" or shape != (args.dmc_lora_rank, args.dmc_lora_mlp):
+            raise ValueError(
+                f"the checkpoint holds LoRA adapters (rank {shape[0]}, mlp {shape[1]}): continue "
+                f"it with --dmc-trainable lora --dmc-lora-rank {shape[0]}"
+                f"{' --dmc-lora-mlp' if shape[1] else ''}, or export it (export-hf folds the "
+                "adapters into the weights) and start from that"
+            )
+    if load_optim and trainable != args.dmc_trainable:
+        raise ValueError(
+            f"the checkpoint's optimizer state is for --dmc-trainable {trainable}, not "
+            f"{args.dmc_trainable}: keep it, or take the weights only (--finetune, or "
+            "--no-load-optim)"
+        )

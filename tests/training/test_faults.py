@@ -5,9 +5,11 @@ place and what to do."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,108 @@ def test_nan_gradient_on_one_rank_stops_every_rank(initial, tmp_path) -> None:
     for name in ("pp2", "tp2"):
         assert (tmp_path / name / TRACKER).read_text().strip() == "2"
         assert not (tmp_path / name / "iter_0000003").exists()
+
+
+def _assert_identical(got: list[dict], want: list[dict]) -> None:
+    assert [r["iteration"] for r in got] == [r["iteration"] for r in want]
+    for a, b in zip(got, want):
+        for key in KEYS:
+            assert a.get(key) == b.get(key), (a["iteration"], key, a.get(key), b.get(key))
+
+
+def _killed_run(save: Path, initial: Path, point: str, log: Path) -> tuple[int, str]:
+    """Run tests.training.faults in its own process group; once it is dead, end what it
+    left behind too (the torch_dist save starts a multiprocessing manager, which a
+    SIGKILLed parent orphans)."""
+    command = [sys.executable, "-m", "tests.training.faults", str(save), str(initial), point]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            returncode = proc.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return returncode, log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["shards", "tracker"])
+def test_sigkill_while_saving_resumes_bit_identically(initial, reference, tmp_path, point):
+    save = tmp_path / "run"
+    returncode, log = _killed_run(save, initial, point, tmp_path / "killed.log")
+    assert returncode == -signal.SIGKILL, log[-3000:]
+    assert (save / TRACKER).read_text().strip() == "2"
+    assert (save / ("iter_0000003.tmp" if point == "shards" else "iter_0000003")).is_dir()
+    assert _iterations(save) == [1, 2, 3]  # iteration 3 was logged before its save
+    run_tiny(save, initial, "--save-interval", "1")
+    _assert_identical(metrics(save), metrics(reference[0]))
+    assert not (save / "iter_0000003.tmp").exists()
+
+
+def _run_root(initial: Path, tmp_path: Path) -> Path:
+    """A run directory holding iterations 1, 2 and 3 (copies of a whole checkpoint)."""
+    root = tmp_path / "run"
+    for iteration in (1, 2, 3):
+        shutil.copytree(initial / "release", ckpt.iteration_dir(root, iteration))
+    (root / TRACKER).write_text("3\n")
+    return root
+
+
+def _truncate(directory: Path) -> Path:
+    shard = sorted(directory.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    return shard
+
+
+@pytest.mark.parametrize(
+    ("damage", "message", "whole"),
+    [
+        ("shard", r"iter_0000003/__0_0.distcp: truncated \(1000 bytes, its index needs \d+\)", "1, 2"),
+        ("tracker", "latest_checkpointed_iteration.txt: expected an iteration number or 'release', found 'x3'", "1, 2, 3"),
+        ("common", "iter_0000003/common.pt: missing", "1, 2"),
+    ],
+)  # fmt: skip
+def test_damaged_checkpoint_names_the_file_and_what_can_load(
+    initial, tmp_path, damage, message, whole
+):
+    root = _run_root(initial, tmp_path)
+    if damage == "shard":
+        _truncate(root / "iter_0000003")
+    elif damage == "tracker":
+        (root / TRACKER).write_text("x3\n")
+    else:
+        (root / "iter_0000003" / "common.pt").unlink()
+    listing = f"; complete iterations under {root}: {whole}; start from one with --ckpt-step N"
+    with pytest.raises(DamagedCheckpointError, match=f"{message}{listing}$"):
+        ckpt.read_common(root)
+    assert checked_iteration_dir(root, 2) == root / "iter_0000002"
+    assert ckpt.read_common(root, 2)["iteration"] == 0
+
+
+def test_metrics_keep_each_iteration_once_after_a_resume(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"iteration": i, "lm_loss": 1.0 / i}) + "\n" for i in (1, 2, 3, 4)]
+    path.write_text("".join(lines) + '{"iteration": 5, "lm_lo')  # torn by a kill
+    drop_records_after(path, 2)
+    assert path.read_text() == "".join(lines[:2])
+    drop_records_after(tmp_path / "absent.jsonl", 2)
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_ckpt_step_resumes_before_a_truncated_save(initial, reference, tmp_path, capsys):
+    from megatron_dmc.train import main
+
+    save = tmp_path / "run"
+    shutil.copytree(reference[0], save)
+    shard = _truncate(save / "iter_0000005")
+    assert main([*TINY, "--save", str(save), "--load", str(initial)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {shard}: truncated (1000 bytes")
+    assert err.endswith(
+        f"complete iterations under {save}: 2, 4; start from one with --ckpt-step N\n"
+    )
+    run_tiny(save, initial, "--ckpt-step", "4")
+    _assert_identical(metrics(save), metrics(reference[0]))
+    assert ckpt.read_common(save)["iteration"] == 5

@@ -93,7 +93,7 @@ def test_adapters_are_sharded_like_their_base_in_the_checkpoint():
         ("decoder.layers.0.mlp.linear_fc1.lora_B", {"all", "lora"}),
         ("decoder.layers.0.mlp.linear_fc1.weight", {"all"}),
         ("embedding.word_embeddings.weight", {"all"}),
-        ("decoder.layers.0.self_attention.decision_proj.weight", {"all", "attention", "lora"}),
+        ("decoder.layers.0.self_attention.dmc_decision_proj.weight", {"all", "attention", "lora"}),
     ],
 )
 def test_trainable_sets(name: str, sets: set[str]):
@@ -115,3 +115,34 @@ def test_bad_lora_rank_is_refused():
         RetrofitArgs(dmc_trainable="lora", dmc_lora_rank=0)
     with pytest.raises(ValueError, match="rank"):
         add_adapters(_model(), rank=-1, alpha=1.0)
+
+
+def test_self_teacher_through_the_schedule_is_the_base_model_with_compression_off():
+    """A heads-mode DMC model with trained-looking heads and adapters: the teacher's logits
+    (compression off, adapters bypassed, run by the pipeline schedule) are the vanilla
+    model's of the same base weights, and the student's decision statistics are untouched."""
+    from megatron_dmc.ops import DMCConfig
+    from megatron_dmc.training.teacher import Teacher
+
+    vanilla, tokens_BS = _model(), _tokens_BS()
+    seed_everything(5)
+    config = ModelConfig.from_yaml("tiny_gqa")
+    student = build_model(config, "dmc", DMCConfig(decision_source="heads", merge_delay=2))
+    student.load_state_dict(vanilla.state_dict(), strict=False)
+    add_adapters(student, rank=2, alpha=2.0)
+    _randomise_b(student)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "dmc_decision_proj" in name:
+                param.normal_(0, 0.5)
+    student.train()
+    positions_BS = torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS)
+    batches = [
+        {"tokens": t, "position_ids": p} for t, p in zip(tokens_BS.split(1), positions_BS.split(1))
+    ]
+    student.collector.start_step(0)
+    got = Teacher(None, tokens_BS.shape[1]).logits(student, batches, tokens_BS.shape[1], 1)
+    want_BSV = _logits_BSV(vanilla, tokens_BS)
+    assert _relative(torch.cat(got), want_BSV) <= 1e-6
+    assert student.collector.local_stats() == {}
+    assert _relative(_logits_BSV(student, tokens_BS), want_BSV) > 1e-3  # the student compresses
