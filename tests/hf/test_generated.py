@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from megatron_dmc.hf import DMCCache, modular_llama_dmc
+from tests.hf.helpers import dmc_model, fire_heads
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location(
@@ -66,11 +70,6 @@ def test_generator_refuses_what_it_cannot_inline(tmp_path, line, message):
 def test_modular_source_runs_the_same_model():
     """The modular file imports the package and runs as it is; the generated one is the same
     model, so both give the same logits bitwise (heads and a delay exercise every import)."""
-    import torch
-
-    from megatron_dmc.hf import DMCCache, modular_llama_dmc
-    from tests.hf.helpers import dmc_model, fire_heads
-
     model = fire_heads(dmc_model(dmc_decision_source="heads", dmc_merge_delay=2))
     modular = modular_llama_dmc.DMCLlamaForCausalLM(model.config).eval()
     modular.load_state_dict(model.state_dict())
