@@ -106,6 +106,13 @@ def test_cached_decode_equals_the_full_forward(source, delay, chunked):
     assert torch.equal(cache.slot_counts(), kept.view(2, 2, 2).long())
 
 
+def test_decision_heads_get_gradients_in_training_mode():
+    model = fired("heads", 2).train()
+    model(IDS[:, :16]).logits.square().mean().backward()
+    for layer in model.model.layers:
+        assert layer.self_attn.dmc_decision_proj.weight.grad.abs().sum() > 0
+
+
 def test_delay_with_heads_generates_like_the_forward():
     model = fired("heads", 3)
     out = model.generate(IDS[:, :10], max_new_tokens=8, do_sample=False)
