@@ -9,13 +9,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_dmc.cli_errors import Parser
 from megatron_dmc.eval import gqa
 from megatron_dmc.eval.humaneval import HumanEvalSettings
+from megatron_dmc.eval.matched import MATCHED_CHUNK
 from megatron_dmc.eval.methods import METHODS, build_method, load_model, load_tokenizer
 from megatron_dmc.eval.needle import NEEDLE_TASKS, NeedleSettings
 from megatron_dmc.eval.results import load_results, write_results
-from megatron_dmc.eval.run import GENERATION_TASKS, EvalSettings, evaluate
+from megatron_dmc.eval.run import GENERATION_TASKS, PROTOCOLS, EvalSettings, evaluate
 from megatron_dmc.eval.task_files import ALL_TASKS, render_tasks
+from megatron_dmc.finite import check_finite_weights
 
 
 def _token_ids(args, tokenizer) -> torch.Tensor:
@@ -33,7 +36,7 @@ def _settings(args) -> EvalSettings:
     protocols = (
         args.protocols
         if args.protocols is not None
-        else ("" if args.text is None else "strided,continuation")
+        else ("" if args.text is None else ",".join(PROTOCOLS))
     )
     needle = NeedleSettings(
         tasks=_split(args.needle_tasks), lengths=_split(args.needle_lengths, int),
@@ -50,6 +53,7 @@ def _settings(args) -> EvalSettings:
         humaneval=humaneval,
         needle=needle,
         protocols=_split(protocols),
+        matched_chunk=args.matched_chunk,
     )
 
 
@@ -65,6 +69,7 @@ def _run(args) -> None:
     settings = _settings(args)
     model_dir = _model_dir(args)
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    check_finite_weights(model.state_dict().items(), model_dir)
     tokens = _token_ids(args, tokenizer) if settings.protocols else torch.zeros(0)
     row = evaluate(model, tokenizer, build_method(args.method, args.cr), tokens, settings)
     if args.out:
@@ -100,7 +105,7 @@ def _add_task_args(run: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_dmc.eval")
+    parser = Parser(prog="python -m megatron_dmc.eval")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate one model with one KV method -> JSON row")
     run.add_argument(
@@ -110,8 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cr", type=float, default=1.0, help="compression ratio (h2o/tova budget)")
     run.add_argument("--text", help="held-out plain text for perplexity")
     run.add_argument(
-        "--protocols", help="perplexity protocols (default: strided,continuation with --text)"
+        "--protocols",
+        help=f"perplexity protocols, comma list from {','.join(PROTOCOLS)} (default: all with --text)",
     )
+    run.add_argument("--matched-chunk", type=int, default=MATCHED_CHUNK,
+                     help="matched protocols: tokens per call (budget enforced after each)")  # fmt: skip
     run.add_argument("--max-samples", type=int, default=8, help="continuation samples")
     run.add_argument("--max-tokens", type=int, default=8192, help="whole-sequence tokens")
     _add_task_args(run)

@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 from torch import nn
 from tqdm import tqdm
 
-from megatron_dmc.eval.caches import KVMethod, NativeCache
+from megatron_dmc.eval.caches import KVMethod
 from megatron_dmc.eval.methods import build_method, load_model, load_tokenizer, offline
 from megatron_dmc.eval.scoring import greedy_generate, prefill, score
 from megatron_dmc.eval.task_files import ALL_TASKS, render_tasks
@@ -45,7 +45,7 @@ class CompressedCacheLM(LM):
             raise ValueError("pass the tokenizer with a model object (or a model directory)")
         self.model = load_model(model) if isinstance(model, str) else model.eval()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        self.method = method or NativeCache()
+        self.method = method or build_method("vanilla")
         self.prefill_chunk, self.progress = prefill_chunk, progress
         self.max_length = max_length or self.model.config.max_position_embeddings
         prefix_id = self.tokenizer.bos_token_id

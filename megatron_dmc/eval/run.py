@@ -14,6 +14,11 @@ from torch import nn
 
 from megatron_dmc.eval.caches import KVMethod
 from megatron_dmc.eval.humaneval import HumanEvalSettings
+from megatron_dmc.eval.matched import (
+    MATCHED_CHUNK,
+    matched_continuation_perplexity,
+    matched_strided_perplexity,
+)
 from megatron_dmc.eval.needle import NeedleSettings
 from megatron_dmc.eval.perplexity import continuation_perplexity, strided_perplexity
 from megatron_dmc.eval.results import ResultRow, make_row
@@ -21,6 +26,9 @@ from megatron_dmc.eval.task_files import ALL_TASKS
 
 GENERATION_TASKS = ("humaneval", "needle")
 """Tasks scored by generating through the cache (not lm-eval log-likelihoods)."""
+
+PROTOCOLS = ("strided", "continuation", "matched_strided", "matched_continuation")
+"""Today's protocols (perplexity.py) and their matched forms (matched.py)."""
 
 
 @dataclass
@@ -51,13 +59,21 @@ class EvalSettings:
     """HumanEval: problems, generation length, sandbox limits."""
     needle: NeedleSettings = field(default_factory=NeedleSettings)
     """Retrieval: tasks, lengths, depths, samples."""
-    protocols: tuple[str, ...] = field(default=("strided", "continuation"))
+    protocols: tuple[str, ...] = field(default=PROTOCOLS)
+    """Perplexity protocols to run, from PROTOCOLS."""
+    matched_chunk: int = MATCHED_CHUNK
+    """Matched protocols: tokens per call; the budget is enforced after every call."""
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.tasks) - set(ALL_TASKS) - set(GENERATION_TASKS))
+        unknown = sorted(set(self.protocols) - set(PROTOCOLS))
         if unknown:
+            raise ValueError(f"unknown protocols {unknown}; choose from {', '.join(PROTOCOLS)}")
+        if self.matched_chunk < 1:
+            raise ValueError(f"matched_chunk must be >= 1 token; got {self.matched_chunk}")
+        unknown_tasks = sorted(set(self.tasks) - set(ALL_TASKS) - set(GENERATION_TASKS))
+        if unknown_tasks:
             known = ", ".join((*ALL_TASKS, *GENERATION_TASKS))
-            raise ValueError(f"unknown tasks {unknown}; choose from {known}")
+            raise ValueError(f"unknown tasks {unknown_tasks}; choose from {known}")
         if self.mmlu_per_subject is not None and self.mmlu_per_subject < 1:
             raise ValueError(f"mmlu_per_subject must be >= 1 question; got {self.mmlu_per_subject}")
 
@@ -109,25 +125,30 @@ def evaluate(
 ) -> ResultRow:
     """A results row for `method` on `model` over held-out `token_ids` (1-D)."""
     s = settings or EvalSettings()
-    strided = continuation = None
-    if "strided" in s.protocols:
-        strided = strided_perplexity(
-            model, method, token_ids, s.window, s.stride, s.chunk, s.max_tokens, progress
-        )
-    if "continuation" in s.protocols:
-        continuation = continuation_perplexity(
-            model,
-            method,
-            token_ids,
-            s.context_len,
-            s.continuation_len,
-            s.max_samples,
-            progress=progress,
-        )
+    results = [_perplexity(protocol, model, method, token_ids, s, progress)
+               for protocol in PROTOCOLS if protocol in s.protocols]  # fmt: skip
     tasks = _lm_eval_tasks(model, tokenizer, method, s)
     scores, details = generation_tasks(model, tokenizer, method, s, progress)
-    row = make_row(method.name, method.compression_ratio, strided, continuation, tasks | scores)
+    row = make_row(method.name, method.compression_ratio, results, tasks | scores, dense_kv_bytes)
     row.task_details = details
-    if dense_kv_bytes is not None:
-        row.dense_kv_bytes = dense_kv_bytes
     return row
+
+
+def _perplexity(protocol: str, model, method, token_ids, s: EvalSettings, progress: bool):
+    if protocol == "strided":
+        return strided_perplexity(
+            model, method, token_ids, s.window, s.stride, s.chunk, s.max_tokens, progress
+        )
+    if protocol == "continuation":
+        return continuation_perplexity(
+            model, method, token_ids, s.context_len, s.continuation_len, s.max_samples,
+            progress=progress,
+        )  # fmt: skip
+    if protocol == "matched_strided":
+        return matched_strided_perplexity(
+            model, method, token_ids, s.window, s.stride, s.matched_chunk, s.max_tokens, progress
+        )
+    return matched_continuation_perplexity(
+        model, method, token_ids, s.context_len, s.continuation_len, s.max_samples,
+        s.matched_chunk, progress,
+    )  # fmt: skip

@@ -169,12 +169,14 @@ class Job:
         return {cr: self.layout.export_dir(cr) for cr in self.preset.target_crs}
 
     def _decode(self) -> None:
-        from megatron_dmc.pipeline.decode import run_decode, save_results
+        from megatron_dmc.pipeline.decode import run_decode, run_headline, save_results
 
         exports = {f"dmc {cr_tag(cr)}": path for cr, path in self._exports().items()}
         tokens = held_out_tokens(self.assets.held_out_prefix)
         results = run_decode(self.assets.hf_dir, exports, tokens, self.preset.decode)
         save_results(results, self.layout.decode_file)
+        run_headline(self.assets.hf_dir, exports, tokens, self.preset.decode,
+                     self.layout.decode_file.parent)  # fmt: skip
 
     def _eval_jobs(self) -> list:
         from megatron_dmc.pipeline.evaluation import eval_jobs

@@ -71,6 +71,11 @@ class EvalPreset:
     stride: int = 512
     chunk: int | None = 32
     max_tokens: int | None = 4096
+    protocols: list[str] = field(default_factory=lambda: ["strided", "continuation"])
+    """Perplexity protocols (megatron_dmc.eval.run.PROTOCOLS); `matched_strided` and
+    `matched_continuation` hold every method to the same slots (docs/eval.md)."""
+    matched_chunk: int = 64
+    """Matched protocols: tokens per call; every method's budget holds after each call."""
     tasks: list[str] = field(default_factory=list)
     limit: int | None = 20
     """Documents per task; None: all."""
@@ -94,6 +99,12 @@ class DecodeSettings:
     warmup: int = 2
     page_size: int = 16
     prefill_chunk: int | None = 256
+    headline_contexts: list[int] = field(default_factory=lambda: [1024])
+    """Contexts of the equal-KV-memory headline (pipeline/decode.py); empty skips it."""
+    headline_batch: int = 16
+    """Batch of transformers, vanilla and equal-batch DMC in the headline."""
+    headline_steps: int = 3
+    """Timed decode steps per engine in the headline."""
 
 
 @dataclass
@@ -123,6 +134,9 @@ class Preset:
         unknown = sorted(set(self.eval.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+        from megatron_dmc.eval.run import EvalSettings
+
+        EvalSettings(protocols=tuple(self.eval.protocols), matched_chunk=self.eval.matched_chunk)
         heads = self.eval.gqa_kv_heads
         if heads is not None and heads < 1:
             raise ValueError(f"eval.gqa_kv_heads must be >= 1; got {heads}")

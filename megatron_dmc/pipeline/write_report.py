@@ -54,6 +54,9 @@ def make_plots(
         "Target vs achieved CR": plots.plot_cr(runs, out / "cr.png"),
         "CR per layer and KV head": plots.plot_heatmaps(maps, out / "cr_heatmap.png"),
         "Decode throughput and KV bytes": plots.plot_decode(decode, out / "decode.png"),
+        "Perplexity rise vs real CR, per protocol": plots.plot_ppl_vs_cr(
+            summary["results"], out / "ppl_vs_cr.png"
+        ),
     }
 
 

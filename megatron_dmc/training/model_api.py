@@ -20,11 +20,13 @@ from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
+from megatron_dmc.model.lora import LORA_KEY
 from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig
 from megatron_dmc.training.config import TrainConfig
 from megatron_dmc.training.stages import Stage
+from megatron_dmc.training.trainable import apply_trainable
 
 
 def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
@@ -63,7 +65,8 @@ def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
 
 
 def build(model_config: ModelConfig, cfg: TrainConfig, attention: str) -> DistributedDataParallel:
-    """This rank's stage of the model for `attention`, wrapped in Megatron's DDP."""
+    """This rank's stage of the model for `attention` with the --dmc-trainable set applied
+    (adapters added, the rest frozen), wrapped in Megatron's DDP."""
     module = build_model(
         model_config,
         attention,
@@ -71,6 +74,7 @@ def build(model_config: ModelConfig, cfg: TrainConfig, attention: str) -> Distri
         transformer_config(model_config, cfg),
         noise_seed=cfg.batch.seed,
     )
+    apply_trainable(module, cfg.retrofit, cfg.batch.seed)
     return _wrap(module, cfg)
 
 
@@ -153,4 +157,17 @@ def export_metadata(
             "compression_ratio": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
         }
-    return {METADATA_KEY: checkpoint_metadata(shape_from_model_config(model_config), dmc=dmc)}
+    metadata = checkpoint_metadata(shape_from_model_config(model_config), dmc=dmc)
+    if cfg.retrofit.dmc_trainable == "lora":
+        metadata[LORA_KEY] = lora_metadata(cfg.retrofit)
+    return {METADATA_KEY: metadata}
+
+
+def lora_metadata(args) -> dict[str, Any]:
+    """What an exporter needs to fold the adapters into the weights (`merged_weight`)."""
+    return {
+        "rank": args.dmc_lora_rank,
+        "alpha": args.dmc_lora_alpha,
+        "scale": args.dmc_lora_alpha / args.dmc_lora_rank,
+        "mlp": args.dmc_lora_mlp,
+    }
