@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-transformers", action="store_true",
         help="skip the plain transformers LlamaForCausalLM fwd+bwd+AdamW baseline",
     )  # fmt: skip
+    parser.add_argument(
+        "--overheads", action="store_true",
+        help="also time a trainer launch and a checkpoint save/load (training/overheads.py)",
+    )  # fmt: skip
     return parser
 
 
@@ -179,15 +183,14 @@ DISTILLED = ("dmc_distill", "dmc_lora_distill")
 
 
 def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> Contender:
-    """DMC (retrofit step, KL weight 1) with a frozen vanilla copy of `vanilla` as teacher."""
+    """DMC (retrofit step, KL weight 1) with a frozen copy of `vanilla`'s weights as teacher."""
     import copy
 
-    from megatron_dmc.model.builder import build_model
     from megatron_dmc.training import model_api
     from megatron_dmc.training.config import RetrofitArgs
     from megatron_dmc.training.loss import LossSettings
     from megatron_dmc.training.optim import build_optimizer
-    from megatron_dmc.training.teacher import Teacher
+    from megatron_dmc.training.teacher import Teacher, frozen_copy
 
     cfg = copy.deepcopy(cfg)
     trainable = "lora" if name == "dmc_lora_distill" else "all"
@@ -196,9 +199,8 @@ def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> 
     state = vanilla.model.module.state_dict()
     missing, unexpected = model.module.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(("lora_A", "lora_B")) for k in missing), missing
-    teacher_model = build_model(shape, "vanilla", None, model_api.transformer_config(shape, cfg))
+    teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
     teacher_model.load_state_dict(state, strict=True)
-    teacher_model.requires_grad_(False).eval()
     optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
     decisions = shape.num_layers * shape.num_query_groups * args.seq_length
     settings = LossSettings(args.target_cr, decisions, distill_weight=1.0)
@@ -330,6 +332,15 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
     return lines, {**result, "median_s": medians}
 
 
+def _overheads(args: argparse.Namespace, cfg, contenders: list[Contender]) -> dict | None:
+    if not args.overheads:
+        return None
+    from megatron_dmc.training.overheads import checkpoint_cpu_s, launch_cpu_s
+
+    dmc = next(c for c in contenders if c.name == "dmc")
+    return {"launch_cpu_s": launch_cpu_s(), **checkpoint_cpu_s(dmc.model, dmc.optimizer, cfg)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     from megatron_dmc.compat import cuda_available
     from megatron_dmc.distributed import destroy_distributed, initialize_distributed
@@ -345,9 +356,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         contenders = _contenders(args, cfg, shape)
         measure(args, contenders, _batch(args, shape.vocab_size, device), device)
+        overheads = _overheads(args, cfg, contenders)
     finally:
         destroy_distributed()
     lines, result = report(args, shape, contenders, device)
+    if overheads:
+        from megatron_dmc.training.overheads import lines as overhead_lines
+
+        tokens = args.seq_length * args.micro_batch_size * args.num_microbatches
+        dmc_s = result["median_s"]["dmc"]
+        lines += overhead_lines(overheads, tokens, dmc_s / tokens)
+        result["overheads"] = overheads
     print("\n".join(lines), flush=True)
     return result
 

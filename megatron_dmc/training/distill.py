@@ -3,9 +3,9 @@
 Legend: b micro-batch size, s sequence length, V vocabulary entries on this TP rank.
 
 Each tensor-parallel rank holds a slice of the vocabulary. As in Megatron's
-`vocab_parallel_cross_entropy`, the log-softmax is formed with two all-reduces (max and sum
-of exponentials) over the TP group and the KL's sum over the vocabulary with a third; the
-full vocabulary is never gathered. The direction is DMS's: Σ_v p_s (log p_s − log p_t),
+`vocab_parallel_cross_entropy`, the log-softmax is formed with two all-reduces over the TP
+group (max and sum of the slices' exponentiated log-sum-exps) and the KL's sum over the
+vocabulary with a third; the full vocabulary is never gathered. The direction is DMS's: Σ_v p_s (log p_s − log p_t),
 no temperature. Its gradient with respect to the student logits is
 p_s ⊙ ((log p_s − log p_t) − KL), computed from this rank's slice and the global KL.
 """
@@ -25,12 +25,15 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 def vocab_parallel_log_softmax(logits_bsV: torch.Tensor) -> torch.Tensor:
     """log-softmax over the whole (TP-split) vocabulary of this rank's slice, in fp32 at
-    least; no gradient."""
+    least; no gradient. Under TP the slices' log-sum-exps combine by a max and a sum
+    all-reduce of [b, s] tensors."""
     logits_bsV = logits_bsV.detach().to(torch.promote_types(logits_bsV.dtype, torch.float32))
-    max_bs = _all_reduce(logits_bsV.max(dim=-1).values, dist.ReduceOp.MAX)
-    shifted_bsV = logits_bsV - max_bs[..., None]
-    sum_exp_bs = _all_reduce(shifted_bsV.exp().sum(dim=-1))
-    return shifted_bsV - sum_exp_bs.log()[..., None]
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return torch.log_softmax(logits_bsV, dim=-1)
+    lse_bs = torch.logsumexp(logits_bsV, dim=-1)
+    max_bs = _all_reduce(lse_bs.clone(), dist.ReduceOp.MAX)
+    lse_bs = max_bs + _all_reduce((lse_bs - max_bs).exp()).log()
+    return logits_bsV - lse_bs[..., None]
 
 
 class _VocabParallelKL(torch.autograd.Function):

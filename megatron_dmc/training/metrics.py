@@ -17,6 +17,7 @@ METRICS_FILE = "metrics.jsonl"
 
 _CONSOLE = (
     ("lm_loss", "lm {:.4f}"),
+    ("kl_loss", "kl {:.5f}"),
     ("cr_loss", "cr-loss {:.4f}"),
     ("achieved_cr", "cr {:.3f}"),
     ("target_cr", "/ {:.3f}"),

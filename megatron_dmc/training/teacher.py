@@ -6,9 +6,10 @@ Two kinds, chosen by `RetrofitArgs`:
 - the student itself with compression off (`compression_off`): every DMC layer runs plain
   attention of the same weights and LoRA adapters are bypassed. Exact only while the base
   weights are the original's: a frozen base (dmc-heads, lora) with the heads decision source;
-- a frozen copy of the starting weights, a vanilla model of the student's shape loaded from
-  --dmc-teacher-load (default --load): one more set of weights in memory, no gradients, no
-  optimizer state.
+- a frozen copy of the starting weights, a model of the student's shape loaded from
+  --dmc-teacher-load (default --load) whose DMC layers always run with compression off (plain
+  attention through SDPA): one more set of weights in memory, no gradients, no optimizer
+  state.
 
 Either runs through the same Megatron pipeline schedule as the student (forward_only); its
 logits stay on the last pipeline stage, one [b, s, V] tensor per micro-batch of the step.
@@ -30,8 +31,9 @@ from megatron_dmc.convert.layout import resolve_iteration_dir
 from megatron_dmc.model.attention import DMCSelfAttention
 from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
-from megatron_dmc.model.gpt import DMCGPTModel
+from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
 from megatron_dmc.model.lora import adapters_disabled
+from megatron_dmc.ops import DMCConfig
 from megatron_dmc.training.config import TrainConfig
 
 
@@ -113,8 +115,11 @@ class Teacher:
         """[b, s, V] per micro-batch on the last pipeline stage (empty elsewhere).
         Collective over the model-parallel ranks, like a forward-only step."""
         model = self.copy if self.copy is not None else _unwrap(student)
-        seq = self.seq_length if self.copy is not None else schedule_seq_length
-        with cpu_device_mode(), self._mode(model, micro_batch_size):
+        seq = schedule_seq_length
+        if self.copy is not None:
+            pp = parallel_state.get_pipeline_model_parallel_world_size()
+            seq = pipeline_seq_length(self.seq_length, pp)
+        with cpu_device_mode(), compression_off(model, micro_batch_size):
             outputs = get_forward_backward_func()(
                 forward_step_func=_teacher_forward_step,
                 data_iterator=iter(batches),
@@ -127,16 +132,6 @@ class Teacher:
         if not parallel_state.is_pipeline_last_stage():
             return []
         return list(outputs)
-
-    def _mode(self, model: torch.nn.Module, micro_batch_size: int):
-        if self.copy is not None:
-            return _nothing()
-        return compression_off(model, micro_batch_size)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def uses_self(cfg: TrainConfig) -> bool:
@@ -179,6 +174,15 @@ def _global_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def frozen_copy(model_config: ModelConfig, transformer_config) -> torch.nn.Module:
+    """A teacher model: DMC layers (channel source: the state-dict keys of a vanilla
+    Llama) that always run with compression off, i.e. plain causal attention through SDPA,
+    frozen. Load the original weights into it."""
+    copy = build_model(model_config, "dmc", DMCConfig(), transformer_config)
+    copy.requires_grad_(False)
+    return copy.eval()
+
+
 def build_teacher(
     cfg: TrainConfig, model_config: ModelConfig, student: torch.nn.Module
 ) -> Teacher | None:
@@ -190,12 +194,10 @@ def build_teacher(
         return Teacher(None, cfg.batch.seq_length, cfg.retrofit.dmc_distill_chunk)
     from megatron_dmc.training.model_api import transformer_config
 
-    copy = build_model(model_config, "vanilla", None, transformer_config(model_config, cfg))
+    copy = frozen_copy(model_config, transformer_config(model_config, cfg))
     source = teacher_source(cfg)
     assert source is not None, "config check: a frozen-copy teacher needs --load"
     directory = check_teacher_checkpoint(copy, source)
     state = dist_checkpointing.load({"model": copy.sharded_state_dict()}, str(directory))
     copy.load_state_dict(state["model"], strict=True)
-    copy.requires_grad_(False)
-    copy.eval()
     return Teacher(copy, cfg.batch.seq_length, cfg.retrofit.dmc_distill_chunk)

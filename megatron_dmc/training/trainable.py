@@ -55,6 +55,12 @@ def apply_trainable(module: torch.nn.Module, args: RetrofitArgs, seed: int) -> l
         param.requires_grad_(train)
         if train:
             names.append(name)
+    if not names:
+        raise ValueError(
+            f"--dmc-trainable {args.dmc_trainable} leaves nothing to train in this model (no "
+            "decision heads: a zero_out or vanilla stage); run the DMC stages only, e.g. "
+            "--dmc-stage retrofit, or choose another set"
+        )
     return names
 
 

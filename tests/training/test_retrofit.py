@@ -60,7 +60,7 @@ def distilled(tmp_path_factory, initial) -> Path:
 
 def test_distillation_starts_at_zero_kl_and_logs_both_losses(distilled, reference):
     records = metrics(distilled)
-    assert records[0]["kl_loss"] == 0.0  # the teacher is the starting weights
+    assert records[0]["kl_loss"] <= 1e-6  # the teacher is the starting weights
     assert all(r["kl_loss"] > 0 for r in records[2:])
     assert records[0]["lm_loss"] == pytest.approx(reference[1]["lm_loss"][0], rel=1e-6)
     assert "kl_loss" not in metrics(reference[0])[0]

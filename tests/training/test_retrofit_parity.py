@@ -1,5 +1,5 @@
-"""Distillation (frozen-copy teacher) and LoRA under TP=2 x PP=2 train the same model as one
-process: the curves (LM loss, KL, CR loss, achieved CR, gradient norm) agree within fp32
+"""Distillation (frozen-copy teacher) and LoRA (q/k/v/o and MLP) under TP=2 x PP=2 train
+the same model as one process: the curves (LM loss, KL, CR loss, achieved CR, gradient norm) agree within fp32
 rounding, and the TP/PP-sharded adapters in the checkpoint equal the single process's.
 
 The teacher runs through the same pipeline schedule (forward only) and its vocabulary-
@@ -21,7 +21,7 @@ from tests.training.test_retrofit import DISTILL, _weights
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-RUNS = {"distill": DISTILL, "lora": [*DISTILL, "--dmc-trainable", "lora"]}
+RUNS = {"distill": DISTILL, "lora": [*DISTILL, "--dmc-trainable", "lora", "--dmc-lora-mlp"]}
 KEYS = ("lm_loss", "kl_loss", "cr_loss", "achieved_cr", "grad_norm")
 
 
