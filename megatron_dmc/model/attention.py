@@ -123,7 +123,9 @@ class DMCSelfAttention(SelfAttention):
         q_BHTD, k_BGTD, v_BGTD = to_bhtd(query), to_bhtd(key), to_bhtd(value)
         decisions = self._decisions(q_BHTD, k_BGTD)
         k_in_BGTD = key_for_accumulation(k_BGTD, self.dmc_config)
-        ktilde_BGTD, vtilde_BGTD = slot_keys_values(k_in_BGTD, v_BGTD, decisions, self.dmc_config)
+        ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+            k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, self.dmc_config
+        )
         bias_BGT = attention_bias(decisions.alpha_BGT, hard=not self.training)
         if self.collector is not None:
             counted_BGT = counted_decisions(decisions.alpha_ste_BGT, self.dmc_config.merge_delay)

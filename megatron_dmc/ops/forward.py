@@ -89,15 +89,17 @@ def key_for_accumulation(k_BGTD: torch.Tensor, config: DMCConfig) -> torch.Tenso
 
 
 def slot_keys_values(
-    k_in_BGTD: torch.Tensor, v_BGTD: torch.Tensor, decisions: DMCDecisions, config: DMCConfig
+    k_in_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    alpha_BGT: torch.Tensor,
+    omega_BGT: torch.Tensor,
+    config: DMCConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What slot j holds: DMC's partial accumulations; DMS's token j itself (no merging:
     a decision only hides the previous token through the bias)."""
     if config.evicts:
         return k_in_BGTD, v_BGTD
-    return windowed_partial_accumulation(
-        k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, config.window
-    )
+    return windowed_partial_accumulation(k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window)
 
 
 def rope_for_attention(
@@ -127,7 +129,9 @@ def dmc_self_attention(
     check_qkv(q_BHTD, k_BGTD, v_BGTD)
     decisions = make_decisions(q_BHTD, k_BGTD, config, training, generator, logits=logits)
     k_in_BGTD = key_for_accumulation(k_BGTD, config)
-    ktilde_BGTD, vtilde_BGTD = slot_keys_values(k_in_BGTD, v_BGTD, decisions, config)
+    ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+        k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, config
+    )
     q_rot_BHTD = rope_for_attention(q_BHTD, cos_TD, sin_TD, config)
     k_rot_BGTD = rope_for_attention(ktilde_BGTD, cos_TD, sin_TD, config)
     bias_BGT = attention_bias(decisions.alpha_BGT, hard=not training)
