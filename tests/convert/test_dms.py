@@ -13,6 +13,7 @@ from tests.convert.helpers import edit_config
 from tests.convert.test_heads import write_heads_llama
 
 
+@pytest.mark.slow
 def test_dms_roundtrip_keeps_the_method_and_refuses_a_dmc_continuation(tmp_path: Path) -> None:
     hf = write_heads_llama(tmp_path / "hf", merge_delay=4)
     edit_config(hf, dmc_kv_method="dms", dmc_window_size=1)
