@@ -23,6 +23,10 @@ layer's `dmc_decision_proj` on the normed attention input; channel D-1 is then l
 as G more key heads ([S, B, 2G, D], rotated by Megatron like the rest) and the exact values
 beside vtilde in the value tensor ([vtilde, v, bias]).
 
+DMS (`kv_method="dms"`, `ops.dms`): the same path with one token per slot (no
+accumulation); the bias log(1 - alpha_{j+1}) then evicts token j once it is more than W
+behind the query.
+
 `compression_off = True` turns the layer into plain causal attention of the same weights
 (nothing zeroed, merged or recorded): the distillation teacher.
 """
@@ -48,7 +52,7 @@ from megatron_dmc.ops import (
     key_for_accumulation,
     logistic_from_uniform,
     make_decisions,
-    windowed_partial_accumulation,
+    slot_keys_values,
     zero_decision_channel,
 )
 
@@ -122,12 +126,8 @@ class DMCSelfAttention(SelfAttention):
         q_BHTD, k_BGTD, v_BGTD = to_bhtd(query), to_bhtd(key), to_bhtd(value)
         decisions = self._decisions(q_BHTD, k_BGTD)
         k_in_BGTD = key_for_accumulation(k_BGTD, self.dmc_config)
-        ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-            k_in_BGTD,
-            v_BGTD,
-            decisions.alpha_BGT,
-            decisions.omega_BGT,
-            self.dmc_config.window,
+        ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+            k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, self.dmc_config
         )
         bias_BGT = attention_bias(decisions.alpha_BGT, hard=not self.training)
         if self.collector is not None:
