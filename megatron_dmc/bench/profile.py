@@ -77,8 +77,7 @@ def profile_decode(model, batch: int, context: int, steps: int, backend: str) ->
     run = filled_decode(model, batch, context, steps + 2)
     run.step(backend)
     start = time.process_time()
-    for _ in range(1):
-        run.step(backend)
+    run.step(backend)
     cpu_ms = 1e3 * (time.process_time() - start)
     with module_scopes(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
