@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +24,13 @@ from megatron_dmc.bench import report, sections
 from megatron_dmc.bench.presets import PRESETS
 from megatron_dmc.bench.timing import clock_name
 from megatron_dmc.bench.workloads import MODEL_DECISIONS, random_model
+from megatron_dmc.cli_errors import Parser, run
+from megatron_dmc.finite import check_finite_weights
 from megatron_dmc.inference.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CPU preset that takes a few minutes")
     p.add_argument("--preset", choices=[*sorted(PRESETS), "smollm2"], default="cpu")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
@@ -98,6 +101,7 @@ def _model(args: argparse.Namespace, preset):
     if args.model_dir is None:
         return random_model(preset), preset, sections.MODES_NOTE
     model = load_model(args.model_dir, mode="dmc", device=preset.device)
+    check_finite_weights(model.state_dict().items(), args.model_dir)
     model.trained_dmc, model.dmc = model.dmc, None
     dtype = model.lm_head.weight.dtype
     preset = dataclasses.replace(
@@ -112,4 +116,4 @@ def _model(args: argparse.Namespace, preset):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -2,7 +2,9 @@
 
 After every forward call each layer's cache holds at most `budget` slots per (sequence,
 KV head); the evicted keys and values are dropped, not masked. Within one call a layer
-briefly holds `budget + T` slots (the call's own tokens), one layer at a time.
+briefly holds `budget + T` slots (the call's own tokens), one layer at a time. The budget
+is fixed (sized for a known number of tokens) or follows the tokens seen: ceil(seen / CR)
+after every call, the matched protocol's rule (matched.py).
 
 The attention weights that drive eviction come from a forward hook on each attention
 module, so the model must run eager attention (`prepare_for_eviction` switches it).
@@ -51,9 +53,10 @@ class EvictionPolicy:
         """New score of every held slot from its old one and this call's attention."""
         raise NotImplementedError
 
-    def make_cache(self, model: nn.Module, context_len: int) -> Cache:
+    def make_cache(self, model: nn.Module, context_len: int | None) -> Cache:
+        """A cache of ceil(context_len / CR) slots; None: ceil(tokens seen / CR) after every call."""
         prepare_for_eviction(model)
-        budget = kv_budget(context_len, self.compression_ratio)
+        budget = None if context_len is None else kv_budget(context_len, self.compression_ratio)
         return EvictionCache(self, budget, model.config.num_hidden_layers)
 
 
@@ -88,9 +91,9 @@ class TOVA(EvictionPolicy):
 class EvictionLayer(DynamicLayer):
     """One layer's cache: held keys/values with their positions and scores."""
 
-    def __init__(self, policy: EvictionPolicy, budget: int) -> None:
+    def __init__(self, policy: EvictionPolicy, budget: int | None) -> None:
         super().__init__()
-        self.policy, self.budget, self.seen = policy, budget, 0
+        self.policy, self.fixed_budget, self.seen, self.attended = policy, budget, 0, 0
         self.score_BHS: torch.Tensor | None = None
         self.position_BHS: torch.Tensor | None = None
 
@@ -107,6 +110,13 @@ class EvictionLayer(DynamicLayer):
         self.seen += t
         return super().update(key_states, value_states)
 
+    @property
+    def budget(self) -> int:
+        """Slots kept after a call: the fixed budget, else ceil(tokens seen / CR)."""
+        if self.fixed_budget is not None:
+            return self.fixed_budget
+        return kv_budget(self.seen, self.policy.compression_ratio)
+
     def held(self) -> int:
         return 0 if not self.is_initialized else self.keys.shape[-2]
 
@@ -120,17 +130,17 @@ class EvictionLayer(DynamicLayer):
     def observe(self, attn_BNTS: torch.Tensor) -> None:
         """Score the held slots with this call's attention, then evict down to the budget."""
         b, n, t, s = attn_BNTS.shape
-        h = self.keys.shape[1]
+        h, self.attended = self.keys.shape[1], s
         attn_BHTS = attn_BNTS.float().view(b, h, n // h, t, s).mean(dim=2)
         self.score_BHS = self.policy.score(self.score_BHS, attn_BHTS)
         if s > self.budget:
-            self._evict()
+            self._evict(self.budget)
 
-    def _evict(self) -> None:
-        recent = int(self.policy.recent_fraction * self.budget)
+    def _evict(self, budget: int) -> None:
+        recent = int(self.policy.recent_fraction * budget)
         protected_BHS = self.position_BHS >= self.seen - recent
         priority_BHS = self.score_BHS.masked_fill(protected_BHS, float("inf"))
-        keep_BHK = priority_BHS.topk(self.budget, dim=-1).indices.sort(dim=-1).values
+        keep_BHK = priority_BHS.topk(budget, dim=-1).indices.sort(dim=-1).values
         keep_BHKD = keep_BHK[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.keys = self.keys.gather(2, keep_BHKD).contiguous()
         self.values = self.values.gather(2, keep_BHKD).contiguous()
@@ -139,9 +149,10 @@ class EvictionLayer(DynamicLayer):
 
 
 class EvictionCache(Cache):
-    """A cache whose layers keep at most `budget` slots per (sequence, KV head)."""
+    """A cache whose layers keep at most `budget` slots per (sequence, KV head) after every
+    call; `budget=None`: ceil(tokens seen / CR)."""
 
-    def __init__(self, policy: EvictionPolicy, budget: int, num_layers: int) -> None:
+    def __init__(self, policy: EvictionPolicy, budget: int | None, num_layers: int) -> None:
         super().__init__(layers=[EvictionLayer(policy, budget) for _ in range(num_layers)])
         self.policy, self.budget, self.peak_bytes = policy, budget, 0
 
@@ -163,6 +174,19 @@ class EvictionCache(Cache):
     def held_slots(self) -> int:
         """The most slots any layer holds per (sequence, KV head)."""
         return max(layer.held() for layer in self.layers)
+
+    def slot_counts(self) -> torch.Tensor:
+        """Slots held per (layer, sequence, KV head), [L, B, H] (as `DMCCache.slot_counts`)."""
+        return self._per_head([layer.held() for layer in self.layers])
+
+    def attended_slots(self) -> torch.Tensor:
+        """Slots the last call's queries saw per (layer, sequence, KV head), [L, B, H]: the
+        held ones plus the call's own tokens, before that call's eviction."""
+        return self._per_head([layer.attended for layer in self.layers])
+
+    def _per_head(self, counts: list[int]) -> torch.Tensor:
+        b, h = self.layers[0].keys.shape[:2]
+        return torch.tensor(counts)[:, None, None].expand(-1, b, h)
 
 
 def _after_attention(module: nn.Module, args, kwargs, output) -> None:

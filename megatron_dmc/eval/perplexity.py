@@ -3,10 +3,15 @@
 - strided: the whole held-out stream in windows of `window` tokens moved by `stride`;
   each token is scored once, with up to `window - stride` tokens of context; the window
   is fed through the method's cache `chunk` tokens per call, so a budgeted method
-  compresses while the scored tokens are read (budget = window / CR).
+  compresses while the scored tokens are read (fixed budget = window / CR, so it holds
+  every token until the budget fills).
 - continuation (the paper's): a `context_len`-token context goes through the cache
   (budget = context_len / CR), then the next `continuation_len` tokens are scored against
-  what the cache kept.
+  what the cache kept. An eviction method compresses after a dense prefill and scores the
+  continuation uncompressed.
+
+The matched forms of both, with every method held to the same slots, are in matched.py.
+Every result reports its real CR (slots.py) and the most KV bytes held at any moment.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tqdm import tqdm
 
 from megatron_dmc.eval.caches import KVMethod, dense_kv_bytes
 from megatron_dmc.eval.scoring import prefill, score
+from megatron_dmc.eval.slots import mean_slots, slots_attended
 
 
 @dataclass
@@ -38,6 +44,9 @@ class PerplexityResult:
     dense_kv_bytes: int
     """A dense cache of the same context, for comparison."""
     settings: dict = field(default_factory=dict)
+    real_cr: float | None = None
+    """Tokens seen / slots the last scored token attended, summed over samples (slots:
+    mean per layer and KV head, the recent exact tokens included)."""
 
     @property
     def perplexity(self) -> float:
@@ -71,13 +80,14 @@ def continuation_perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Compress a context, score the tokens after it; samples are disjoint blocks."""
-    nll, held, peak = 0.0, 0, 0
+    nll, held, peak, slots = 0.0, 0, 0, 0.0
     blocks = _blocks(token_ids, context_len + continuation_len, max_samples)
     for block_T in tqdm(blocks, desc=f"continuation ppl ({method.name})", disable=not progress):
         prefix = prefill(model, method, block_T[:context_len], prefill_chunk)
         scored = score(model, prefix, block_T[context_len:], score_chunk)
         nll -= float(scored.logprobs_T.sum())
         held, peak = held + prefix.kv_bytes, max(peak, scored.peak_kv_bytes)
+        slots += mean_slots(slots_attended(prefix.cache))
     settings = dict(
         context_len=context_len,
         continuation_len=continuation_len,
@@ -95,6 +105,7 @@ def continuation_perplexity(
         peak,
         dense_kv_bytes(model, context_len),
         settings,
+        len(blocks) * (context_len + continuation_len) / slots,
     )
 
 
@@ -126,7 +137,7 @@ def strided_perplexity(
     token_ids = token_ids[:max_tokens] if max_tokens else token_ids
     if len(token_ids) < 2:
         raise ValueError("need at least 2 held-out tokens to score one")
-    nll, count, held, peak = 0.0, 0, 0, 0
+    nll, count, held, peak, seen, slots = 0.0, 0, 0, 0, 0, 0.0
     spans = _windows(len(token_ids), window, stride)
     for begin, end, scored_len in tqdm(
         spans, desc=f"strided ppl ({method.name})", disable=not progress
@@ -137,6 +148,7 @@ def strided_perplexity(
         nll -= float(scored.logprobs_T[-scored_len:].sum())
         count += scored_len
         held, peak = held + scored.kv_bytes, max(peak, scored.peak_kv_bytes)
+        seen, slots = seen + end - begin, slots + mean_slots(slots_attended(prefix.cache))
     settings = dict(window=window, stride=stride, chunk=chunk, windows=len(spans))
     return PerplexityResult(
         "strided",
@@ -148,4 +160,5 @@ def strided_perplexity(
         peak,
         dense_kv_bytes(model, window),
         settings,
+        seen / slots,
     )

@@ -109,7 +109,7 @@ def _finished(b, token, sampling, result, cache, seq_ids_B) -> bool:
 def _finish(b: int, reason: str, result: GenerationResult, cache: PagedKVCache, seq_ids_B) -> None:
     seq = seq_ids_B[b : b + 1]
     seen = int(cache.seen_LB[:, seq].sum()) * cache.config.num_kv_heads
-    slots = int(cache.lengths_LBG[:, seq].sum())
+    slots = int(cache.slot_counts(seq).sum())
     result.tokens_seen += seen
     result.slots_kept += slots
     result.per_sequence_cr[b] = seen / max(slots, 1)

@@ -67,6 +67,8 @@ def eval_settings(settings: EvalPreset):
         stride=settings.stride,
         chunk=settings.chunk,
         max_tokens=settings.max_tokens,
+        protocols=tuple(settings.protocols),
+        matched_chunk=settings.matched_chunk,
         tasks=tuple(settings.tasks),
         limit=settings.limit,
     )

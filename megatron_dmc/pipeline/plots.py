@@ -4,6 +4,7 @@
 - cr.png: target vs achieved compression ratio over steps, per target.
 - cr_heatmap.png: CR per (layer, KV head): end of training, and on held-out decoding.
 - decode.png: decode tokens/s and KV bytes, vanilla vs DMC.
+- ppl_vs_cr.png: perplexity rise vs real CR per method, one panel per protocol.
 """
 
 from __future__ import annotations
@@ -90,6 +91,41 @@ def plot_decode(results: list[DecodeResult], path: Path) -> Path:
     right.bar(labels, [r.kv_allocated_bytes / 2**20 for r in results], color="#dd8452")
     right.set(ylabel="MiB", title="KV cache bytes")
     fig.suptitle(f"batch {results[0].batch}, {results[0].context}-token held-out prompts")
+    return _save(fig, path)
+
+
+PROTOCOL_PANELS = {
+    "continuation": "continuation (dense prefill,\ncontinuation uncompressed)",
+    "strided": "whole-sequence (fixed budget)",
+    "matched_continuation": "matched continuation",
+    "matched_strided": "matched whole-sequence",
+}
+
+
+def _rise_points(rows: list[dict], protocol: str) -> dict[str, list[tuple[float, float]]]:
+    """{method: [(real CR, % perplexity change vs vanilla)]}, sorted by real CR."""
+    key = f"ppl_{protocol}"
+    base = next((r.get(key) for r in rows if r["method"] == "vanilla"), None)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        cr, value = row.get("real_cr", {}).get(protocol), row.get(key)
+        if row["method"] != "vanilla" and None not in (base, cr, value):
+            points.setdefault(row["method"], []).append((cr, 100.0 * (value / base - 1.0)))
+    return {m: sorted(p) for m, p in points.items()}
+
+
+def plot_ppl_vs_cr(rows: list[dict], path: Path) -> Path:
+    """`rows`: the summary's evaluation rows. Symmetric-log y axis (rises span 0.1% to 1000s)."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, squeeze=False)
+    for ax, (protocol, title) in zip(axes.flat, PROTOCOL_PANELS.items()):
+        for method, points in _rise_points(rows, protocol).items():
+            ax.plot(*zip(*points), marker="o", label=method)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set(title=title, xlabel="real CR (tokens / KV slots)", ylabel="perplexity vs vanilla, %")
+        if ax.has_data() and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle("Perplexity rise vs real compression ratio")
     return _save(fig, path)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from megatron_dmc.pipeline.eval_tasks import PaperTasks
+
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 MODEL_SOURCES = ("smollm2", "tiny")
 BASELINES = ("h2o", "tova")
@@ -69,6 +71,11 @@ class EvalPreset:
     stride: int = 512
     chunk: int | None = 32
     max_tokens: int | None = 4096
+    protocols: list[str] = field(default_factory=lambda: ["strided", "continuation"])
+    """Perplexity protocols (megatron_dmc.eval.run.PROTOCOLS); `matched_strided` and
+    `matched_continuation` hold every method to the same slots (docs/eval.md)."""
+    matched_chunk: int = 64
+    """Matched protocols: tokens per call; every method's budget holds after each call."""
     tasks: list[str] = field(default_factory=list)
     limit: int | None = 20
     """Documents per task; None: all."""
@@ -115,6 +122,8 @@ class Preset:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalPreset = field(default_factory=EvalPreset)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
+    paper_tasks: PaperTasks = field(default_factory=PaperTasks)
+    """HumanEval, MMLU subset and retrieval for every evaluated row (off by default)."""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -125,6 +134,9 @@ class Preset:
         unknown = sorted(set(self.eval.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
+        from megatron_dmc.eval.run import EvalSettings
+
+        EvalSettings(protocols=tuple(self.eval.protocols), matched_chunk=self.eval.matched_chunk)
         heads = self.eval.gqa_kv_heads
         if heads is not None and heads < 1:
             raise ValueError(f"eval.gqa_kv_heads must be >= 1; got {heads}")
@@ -163,6 +175,7 @@ def load_preset(name_or_path: str) -> Preset:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping")
     sections = {"train": TrainSettings, "eval": EvalPreset, "decode": DecodeSettings}
+    sections["paper_tasks"] = PaperTasks
     for key, cls in sections.items():
         values[key] = _build(cls, values.get(key) or {}, f"{path} [{key}]")
     return _build(Preset, {"name": path.stem, **values}, str(path))

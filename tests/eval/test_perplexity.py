@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from megatron_dmc.eval.caches import NativeCache
-from megatron_dmc.eval.eviction import H2O
+from megatron_dmc.eval.eviction import H2O, TOVA, kv_budget
 from megatron_dmc.eval.perplexity import _windows, continuation_perplexity, strided_perplexity
+from megatron_dmc.eval.scoring import prefill, score
 from tests.eval.helpers import tiny_llama
 
 
@@ -60,3 +61,32 @@ def test_budgeted_method_holds_less():
 def test_too_little_text_is_a_clear_error():
     with pytest.raises(ValueError, match="held-out tokens"):
         continuation_perplexity(tiny_llama(), NativeCache(), torch.arange(10), 32, 16)
+
+
+def _today_continuation(model, method, ids_T, context_len, continuation_len):
+    """The continuation protocol as the scoring functions compose it, written out."""
+    nll, peak = 0.0, 0
+    for block_T in ids_T.view(-1, context_len + continuation_len):
+        prefix = prefill(model, method, block_T[:context_len])
+        scored = score(model, prefix, block_T[context_len:])
+        nll, peak = nll - float(scored.logprobs_T.sum()), max(peak, scored.peak_kv_bytes)
+    return nll, peak
+
+
+@pytest.mark.parametrize("method", [NativeCache(), H2O(compression_ratio=2.0), TOVA(4.0)])
+def test_unmatched_protocols_reproduce_the_scoring_path_exactly(method):
+    model, ids_T = tiny_llama(), torch.randint(0, 300, (96,))
+    result = continuation_perplexity(model, method, ids_T, 32, 16)
+    nll, peak = _today_continuation(model, method, ids_T, 32, 16)
+    assert result.nll == nll / 32 and result.peak_kv_bytes == peak
+    budget = 32 if method.compression_ratio == 1 else kv_budget(32, method.compression_ratio)
+    assert result.real_cr == pytest.approx(48 / (budget + 16))  # the continuation held exactly
+
+    strided = strided_perplexity(model, method, ids_T[:50], 32, 16, chunk=5)
+    expected = 0.0
+    for begin, end, scored_len in _windows(50, 32, 16):
+        prefix = prefill(model, method, ids_T[begin : begin + 1], budget_tokens=32)
+        expected -= float(
+            score(model, prefix, ids_T[begin + 1 : end], 5).logprobs_T[-scored_len:].sum()
+        )
+    assert strided.nll == expected / 49

@@ -49,14 +49,41 @@ def job(tmp_path_factory) -> tuple[Path, str]:
 def test_report_tables_parse_with_finite_numbers(job):
     out, _ = job
     tables = markdown_tables((out / "report.md").read_text())
-    assert len(tables) == 4  # training, evaluation, decoding, step times
+    assert len(tables) == 6  # training, ppl (today's, matched), tasks, decoding, step times
     for table in tables:
         assert len(table) >= 2 and all(len(row) == len(table[0]) for row in table)
     numbers = [float(c.rstrip("x%")) for t in tables for r in t[1:] for c in r[1:]
                if re.fullmatch(r"[+-]?\d+(\.\d+)?[x%]?", c)]  # fmt: skip
     assert len(numbers) > 40 and all(math.isfinite(n) for n in numbers)
-    methods = [row[0] for row in tables[1][1:]]
-    assert methods == ["vanilla", "dmc", "h2o", "tova", "gqa-pooled", "gqa-uptrained"]
+    methods = ["vanilla", "dmc", "h2o", "tova", "gqa-pooled", "gqa-uptrained"]
+    for today_or_matched in tables[1:3]:
+        assert [row[0] for row in today_or_matched[1:]] == methods
+        header, *rows = today_or_matched
+        assert header.count("real CR") == header.count("peak KV MiB") == 2
+        assert all(float(cell) > 0 for row in rows for cell in row[2:] if cell != "–")
+        real_crs = [float(row[i]) for row in rows for i, h in enumerate(header) if h == "real CR"]
+        assert len(real_crs) == 2 * len(methods) and real_crs[:2] == [1.0, 1.0]  # vanilla
+
+
+def test_matched_protocol_holds_h2o_to_the_budget_and_leads_the_goals(job):
+    out, _ = job
+    summary = json.loads((out / "summary.json").read_text())
+    h2o = next(r for r in summary["results"] if r["method"] == "h2o")
+    assert set(h2o["real_cr"]) == {"strided", "continuation", "matched_strided",
+                                   "matched_continuation"}  # fmt: skip
+    e = summary["preset"]["eval"]
+    seen, scored, chunk = (
+        e["context_len"] + e["continuation_len"],
+        e["continuation_len"],
+        e["matched_chunk"],
+    )
+    today = seen / (math.ceil(e["context_len"] / 2) + scored)  # the continuation held exactly
+    matched = seen / (math.ceil((seen - chunk) / 2) + chunk)  # the last call's tokens exact
+    assert h2o["real_cr"]["continuation"] == pytest.approx(today)
+    assert h2o["real_cr"]["matched_continuation"] == pytest.approx(matched)
+    report = (out / "report.md").read_text()
+    assert "Headline, at equal KV slots (matched continuation protocol)" in report
+    assert "plots/ppl_vs_cr.png" in report
 
 
 def test_report_cr_is_the_last_training_record(job):
@@ -79,7 +106,7 @@ def test_plots_are_png_files(job):
     report = (out / "report.md").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(Path(p).name for p in linked) == sorted(
-        ["loss.png", "cr.png", "cr_heatmap.png", "decode.png", "headline.png"]
+        ["loss.png", "cr.png", "cr_heatmap.png", "decode.png", "ppl_vs_cr.png", "headline.png"]
     )
     for path in linked:
         data = (out / path).read_bytes()

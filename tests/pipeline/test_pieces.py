@@ -27,6 +27,7 @@ from megatron_dmc.training.arguments import parse_args
 def test_presets_load(name):
     preset = load_preset(name)
     assert preset.name == name and preset.target_crs
+    assert {"matched_strided", "matched_continuation"} <= set(preset.eval.protocols)
 
 
 def test_preset_refuses_unknown_keys_and_bad_ratios(tmp_path):
@@ -36,6 +37,12 @@ def test_preset_refuses_unknown_keys_and_bad_ratios(tmp_path):
         load_preset(str(bad))
     bad.write_text("target_crs: [1.0]\n")
     with pytest.raises(ValueError, match="> 1"):
+        load_preset(str(bad))
+    bad.write_text("eval: {protocols: [matched]}\n")
+    with pytest.raises(ValueError, match="unknown protocols"):
+        load_preset(str(bad))
+    bad.write_text("eval: {matched_chunk: 0}\n")
+    with pytest.raises(ValueError, match="matched_chunk"):
         load_preset(str(bad))
     bad.write_text("eval: {gqa_uptrain: true}\n")
     with pytest.raises(ValueError, match=r"needs eval\.gqa_kv_heads"):
