@@ -127,7 +127,7 @@ def test_distill_loss_reads_the_student_logits_before_the_in_place_cross_entropy
     want_kl = float(_plain_kl(student_bsV.double(), teacher_bsV.double()).sum())
 
     def cross_entropy(labels_bs, logits_sbV):
-        return vocab_parallel_cross_entropy(logits_sbV, labels_bs.transpose(0, 1)).transpose(0, 1)
+        return vocab_parallel_cross_entropy(logits_sbV, labels_bs.T.contiguous()).transpose(0, 1)
 
     module = SimpleNamespace(compute_language_model_loss=cross_entropy)
     batch_dict = {"labels": labels_bs, "loss_mask": torch.ones(batch, 6)}
