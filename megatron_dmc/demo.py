@@ -1,7 +1,8 @@
-"""The main job: python -m megatron_dmc.demo [--preset default|tiny|full] [--out DIR]
+"""The main job: python -m megatron_dmc.demo [--preset default|tiny|full] [--recipe paper]
 
-Imports the embedded SmolLM2-135M into Megatron-Core, retrofits DMC (zero_out ->
-retrofit -> finetune), exports a DMC HF model, evaluates it against vanilla, H2O and TOVA,
+Imports the embedded SmolLM2-135M into Megatron-Core, retrofits DMC with the preset's
+recipe (efficient: decision heads, delay, distillation; paper: zero_out -> retrofit ->
+finetune), exports a DMC HF model, evaluates it against vanilla, H2O and TOVA,
 measures decoding, and writes OUT/report.md with tables and plots. A re-run skips the
 steps already done. See docs/demo.md.
 """
@@ -9,17 +10,22 @@ steps already done. See docs/demo.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from megatron_dmc.cli_errors import Parser, run
 from megatron_dmc.pipeline import Job, load_preset
+from megatron_dmc.pipeline.preset import Preset
+from megatron_dmc.pipeline.recipes import effective_values
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m megatron_dmc.demo", description=__doc__.split("\n\n")[1])
     parser.add_argument("--preset", default="default", help="default, tiny, full, or a YAML path")
+    parser.add_argument("--recipe", help="training recipe instead of the preset's: efficient, "
+                        "paper (configs/recipes/); the default output directory gets -<recipe>")  # fmt: skip
     parser.add_argument("--out", type=Path, help="output directory (default: outputs/<preset>)")
     parser.add_argument("--force", action="store_true", help="redo every step")
     parser.add_argument("--redo", action="append", default=[], metavar="STEP",
@@ -33,11 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     preset = load_preset(args.preset)
-    out = args.out or Path("outputs") / ("demo" if preset.name == "default" else preset.name)
+    out = default_out(preset.name)
+    if args.recipe and args.recipe != preset.train.recipe:
+        preset = with_recipe(preset, args.recipe)
+        out = out.with_name(f"{out.name}-{args.recipe}")
+    out = args.out or out
     command = shlex.join(["python", "-m", "megatron_dmc.demo", *argv])
     report = Job(preset, out, args.cache_dir).run(args.force, tuple(args.redo), command)
     print(f"\nreport: {report}")
     return 0
+
+
+def default_out(preset_name: str) -> Path:
+    """outputs/demo for the default preset, else outputs/<preset>."""
+    return Path("outputs") / ("demo" if preset_name == "default" else preset_name)
+
+
+def with_recipe(preset: Preset, recipe: str) -> Preset:
+    """The preset with another recipe (checked again); a paper recipe keeps DMC rows only,
+    since DMS needs decision heads."""
+    from megatron_dmc.pipeline.recipes import recipe_path, uses_zero_out
+
+    recipe_path(recipe)
+    methods = preset.train.methods
+    if uses_zero_out(effective_values(recipe, [])):
+        methods = [m for m in methods if m == "dmc"] or ["dmc"]
+    train = dataclasses.replace(preset.train, recipe=recipe, methods=methods)
+    return dataclasses.replace(preset, train=train)
 
 
 def main(argv: list[str] | None = None) -> int:

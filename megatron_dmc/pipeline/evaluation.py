@@ -1,6 +1,6 @@
 """The evaluation step: every method on the same held-out tokens and tasks, one row each.
 
-Rows: the original model (vanilla), each DMC export at its target, H2O and TOVA at each
+Rows: the original model (vanilla), each trained export (DMC or DMS) at its target, H2O and TOVA at each
 target on the original model, and optionally the mean-pooled GQA model, as pooled and
 after uptraining. Each row is
 saved as soon as it is measured (`eval/<row>.json`), so an interrupted step resumes at
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_dmc.eval.results import ResultRow, load_results, write_results
-from megatron_dmc.pipeline.layout import cr_tag
+from megatron_dmc.pipeline.layout import cr_tag, row_key
 from megatron_dmc.pipeline.preset import EvalPreset
 
 
@@ -36,16 +36,20 @@ class EvalJob:
 
 def eval_jobs(
     source_dir: str,
-    exports: dict[float, Path],
+    exports: dict[tuple[str, float], Path],
     settings: EvalPreset,
     gqa_dir: Path | None = None,
     gqa_cr: float | None = None,
     gqa_uptrained_dir: Path | None = None,
 ) -> list[EvalJob]:
-    """The rows of the table, vanilla first."""
+    """The rows of the table, vanilla first; `exports` is {(KV method, target CR): HF dir}.
+    Per target: each trained row (labelled by its KV method; DMS exports run through the
+    same engine, their config says how), then the baselines."""
     jobs = [EvalJob("vanilla", source_dir, "vanilla", 1.0)]
-    for cr, export in exports.items():
-        jobs.append(EvalJob(f"dmc_{cr_tag(cr)}", str(export), "dmc", cr))
+    for cr in sorted({cr for _, cr in exports}):
+        for (method, row_cr), export in exports.items():
+            if row_cr == cr:
+                jobs.append(EvalJob(row_key(method, cr), str(export), "dmc", cr, method))
         jobs += [EvalJob(f"{b}_{cr_tag(cr)}", source_dir, b, cr) for b in settings.baselines]
     if gqa_dir is not None and gqa_cr is not None:
         tag = cr_tag(gqa_cr)

@@ -107,6 +107,7 @@ def verdicts(summary: dict) -> list[Verdict]:
     out: list[Verdict] = []
     for key, protocol in PROTOCOLS:
         for t in summary["training"]:
-            out.append(half_of_best_baseline(summary, t["target_cr"], key, protocol))
+            if t.get("method", "dmc") == "dmc":
+                out.append(half_of_best_baseline(summary, t["target_cr"], key, protocol))
         out.append(beats_gqa_uptraining(summary, key, protocol))
     return [v for v in out if v is not None]

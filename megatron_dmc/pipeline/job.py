@@ -1,7 +1,7 @@
 """The main job as a chain of steps:
 
-assets -> import HF into Megatron -> zero_out -> retrofit + finetune per target CR ->
-DMC HF export -> (GQA pooling -> import -> plain uptraining -> HF export) -> decode
+assets -> import HF into Megatron -> (zero_out, channel recipes only) -> retrofit + finetune
+per trained row (KV method x target CR) -> HF export -> (GQA pooling -> import -> plain uptraining -> HF export) -> decode
 benchmark -> evaluation -> report.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from megatron_dmc.pipeline import retrofit
 from megatron_dmc.pipeline.assets import Assets, build_assets, held_out_tokens, write_model_yaml
 from megatron_dmc.pipeline.eval_tasks import TASKS_DIR, run_task_evaluation
-from megatron_dmc.pipeline.layout import RunLayout, cr_tag
+from megatron_dmc.pipeline.layout import RunLayout, cr_tag, row_key
 from megatron_dmc.pipeline.preset import Preset
 from megatron_dmc.pipeline.steps import Step, StepRunner
 
@@ -35,21 +36,27 @@ class Job:
         return Assets.load(self.layout.assets_file)
 
     def steps(self) -> list[Step]:
-        lay, crs = self.layout, self.preset.target_crs
+        lay, rows = self.layout, self.preset.rows()
         steps = [
             Step("assets", "Assets (model, corpus; cached)", self._assets,
                  [lay.assets_file, lay.model_yaml, lay.tiny_hf_dir] if self.preset.model == "tiny"
                  else [lay.assets_file, lay.model_yaml]),
             Step("import", f"Import HF -> Megatron torch_dist (TP={self.preset.tensor_parallel})",
                  self._import, [lay.megatron_dir]),
-            Step("zero_out", "Stage 1: zero_out", self._zero_out, [lay.zero_out_dir], True),
         ]  # fmt: skip
-        for cr in crs:
-            steps.append(Step(f"retrofit_{cr_tag(cr)}", f"Stages 2+3: retrofit + finetune to {cr_tag(cr)}",
-                              lambda cr=cr: self._retrofit(cr), [lay.train_dir(cr)], True))  # fmt: skip
-        for cr in crs:
-            steps.append(Step(f"export_{cr_tag(cr)}", f"Export the {cr_tag(cr)} DMC model to HF",
-                              lambda cr=cr: self._export(cr), [lay.export_dir(cr)]))  # fmt: skip
+        if self.preset.uses_zero_out:
+            steps.append(Step("zero_out", "Stage 1: zero_out", self._zero_out,
+                              [lay.zero_out_dir], True))  # fmt: skip
+        recipe = self.preset.train.recipe
+        for label, method, cr in rows:
+            steps.append(Step(f"retrofit_{row_key(method, cr)}",
+                              f"Retrofit + finetune: {label} ({recipe} recipe)",
+                              lambda m=method, cr=cr: self._retrofit(m, cr),
+                              [lay.train_dir(method, cr)], True))  # fmt: skip
+        for label, method, cr in rows:
+            steps.append(Step(f"export_{row_key(method, cr)}", f"Export {label} to HF",
+                              lambda m=method, cr=cr: self._export(m, cr),
+                              [lay.export_dir(method, cr)]))  # fmt: skip
         if self.preset.eval.gqa_kv_heads:
             steps.append(
                 Step("gqa", "GQA baseline: mean-pooled KV heads", self._gqa, [lay.gqa_dir])
@@ -75,12 +82,20 @@ class Job:
                  [lay.gqa_export_dir]),
         ]  # fmt: skip
 
-    def run(self, force: bool = False, redo: tuple[str, ...] = (), command: str = "") -> Path:
+    def run(
+        self,
+        force: bool = False,
+        redo: tuple[str, ...] = (),
+        command: str = "",
+        keep: Callable[[str], bool] | None = None,
+    ) -> Path:
+        """Run the steps (those whose name `keep` accepts, when given); returns report.md."""
         self.command = command
         self._check_preset(force)
         runner = StepRunner(self.layout.done_dir, force, redo)
         for step in self.steps():
-            runner(step)
+            if keep is None or keep(step.name):
+                runner(step)
         return self.layout.report
 
     def _check_preset(self, force: bool) -> None:
@@ -113,20 +128,27 @@ class Job:
         iters = self.preset.train.zero_out_iters
         retrofit.run_training(self.preset.tensor_parallel, args, lay.zero_out_dir, 0, iters)
 
-    def _retrofit(self, cr: float) -> None:
+    def _retrofit(self, method: str, cr: float) -> None:
         lay, t = self.layout, self.preset.train
+        first = retrofit.first_iteration(self.preset, method)
+        load = lay.zero_out_dir if first else lay.megatron_dir
         args = retrofit.retrofit_args(
-            self.preset, self.assets, lay.model_yaml, lay.zero_out_dir, lay.train_dir(cr), cr
+            self.preset, self.assets, lay.model_yaml, load, lay.train_dir(method, cr), cr, method
         )
         tp = self.preset.tensor_parallel
-        retrofit.run_training(tp, args, lay.train_dir(cr), t.zero_out_iters, t.total_iters(cr))
+        retrofit.run_training(tp, args, lay.train_dir(method, cr), first, t.total_iters(cr))
 
-    def _export(self, cr: float) -> None:
+    def _export(self, method: str, cr: float) -> None:
         from megatron_dmc.convert import export_hf
 
-        out = self.layout.export_dir(cr)
-        export_hf(self.layout.train_dir(cr), out, dmc=True, assets_from=self.assets.hf_dir)
+        out = self.layout.export_dir(method, cr)
+        export_hf(self.layout.train_dir(method, cr), out, dmc=True, assets_from=self.assets.hf_dir)
         copy_generation_ids(Path(self.assets.hf_dir) / "config.json", out / "config.json")
+
+    def _exports(self) -> dict[str, Path]:
+        """{row label: HF export} of every trained row."""
+        lay = self.layout
+        return {label: lay.export_dir(m, cr) for label, m, cr in self.preset.rows()}
 
     def _gqa(self) -> None:
         from megatron_dmc.eval.gqa import convert_to_gqa
@@ -165,13 +187,10 @@ class Job:
         divides both (the global batch, hence tokens per step, is the same)."""
         return math.gcd(self.preset.tensor_parallel, int(self.preset.eval.gqa_kv_heads or 1))
 
-    def _exports(self) -> dict[float, Path]:
-        return {cr: self.layout.export_dir(cr) for cr in self.preset.target_crs}
-
     def _decode(self) -> None:
         from megatron_dmc.pipeline.decode import run_decode, run_headline, save_results
 
-        exports = {f"dmc {cr_tag(cr)}": path for cr, path in self._exports().items()}
+        exports = self._exports()
         tokens = held_out_tokens(self.assets.held_out_prefix)
         results = run_decode(self.assets.hf_dir, exports, tokens, self.preset.decode)
         save_results(results, self.layout.decode_file)
@@ -185,7 +204,8 @@ class Job:
         gqa_cr = self._gqa_cr()
         gqa_dir = self.layout.gqa_dir if gqa_cr else None
         uptrained = self.layout.gqa_export_dir if settings.gqa_uptrain else None
-        return eval_jobs(self.assets.hf_dir, self._exports(), settings, gqa_dir, gqa_cr, uptrained)
+        exports = {(m, cr): self.layout.export_dir(m, cr) for _, m, cr in self.preset.rows()}
+        return eval_jobs(self.assets.hf_dir, exports, settings, gqa_dir, gqa_cr, uptrained)
 
     def _eval(self) -> None:
         from megatron_dmc.pipeline.evaluation import run_evaluation

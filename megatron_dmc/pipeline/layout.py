@@ -11,6 +11,11 @@ def cr_tag(target_cr: float) -> str:
     return f"{target_cr:g}x"
 
 
+def row_key(method: str, target_cr: float) -> str:
+    """`dmc_2x`, `dms_4x`: a trained row's name in paths, step names and eval files."""
+    return f"{method}_{cr_tag(target_cr)}"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
@@ -46,11 +51,17 @@ class RunLayout:
     def zero_out_dir(self) -> Path:
         return self.root / "train" / "zero_out"
 
-    def train_dir(self, target_cr: float) -> Path:
-        return self.root / "train" / cr_tag(target_cr)
+    def train_dir(self, method: str, target_cr: float) -> Path:
+        return self.root / "train" / row_key(method, target_cr)
 
-    def export_dir(self, target_cr: float) -> Path:
-        return self.root / "export" / cr_tag(target_cr)
+    def export_dir(self, method: str, target_cr: float) -> Path:
+        return self.root / "export" / row_key(method, target_cr)
+
+    @property
+    def ablation_dir(self) -> Path:
+        """Where `python -m megatron_dmc.pipeline.ablation` writes by default; the report
+        includes its table when `ablation.json` is there."""
+        return self.root / "ablation"
 
     @property
     def gqa_dir(self) -> Path:

@@ -23,7 +23,14 @@ BASELINES = ("h2o", "tova")
 
 @dataclass
 class TrainSettings:
-    """One retrofit per target CR; zero_out runs once and every target starts from it."""
+    """One retrofit per trained row (KV method x target CR). With a channel recipe zero_out
+    runs once and every DMC row starts from it; otherwise every row starts from the imported
+    model and its hold takes zero_out's steps, so every recipe trains the same tokens."""
+
+    recipe: str = "efficient"
+    """configs/recipes/<name>.yaml: `efficient` or `paper` (pipeline/recipes.py)."""
+    methods: list[str] = field(default_factory=lambda: ["dmc"])
+    """KV methods trained at every target CR: dmc, dms (dms needs a heads recipe)."""
 
     seq_length: int = 256
     """Tokens per training sequence."""
@@ -52,6 +59,11 @@ class TrainSettings:
 
     def ramp_iters(self, target_cr: float) -> int:
         return max(1, round(self.ramp_iters_per_cr * (target_cr - 1.0)))
+
+    def hold_for(self, target_cr: float, zero_out: bool) -> int:
+        """Hold steps of a row: `hold_iters`, plus zero_out's steps when it has none."""
+        del target_cr
+        return self.hold_iters + (0 if zero_out else self.zero_out_iters)
 
     def total_iters(self, target_cr: float) -> int:
         """Steps of one target's whole schedule: zero_out, retrofit (ramp + hold), finetune."""
@@ -124,9 +136,14 @@ class Preset:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     paper_tasks: PaperTasks = field(default_factory=PaperTasks)
     """HumanEval, MMLU subset and retrieval for every evaluated row (off by default)."""
+    rise_targets: dict[str, float] = field(default_factory=dict)
+    """Largest continuation-perplexity rise (percent) each trained row may show, by row
+    label (e.g. `dmc 2x: 10`); the report judges each under the matched and today's
+    continuation protocols (pipeline/targets.py)."""
     description: str = ""
 
     def __post_init__(self) -> None:
+        self._check_rows()
         if self.model not in MODEL_SOURCES:
             raise ValueError(f"model must be one of {MODEL_SOURCES}; got {self.model!r}")
         if not self.target_crs or any(cr <= 1.0 for cr in self.target_crs):
@@ -142,6 +159,51 @@ class Preset:
             raise ValueError(f"eval.gqa_kv_heads must be >= 1; got {heads}")
         if self.eval.gqa_uptrain and heads is None:
             raise ValueError("eval.gqa_uptrain needs eval.gqa_kv_heads (the KV heads to pool into)")
+
+    def _check_rows(self) -> None:
+        from megatron_dmc.pipeline.recipes import KV_METHODS
+
+        bad = sorted(set(self.train.methods) - set(KV_METHODS))
+        if bad or not self.train.methods:
+            raise ValueError(
+                f"train.methods must name some of {KV_METHODS}; got {self.train.methods}"
+            )
+        values = self.recipe_values()
+        if "dms" in self.train.methods and values.get("dmc_decision_source") != "heads":
+            raise ValueError(
+                f"train.methods has dms, which needs decision heads; recipe "
+                f"{self.train.recipe!r} uses channel decisions: use the efficient recipe"
+            )
+        delay, length = values.get("dmc_merge_delay", 0), self.train.seq_length
+        for cr in self.target_crs:
+            if (delay + 1) * cr > length:
+                raise ValueError(
+                    f"merge delay {delay} at train.seq_length {length} cannot reach {cr:g}x "
+                    f"(at most {length / (delay + 1):.3g}x): lengthen the sequences or pass "
+                    "a shorter --dmc-merge-delay in train.extra_args"
+                )
+        unknown = sorted(set(self.rise_targets) - {label for label, _, _ in self.rows()})
+        if unknown:
+            raise ValueError(f"rise_targets names rows this preset does not train: {unknown}")
+
+    def recipe_values(self) -> dict[str, Any]:
+        """Trainer values of the recipe with train.extra_args applied."""
+        from megatron_dmc.pipeline.recipes import effective_values
+
+        return effective_values(self.train.recipe, self.train.extra_args)
+
+    @property
+    def uses_zero_out(self) -> bool:
+        """zero_out runs (once, before the DMC rows): the recipe repurposes a channel."""
+        from megatron_dmc.pipeline.recipes import uses_zero_out
+
+        return "dmc" in self.train.methods and uses_zero_out(self.recipe_values())
+
+    def rows(self) -> list[tuple[str, str, float]]:
+        """(label, KV method, target CR) of every trained row, e.g. ("dms 4x", "dms", 4.0)."""
+        from megatron_dmc.pipeline.layout import cr_tag
+
+        return [(f"{m} {cr_tag(cr)}", m, cr) for m in self.train.methods for cr in self.target_crs]
 
     def gqa_budget_cr(self, gqa_cr: float | None) -> float:
         """The DMC target whose training budget GQA uptraining copies: the one nearest the

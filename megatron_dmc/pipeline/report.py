@@ -35,14 +35,16 @@ def outcome_lines(summary: dict) -> list[str]:
     decode = {d["label"]: d for d in summary["decode"]}
     for t in summary["training"]:
         cr, achieved = t["target_cr"], t["final_achieved_cr"]
+        method = t.get("method", "dmc")
+        label = t.get("label", f"dmc {cr_tag(cr)}")
         verdict = "reached" if reached(achieved, cr) else "NOT reached"
-        held_out = decode.get(f"dmc {cr_tag(cr)}", {}).get("compression_ratio")
+        held_out = decode.get(label, {}).get("compression_ratio")
         lines.append(
-            f"- **Target {cr_tag(cr)}: {verdict}.** Achieved CR at the last training step "
+            f"- **{label}: target {verdict}.** Achieved CR at the last training step "
             f"{_fmt(achieved, '.4f')} (target {_fmt(t['final_target_cr'], '.4f')}); "
             f"on held-out decoding {_fmt(held_out, '.3f')}."
         )
-        lines += protocol_lines(summary, ("dmc", "h2o", "tova"), cr)
+        lines += protocol_lines(summary, (method, "h2o", "tova"), cr)
         if verdict != "reached":
             dmc_steps = t["stage_steps"]["retrofit"] + t["stage_steps"]["finetune"]
             lines.append(
@@ -73,7 +75,7 @@ def gqa_outcome_lines(summary: dict) -> list[str]:
 
 
 def _change_and_cr(summary: dict, method: str, cr: float, key: str, change: float | None) -> str:
-    name = method.upper() if method in ("dmc", "h2o", "tova") else method
+    name = method.upper() if method in ("dmc", "dms", "h2o", "tova") else method
     real = real_cr(summary, method, cr, key)
     return f"{name} {_fmt(change, '+.1f')}%" + ("" if real is None else f" (real CR {real:.2f})")
 
@@ -94,11 +96,11 @@ def training_table(summary: dict) -> str:
     rows = []
     for t in summary["training"]:
         stages = t["stage_steps"]
-        rows.append([cr_tag(t["target_cr"]), str(stages["zero_out"]), str(stages["retrofit"]),
+        rows.append([t.get("label", cr_tag(t["target_cr"])), str(stages["zero_out"]), str(stages["retrofit"]),
                      str(stages["finetune"]), str(t["tokens"]), _fmt(t["lm_loss_start"], ".3f"),
                      _fmt(t["lm_loss_end"], ".3f"), _fmt(t["final_target_cr"], ".4f"),
                      _fmt(t["final_achieved_cr"], ".4f")])  # fmt: skip
-    header = ["target", "zero_out steps", "retrofit steps", "finetune steps", "tokens",
+    header = ["row", "zero_out steps", "retrofit steps", "finetune steps", "tokens",
               "LM loss first 5", "LM loss last 5", "final target CR", "final achieved CR"]  # fmt: skip
     return table(header, rows)
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from megatron_dmc.pipeline.assets import Assets
 from megatron_dmc.pipeline.preset import Preset
+from megatron_dmc.pipeline.recipes import recipe_flags
 
 LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
@@ -42,21 +43,26 @@ def shared_args(preset: Preset, assets: Assets, model_yaml: Path, tensor_paralle
     return [str(item) for pair in values.items() for item in pair]
 
 
-def common_args(preset: Preset, assets: Assets, model_yaml: Path, target_cr: float) -> list[str]:
-    """Flags shared by the zero_out launch and the retrofit launches."""
+def common_args(
+    preset: Preset, assets: Assets, model_yaml: Path, target_cr: float, method: str = "dmc"
+) -> list[str]:
+    """Flags shared by the zero_out launch and the retrofit launches: the recipe, the
+    schedule, then `train.extra_args` (last, so they win)."""
     t = preset.train
-    ramp = t.ramp_iters(target_cr)
+    ramp, zero_out = t.ramp_iters(target_cr), preset.uses_zero_out
     values = {
+        "--kv-method": method,
         "--dmc-target-cr": target_cr,
-        "--dmc-zero-out-iters": t.zero_out_iters,
-        "--dmc-zero-out-anneal-iters": t.zero_out_anneal_iters,
+        "--dmc-zero-out-iters": t.zero_out_iters if zero_out else 0,
+        "--dmc-zero-out-anneal-iters": t.zero_out_anneal_iters if zero_out else 0,
         "--dmc-ramp-iters": ramp,
-        "--dmc-retrofit-iters": ramp + t.hold_iters,
+        "--dmc-retrofit-iters": ramp + t.hold_for(target_cr, zero_out),
         "--dmc-finetune-iters": t.finetune_iters,
     }
     args = [str(item) for pair in values.items() for item in pair]
     base = shared_args(preset, assets, model_yaml, preset.tensor_parallel)
-    return [*base, *args, "--log-per-head-cr", *t.extra_args]
+    recipe = recipe_flags(t.recipe)
+    return [*base, *recipe, *args, "--log-per-head-cr", *t.extra_args]
 
 
 def zero_out_args(preset: Preset, assets: Assets, model_yaml: Path, megatron_dir: Path, save: Path):
@@ -67,11 +73,25 @@ def zero_out_args(preset: Preset, assets: Assets, model_yaml: Path, megatron_dir
 
 
 def retrofit_args(
-    preset: Preset, assets: Assets, model_yaml: Path, zero_out: Path, save: Path, cr: float
+    preset: Preset,
+    assets: Assets,
+    model_yaml: Path,
+    load: Path,
+    save: Path,
+    cr: float,
+    method: str = "dmc",
 ) -> list[str]:
-    """Stages 2 and 3 from the finished zero_out run (weights, optimizer and progress)."""
-    base = common_args(preset, assets, model_yaml, cr)
-    return [*base, "--dmc-stage", "all", "--load", str(zero_out), "--save", str(save)]
+    """Stages 2 and 3 of one row. With zero_out, from the finished zero_out run at `load`
+    (weights, optimizer and progress); without, from the imported checkpoint at `load`
+    (weights only) at iteration 0."""
+    base = common_args(preset, assets, model_yaml, cr, method)
+    start = [] if preset.uses_zero_out and method == "dmc" else ["--finetune"]
+    return [*base, "--dmc-stage", "all", "--load", str(load), *start, "--save", str(save)]
+
+
+def first_iteration(preset: Preset, method: str) -> int:
+    """The iteration a row's retrofit launch starts after (zero_out's steps, or 0)."""
+    return preset.train.zero_out_iters if preset.uses_zero_out and method == "dmc" else 0
 
 
 def uptrain_args(
@@ -85,7 +105,8 @@ def uptrain_args(
 ) -> list[str]:
     """Plain continued training from an imported checkpoint (weights only) on the DMC run of
     `target_cr`: its steps, tokens per step, seed and data; LR constant, then decaying over
-    the finetune steps. `train.extra_args` pass through except the DMC-only ones."""
+    the finetune steps. The recipe's flags and `train.extra_args` pass through except the
+    DMC-only ones."""
     t = preset.train
     plain = {
         "--dmc-stage": "plain",
@@ -96,7 +117,8 @@ def uptrain_args(
     }
     args = [str(item) for pair in plain.items() for item in pair]
     base = shared_args(preset, assets, model_yaml, tensor_parallel)
-    return [*base, *args, "--finetune", *without_dmc_flags(t.extra_args)]
+    others = without_dmc_flags([*recipe_flags(t.recipe), *t.extra_args])
+    return [*base, *args, "--finetune", *others]
 
 
 def without_dmc_flags(args: list[str]) -> list[str]:

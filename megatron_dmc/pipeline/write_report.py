@@ -7,20 +7,41 @@ import json
 from pathlib import Path
 
 from megatron_dmc.eval.results import ResultRow, load_results
-from megatron_dmc.pipeline import plots, report, report_tasks
+from megatron_dmc.pipeline import plots, report, report_tasks, targets
 from megatron_dmc.pipeline.decode import DecodeResult
 from megatron_dmc.pipeline.decode import load_results as load_decode
-from megatron_dmc.pipeline.layout import RunLayout, cr_tag
+from megatron_dmc.pipeline.layout import RunLayout, row_key
 from megatron_dmc.pipeline.preset import Preset
-from megatron_dmc.pipeline.retrofit import read_metrics
+from megatron_dmc.pipeline.retrofit import first_iteration, read_metrics
 from megatron_dmc.pipeline.steps import read_timings
 from megatron_dmc.pipeline.summary import build_summary, gqa_training_summary, training_summary
 
 
 def training_runs(preset: Preset, layout: RunLayout) -> dict[str, list[dict]]:
-    """{target tag: zero_out records then that target's records}."""
-    zero_out = read_metrics(layout.zero_out_dir)
-    return {cr_tag(cr): zero_out + read_metrics(layout.train_dir(cr)) for cr in preset.target_crs}
+    """{row label: its records}: zero_out's (when that row started from it), then the row's."""
+    runs = {}
+    for label, method, cr in preset.rows():
+        first = read_metrics(layout.zero_out_dir) if first_iteration(preset, method) else []
+        runs[label] = first + read_metrics(layout.train_dir(method, cr))
+    return runs
+
+
+def row_training(preset: Preset, layout: RunLayout, runs: dict[str, list[dict]]) -> list[dict]:
+    """training_summary of every row, with its label, KV method, recipe and wall time (its
+    retrofit step, plus zero_out for a row that started from it)."""
+    seq = preset.train.seq_length * preset.train.global_batch_size
+    timings = read_timings(layout.done_dir)
+    out = []
+    for label, method, cr in preset.rows():
+        cr_map = trained_layer_head_cr(layout.export_dir(method, cr))
+        t = training_summary(runs[label], cr, seq, cr_map)
+        steps = [f"retrofit_{row_key(method, cr)}"]
+        steps += ["zero_out"] if first_iteration(preset, method) else []
+        wall = [timings[s]["wall_s"] for s in steps if s in timings]
+        t |= {"label": label, "method": method, "recipe": preset.train.recipe,
+              "wall_s": sum(wall) if len(wall) == len(steps) else None}  # fmt: skip
+        out.append(t)
+    return out
 
 
 def trained_layer_head_cr(export_dir: Path) -> list[list[float]] | None:
@@ -46,7 +67,7 @@ def make_plots(
     maps = {}
     for t in summary["training"]:
         if t["layer_head_cr"]:
-            maps[f"{cr_tag(t['target_cr'])}: last training step"] = t["layer_head_cr"]
+            maps[f"{t['label']}: last training step"] = t["layer_head_cr"]
     for d in summary["decode"][1:]:
         maps[f"{d['label']}: held-out decode"] = d["cr_per_head_LG"]
     return {
@@ -62,11 +83,7 @@ def make_plots(
 
 def write_report(preset: Preset, layout: RunLayout, command: str) -> Path:
     runs = training_runs(preset, layout)
-    seq = preset.train.seq_length * preset.train.global_batch_size
-    training = [
-        training_summary(runs[cr_tag(cr)], cr, seq, trained_layer_head_cr(layout.export_dir(cr)))
-        for cr in preset.target_crs
-    ]
+    training = row_training(preset, layout, runs)
     decode = load_decode(layout.decode_file)
     rows = load_results(layout.eval_dir / "results.json")
     summary = build_summary(
@@ -82,5 +99,6 @@ def write_report(preset: Preset, layout: RunLayout, command: str) -> Path:
     layout.summary.write_text(json.dumps(summary, indent=2) + "\n")
     layout.report.write_text(report.render(summary, figures, layout.root))
     report_tasks.extend_report(layout)
+    targets.extend_report(layout, summary)
     print(f"   wrote {layout.report}")
     return layout.report

@@ -320,8 +320,8 @@ class DMCArgs:
             self.dmc_ramp_iters = round(STEPS_PER_CR_UNIT * (self.dmc_target_cr - 1.0))
         if self.dmc_retrofit_iters is None:
             self.dmc_retrofit_iters = self.dmc_ramp_iters
-        for name in ("dmc_ramp_iters", "dmc_zero_out_iters", "dmc_zero_out_anneal_iters"):
-            _positive(name, getattr(self, name))
+        _positive("dmc_ramp_iters", self.dmc_ramp_iters)
+        self._check_zero_out_iters()
         _positive("dmc_retrofit_iters", self.dmc_retrofit_iters)
         _positive("dmc_finetune_iters", self.dmc_finetune_iters)
         _positive("dmc_window_size", self.dmc_window_size)
@@ -333,6 +333,16 @@ class DMCArgs:
                 "--dmc-zero-out-anneal-iters must be <= --dmc-zero-out-iters (the channel must "
                 "reach zero before its weight rows are zeroed)"
             )
+
+    def _check_zero_out_iters(self) -> None:
+        """zero_out's lengths must be > 0 where zero_out is in the schedule; without it (heads
+        mode) 0 is allowed and they are not used."""
+        without = self.dmc_decision_source == "heads"
+        for name in ("dmc_zero_out_iters", "dmc_zero_out_anneal_iters"):
+            value = getattr(self, name)
+            if without and value == 0:
+                continue
+            _positive(name, value)
 
     def _check_decision_source(self) -> None:
         if self.dmc_merge_delay < 0:
