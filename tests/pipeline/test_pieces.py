@@ -14,6 +14,7 @@ from megatron_dmc.pipeline.preset import PRESET_DIR
 from megatron_dmc.pipeline.report import reached
 from megatron_dmc.pipeline.retrofit import (
     read_metrics,
+    first_iteration,
     retrofit_args,
     uptrain_args,
     without_dmc_flags,
@@ -52,13 +53,14 @@ def test_preset_refuses_unknown_keys_and_bad_ratios(tmp_path):
 
 
 def test_training_flags_parse_into_the_trainers_config(tmp_path):
-    preset = load_preset("default")
+    preset = load_preset("medium")  # the paper recipe: zero_out, then every DMC row from it
     assets = Assets("hf", "tok", "train_prefix", "held_out_prefix")
     model = tmp_path / "model.yaml"
     first = zero_out_args(preset, assets, model, tmp_path / "meg", tmp_path / "z")
     cfg = parse_args(first)
     assert cfg.dmc.dmc_stage == "zero_out" and cfg.checkpoint.finetune
     assert cfg.batch.seq_length == preset.train.seq_length
+    assert (cfg.optim.adam_eps, cfg.optim.dmc_decision_lr_mult) == (1e-8, 1000.0)
     cfg = parse_args(retrofit_args(preset, assets, model, tmp_path / "z", tmp_path / "r", 2.0))
     ramp = preset.train.ramp_iters(2.0)
     assert cfg.dmc.stages == ("zero_out", "retrofit", "finetune")
@@ -67,6 +69,24 @@ def test_training_flags_parse_into_the_trainers_config(tmp_path):
         ramp + preset.train.hold_iters,
     )
     assert cfg.checkpoint.load == str(tmp_path / "z") and not cfg.checkpoint.finetune
+    assert first_iteration(preset, "dmc") == preset.train.zero_out_iters
+
+
+def test_efficient_rows_start_from_the_import_with_the_same_steps(tmp_path):
+    preset = load_preset("full")
+    assets = Assets("hf", "tok", "train_prefix", "held_out_prefix")
+    assert not preset.uses_zero_out
+    for _, method, cr in preset.rows():
+        argv = retrofit_args(preset, assets, tmp_path / "m.yaml", tmp_path / "meg", tmp_path / "r",
+                             cr, method)  # fmt: skip
+        cfg = parse_args(argv)
+        assert cfg.dmc.kv_method == method and cfg.dmc.stages == ("retrofit", "finetune")
+        assert cfg.checkpoint.finetune and cfg.checkpoint.load == str(tmp_path / "meg")
+        assert cfg.dmc.schedule_iters == preset.train.total_iters(cr)  # zero_out's steps held
+        assert (cfg.dmc.dmc_merge_delay, cfg.retrofit.dmc_trainable) == (64, "dmc-heads")
+        assert first_iteration(preset, method) == 0
+    labels = [label for label, _, _ in preset.rows()]
+    assert labels == ["dmc 2x", "dmc 4x", "dmc 8x", "dms 2x", "dms 4x", "dms 8x"]
 
 
 def test_gqa_uptraining_copies_the_dmc_runs_budget_schedule_and_data(tmp_path):
@@ -86,6 +106,7 @@ def test_gqa_uptraining_copies_the_dmc_runs_budget_schedule_and_data(tmp_path):
     assert vars(plain.batch) == vars(dmc.batch) and vars(plain.data) == vars(dmc.data)
     assert vars(plain.optim) == vars(dmc.optim) | {"dmc_decision_lr_mult": 1.0}
     assert plain.optim.clip_grad == 0.5 and dmc.optim.dmc_decision_lr_mult == 4.0
+    assert plain.optim.adam_eps == 1e-8  # the recipe's, not a DMC flag
     assert without_dmc_flags(["--a", "--dmc-x=1", "--dmc-y", "2", "--b", "3"]) == [
         "--a",
         "--b",
@@ -141,11 +162,14 @@ def test_eval_rows_compare_every_method_at_each_target(tmp_path):
     from megatron_dmc.pipeline.evaluation import eval_jobs
 
     settings = load_preset("full").eval
-    exports = {2.0: tmp_path / "e2", 4.0: tmp_path / "e4"}
+    exports = {("dmc", 2.0): tmp_path / "e2", ("dmc", 4.0): tmp_path / "e4",
+               ("dms", 2.0): tmp_path / "s2"}  # fmt: skip
     jobs = eval_jobs("src", exports, settings, tmp_path / "gqa", 3.0, tmp_path / "up")
-    assert [j.key for j in jobs] == ["vanilla", "dmc_2x", "h2o_2x", "tova_2x", "dmc_4x",
-                                     "h2o_4x", "tova_4x", "gqa_3x", "gqa_uptrained_3x"]  # fmt: skip
+    assert [j.key for j in jobs] == ["vanilla", "dmc_2x", "dms_2x", "h2o_2x", "tova_2x",
+                                     "dmc_4x", "h2o_4x", "tova_4x", "gqa_3x",
+                                     "gqa_uptrained_3x"]  # fmt: skip
     assert {j.model_dir for j in jobs if j.method in ("h2o", "tova")} == {"src"}
+    assert [(j.label, j.method) for j in jobs[1:3]] == [("dmc", "dmc"), ("dms", "dmc")]
     assert [(j.label, j.model_dir) for j in jobs[-2:]] == [
         ("gqa-pooled", str(tmp_path / "gqa")),
         ("gqa-uptrained", str(tmp_path / "up")),
