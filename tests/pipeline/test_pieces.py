@@ -13,8 +13,8 @@ from megatron_dmc.pipeline.plots import running_mean
 from megatron_dmc.pipeline.preset import PRESET_DIR
 from megatron_dmc.pipeline.report import reached
 from megatron_dmc.pipeline.retrofit import (
-    read_metrics,
     first_iteration,
+    read_metrics,
     retrofit_args,
     uptrain_args,
     without_dmc_flags,

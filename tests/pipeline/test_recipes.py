@@ -29,7 +29,7 @@ def test_recipes_are_train_configs_with_the_documented_settings():
     assert (eff.dmc.dmc_decision_source, eff.dmc.dmc_merge_delay) == ("heads", 64)
     assert (eff.retrofit.dmc_distill_weight, eff.retrofit.dmc_lm_loss_weight) == (1.0, 0.0)
     assert eff.retrofit.dmc_trainable == "dmc-heads" and eff.dmc.stages == ("retrofit", "finetune")
-    assert parse_args(recipe_flags("efficient") + [*BASE]) == eff
+    assert parse_args([*recipe_flags("efficient"), *BASE]) == eff
 
 
 def test_extra_args_win_over_the_recipe_and_bad_ones_are_refused():
@@ -55,10 +55,12 @@ def test_presets_refuse_rows_they_cannot_train(tmp_path):
     with pytest.raises(ValueError, match="dms, which needs decision heads"):
         load_preset(str(bad))
     bad.write_text("train: {seq_length: 256}\ntarget_crs: [4.0]\n")
-    with pytest.raises(ValueError, match="merge delay 64 at train.seq_length 256 cannot reach 4x"):
+    with pytest.raises(
+        ValueError, match=r"merge delay 64 at train\.seq_length 256 cannot reach 4x"
+    ):
         load_preset(str(bad))
     bad.write_text("train: {methods: [gqa]}\n")
-    with pytest.raises(ValueError, match="train.methods"):
+    with pytest.raises(ValueError, match=r"train\.methods"):
         load_preset(str(bad))
     bad.write_text("rise_targets: {dmc 4x: 8}\n")
     with pytest.raises(ValueError, match="does not train"):
@@ -130,7 +132,7 @@ def test_ablation_variants_compose_deltas_on_the_paper_recipe():
     values = lora.recipe_values()
     assert (values["dmc_trainable"], values["dmc_merge_delay"]) == ("lora", 16)
     assert not lora.uses_zero_out and lora.train.total_iters(2.0) == paper.train.total_iters(2.0)
-    with pytest.raises(ValueError, match="variant 'frozen'.*decision heads"):
+    with pytest.raises(ValueError, match=r"variant 'frozen'.*decision heads"):
         variant_preset(tiny, "frozen", [2.0])
     with pytest.raises(ValueError, match="unknown part 'delay'"):
         variant_flags("heads+delay")
@@ -144,5 +146,7 @@ def test_ablation_table_has_a_row_per_variant_and_target():
              "rise": {"ppl_continuation": 10.0}} for v in ("paper", "heads") for cr in (2.0, 4.0)]  # fmt: skip
     text = ablation_markdown({"preset": "tiny", "command": "cmd", "rows": rows})
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(lines) == 5 and lines[2].startswith("| paper | 4x | 640 | 12 | 3.900 | 11.00 (+10.0%)")
+    assert len(lines) == 5 and lines[2].startswith(
+        "| paper | 4x | 640 | 12 | 3.900 | 11.00 (+10.0%)"
+    )
     assert dataclasses.is_dataclass(load_preset("tiny"))
