@@ -1,6 +1,7 @@
-"""The main job end to end on the tiny preset: every step runs (training under torchrun
-with two tensor-parallel ranks, GQA uptraining with one), report.md holds real numbers and
-valid plots, and a re-run skips every finished step."""
+"""The main job end to end on the tiny preset: every step runs (the efficient recipe's DMC
+and DMS rows under torchrun with two tensor-parallel ranks, GQA uptraining with one),
+report.md holds real numbers, valid plots and the trained rows' table, and a re-run skips
+every finished step."""
 
 from __future__ import annotations
 
@@ -49,13 +50,14 @@ def job(tmp_path_factory) -> tuple[Path, str]:
 def test_report_tables_parse_with_finite_numbers(job):
     out, _ = job
     tables = markdown_tables((out / "report.md").read_text())
-    assert len(tables) == 6  # training, ppl (today's, matched), tasks, decoding, step times
+    assert len(tables) == 7  # training, ppl (today's, matched), tasks, decoding, step times,
+    # trained rows
     for table in tables:
         assert len(table) >= 2 and all(len(row) == len(table[0]) for row in table)
     numbers = [float(c.rstrip("x%")) for t in tables for r in t[1:] for c in r[1:]
                if re.fullmatch(r"[+-]?\d+(\.\d+)?[x%]?", c)]  # fmt: skip
     assert len(numbers) > 40 and all(math.isfinite(n) for n in numbers)
-    methods = ["vanilla", "dmc", "h2o", "tova", "gqa-pooled", "gqa-uptrained"]
+    methods = ["vanilla", "dmc", "dms", "h2o", "tova", "gqa-pooled", "gqa-uptrained"]
     for today_or_matched in tables[1:3]:
         assert [row[0] for row in today_or_matched[1:]] == methods
         header, *rows = today_or_matched
@@ -89,10 +91,11 @@ def test_matched_protocol_holds_h2o_to_the_budget_and_leads_the_goals(job):
 def test_report_cr_is_the_last_training_record(job):
     out, _ = job
     records = [
-        json.loads(line) for line in (out / "train/2x/metrics.jsonl").read_text().splitlines()
+        json.loads(line) for line in (out / "train/dmc_2x/metrics.jsonl").read_text().splitlines()
     ]
     last = records[-1]
-    assert last["stage"] == "finetune" and last["iteration"] == 3 + 4 + 1 + 2
+    # the efficient recipe: no zero_out, its 3 steps held at the target (same budget)
+    assert last["stage"] == "finetune" and last["iteration"] == 4 + (1 + 3) + 2
     training = markdown_tables((out / "report.md").read_text())[0]
     row = dict(zip(training[0], training[1]))
     assert float(row["final achieved CR"]) == pytest.approx(last["achieved_cr"], abs=5e-5)
@@ -115,11 +118,13 @@ def test_plots_are_png_files(job):
 
 def test_export_is_a_dmc_model_and_decode_measured_it(job):
     out, _ = job
-    config = json.loads((out / "export/2x/config.json").read_text())
+    config = json.loads((out / "export/dmc_2x/config.json").read_text())
     assert config["model_type"] == "llama_dmc" and config["dmc_compression_ratio"] == 2.0
     assert config["eos_token_id"] is not None
     decode = json.loads((out / "decode/decode.json").read_text())
-    assert [d["label"] for d in decode] == ["vanilla", "dmc 2x"]
+    assert [d["label"] for d in decode] == ["vanilla", "dmc 2x", "dms 2x"]
+    dms = json.loads((out / "export/dms_2x/config.json").read_text())
+    assert dms["dmc_kv_method"] == "dms" and dms["dmc_merge_delay"] == 8
     assert all(d["tokens_per_s"] > 0 and d["kv_allocated_bytes"] > 0 for d in decode)
 
 
@@ -129,7 +134,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def test_gqa_uptraining_follows_the_dmc_run_and_exports_a_plain_llama(job):
     out, _ = job
-    dmc = _records(out / "train/zero_out") + _records(out / "train/2x")
+    dmc = _records(out / "train/dmc_2x")
     gqa = _records(out / "train/gqa")
     assert [r["iteration"] for r in gqa] == [r["iteration"] for r in dmc] == list(range(1, 11))
     assert {r["stage"] for r in gqa} == {"plain"}
@@ -147,7 +152,7 @@ def test_rerun_skips_every_finished_step(job, capsys):
     out, _ = job
     before = (out / "report.md").stat().st_mtime
     assert demo.main(["--preset", "tiny", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 12
+    assert capsys.readouterr().out.count("done before, skipped") == 13
     assert (out / "report.md").stat().st_mtime == before
 
 
