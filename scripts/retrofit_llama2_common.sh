@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Shared launcher of scripts/retrofit_llama2_{7b,13b,70b}.sh (not run directly): one
 # torchrun per node, the recipe's configs/retrofit/$RECIPE.yaml, paths from the
-# environment. Extra arguments are passed to megatron_dmc.train and win over the YAML.
+# environment; a leading `--recipe efficient` picks configs/retrofit/${RECIPE}_efficient.yaml.
+# Other arguments are passed to megatron_dmc.train and win over the YAML.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
     cat >&2 <<USAGE
-usage: DATA_PATH=... TOKENIZER_MODEL=... LOAD=... SAVE=... scripts/$RECIPE_SCRIPT [flags]
+usage: DATA_PATH=... TOKENIZER_MODEL=... LOAD=... SAVE=... scripts/$RECIPE_SCRIPT
+           [--recipe paper|efficient] [flags]
+
+--recipe paper (default): configs/retrofit/$RECIPE.yaml, the paper's recipe.
+--recipe efficient: configs/retrofit/${RECIPE}_efficient.yaml (decision heads, merge delay
+  64, distillation from the model with compression off, only the heads train).
 
 Run on every node (same command, its own NODE_RANK):
   DATA_PATH        prefix of the indexed dataset (PREFIX.bin/.idx from
@@ -23,6 +29,16 @@ Run on every node (same command, its own NODE_RANK):
 USAGE
     exit 2
 }
+
+config="configs/retrofit/$RECIPE.yaml"
+if [[ "${1:-}" == "--recipe" || "${1:-}" == --recipe=* ]]; then
+    if [[ "$1" == --recipe=* ]]; then choice=${1#--recipe=}; shift; else choice=${2:-}; shift 2 || shift; fi
+    case "$choice" in
+        paper) ;;
+        efficient) config="configs/retrofit/${RECIPE}_efficient.yaml" ;;
+        *) echo "error: --recipe takes paper or efficient; got '$choice'" >&2; usage ;;
+    esac
+fi
 
 missing=()
 for name in DATA_PATH TOKENIZER_MODEL LOAD SAVE; do
@@ -55,7 +71,7 @@ exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     -m megatron_dmc.train \
-    --config "configs/retrofit/$RECIPE.yaml" \
+    --config "$config" \
     --data-path "$DATA_PATH" \
     "${valid[@]}" \
     --tokenizer-model "$TOKENIZER_MODEL" \

@@ -150,3 +150,40 @@ def test_ablation_table_has_a_row_per_variant_and_target():
         "| paper | 4x | 640 | 12 | 3.900 | 11.00 (+10.0%)"
     )
     assert dataclasses.is_dataclass(load_preset("tiny"))
+
+
+LLAMA_LAYOUTS = {"7b": (4, 1), "13b": (8, 1), "70b": (8, 4)}
+
+
+@pytest.mark.parametrize("size", sorted(LLAMA_LAYOUTS))
+def test_llama_efficient_recipes_pass_the_trainers_checks(size, monkeypatch):
+    import os
+    import subprocess
+
+    from megatron_dmc.model import config as model_config
+    from megatron_dmc.training import validate
+
+    root = RECIPES.parents[1]
+    env = {"PATH": os.environ["PATH"], "PYTHON": "echo", "DATA_PATH": "/d", "LOAD": "/ck",
+           "TOKENIZER_MODEL": "/t.model", "SAVE": "/run", "NNODES": "4"}  # fmt: skip
+    script = root / "scripts" / f"retrofit_llama2_{size}.sh"
+    done = subprocess.run([str(script), "--recipe", "efficient", "--train-iters", "7"], env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    argv = done.stdout.split(" -m megatron_dmc.train ")[1].split()
+    assert argv[argv.index("--config") + 1] == f"configs/retrofit/llama2_{size}_efficient.yaml"
+    argv[argv.index("--config") + 1] = str(root / argv[argv.index("--config") + 1])
+    cfg = parse_args(argv)
+    paper = parse_args(["--config", str(root / f"configs/retrofit/llama2_{size}.yaml"),
+                        "--mock-data"])  # fmt: skip
+    assert (cfg.dmc.dmc_decision_source, cfg.dmc.dmc_merge_delay) == ("heads", 64)
+    assert (cfg.retrofit.dmc_distill_weight, cfg.retrofit.dmc_lm_loss_weight) == (1.0, 0.0)
+    assert cfg.retrofit.dmc_trainable == "dmc-heads" and cfg.dmc.stages == ("retrofit", "finetune")
+    assert vars(cfg.optim) == vars(paper.optim) and vars(cfg.parallel) == vars(paper.parallel)
+    monkeypatch.setattr(validate, "cuda_available", lambda: True)  # a GPU cluster's checks
+    monkeypatch.setattr(model_config, "cuda_available", lambda: True)
+    monkeypatch.setattr(validate, "_check_files", lambda cfg: None)
+    validate.validate(cfg, world_size=32)
+    bad = subprocess.run([str(script), "--recipe", "fast"], env=env, capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "--recipe takes paper or efficient" in bad.stderr
