@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_dmc.cli_errors import Parser, run
 from megatron_dmc.pipeline import Job, load_preset
+from megatron_dmc.pipeline.layout import default_out
 from megatron_dmc.pipeline.preset import Preset
 from megatron_dmc.pipeline.recipes import effective_values
 
@@ -48,11 +49,6 @@ def _demo(argv: list[str]) -> int:
     report = Job(preset, out, args.cache_dir).run(args.force, tuple(args.redo), command)
     print(f"\nreport: {report}")
     return 0
-
-
-def default_out(preset_name: str) -> Path:
-    """outputs/demo for the default preset, else outputs/<preset>."""
-    return Path("outputs") / ("demo" if preset_name == "default" else preset_name)
 
 
 def with_recipe(preset: Preset, recipe: str) -> Preset:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from megatron_dmc.cli_errors import Parser, run
 from megatron_dmc.pipeline.goals import PROTOCOLS, ppl_change
-from megatron_dmc.pipeline.layout import RunLayout, cr_tag
+from megatron_dmc.pipeline.layout import RunLayout, cr_tag, default_out
 from megatron_dmc.pipeline.preset import Preset, load_preset
 
 DELTAS = {
@@ -169,8 +169,7 @@ def _ablation(argv: list[str]) -> int:
     except ValueError as error:
         raise ValueError(f"--targets takes ratios like 2,4; got {args.targets!r}") from error
     variants = [v for v in args.variants.split(",") if v]
-    out = args.out or Path("outputs") / ("demo" if base.name == "default" else base.name)
-    out = args.out or RunLayout(out).ablation_dir
+    out = args.out or RunLayout(default_out(base.name)).ablation_dir
     command = shlex.join(["python", "-m", "megatron_dmc.pipeline.ablation", *argv])
     print(f"\nablation: {run_ablation(base, variants, targets, out, args.cache_dir, command)}")
     return 0

@@ -11,6 +11,12 @@ def cr_tag(target_cr: float) -> str:
     return f"{target_cr:g}x"
 
 
+def default_out(preset_name: str) -> Path:
+    """The main job's default output directory: outputs/demo for the default preset, else
+    outputs/<preset>."""
+    return Path("outputs") / ("demo" if preset_name == "default" else preset_name)
+
+
 def row_key(method: str, target_cr: float) -> str:
     """`dmc_2x`, `dms_4x`: a trained row's name in paths, step names and eval files."""
     return f"{method}_{cr_tag(target_cr)}"
