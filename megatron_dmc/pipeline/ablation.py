@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from megatron_dmc.cli_errors import Parser, run
-from megatron_dmc.pipeline.goals import PROTOCOLS, ppl_change
+from megatron_dmc.pipeline.goals import ppl_change
 from megatron_dmc.pipeline.layout import RunLayout, cr_tag, default_out
 from megatron_dmc.pipeline.preset import Preset, load_preset
 
@@ -39,6 +39,13 @@ DELTAS = {
 """Flags each name adds to the paper recipe (`delayN` adds --dmc-merge-delay N)."""
 DEFAULT_VARIANTS = ("paper,heads,heads+distill,heads+distill+frozen,heads+distill+frozen+delay16,"
                     "heads+distill+frozen+delay64,lora+distill+delay64")  # fmt: skip
+SHORT = {
+    "ppl_matched_continuation": "matched continuation",
+    "ppl_matched_strided": "matched whole-sequence",
+    "ppl_continuation": "continuation",
+    "ppl_strided": "whole-sequence",
+}
+"""Column names of the protocols (goals.PROTOCOLS names them in full)."""
 STEPS = re.compile(r"assets|import|zero_out|retrofit_.*|export_.*|eval")
 """The main job's steps an ablation variant runs."""
 
@@ -100,7 +107,7 @@ def variant_rows(preset: Preset, layout: RunLayout, variant: str) -> list[dict]:
     for t in row_training(preset, layout, training_runs(preset, layout)):
         cr = t["target_cr"]
         dmc = next(r for r in results if r["method"] == "dmc" and r["compression_ratio"] == cr)
-        ppl = {key: dmc.get(key) for key, _ in PROTOCOLS if dmc.get(key) is not None}
+        ppl = {key: dmc.get(key) for key in SHORT if dmc.get(key) is not None}
         rise = {key: ppl_change(summary, "dmc", cr, key) for key in ppl}
         rows.append({"variant": variant, "target_cr": cr, "steps": t["steps"],
                      "tokens": t["tokens"], "wall_s": t["wall_s"],
@@ -113,9 +120,9 @@ def ablation_markdown(data: dict) -> str:
     """The ablation table: a row per variant and target."""
     from megatron_dmc.pipeline.report import table
 
-    keys = [(k, n) for k, n in PROTOCOLS if any(k in r["ppl"] for r in data["rows"])]
+    keys = [(k, n) for k, n in SHORT.items() if any(k in r["ppl"] for r in data["rows"])]
     header = ["variant", "target", "tokens", "wall s", "achieved CR"]
-    header += [f"{name}: ppl (rise)" for _, name in keys]
+    header += [f"{name} ppl (rise)" for _, name in keys]
     rows = []
     for r in data["rows"]:
         cells = [r["variant"], cr_tag(r["target_cr"]), str(r["tokens"]),
