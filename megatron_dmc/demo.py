@@ -13,13 +13,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from megatron_dmc.cli_errors import Parser, run
 from megatron_dmc.pipeline import Job, load_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_dmc.demo", description=__doc__.split("\n\n")[1]
-    )
+    parser = Parser(prog="python -m megatron_dmc.demo", description=__doc__.split("\n\n")[1])
     parser.add_argument("--preset", default="default", help="default, tiny, full, or a YAML path")
     parser.add_argument("--out", type=Path, help="output directory (default: outputs/<preset>)")
     parser.add_argument("--force", action="store_true", help="redo every step")
@@ -31,20 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _demo(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        preset = load_preset(args.preset)
-        out = args.out or Path("outputs") / ("demo" if preset.name == "default" else preset.name)
-        command = shlex.join(
-            ["python", "-m", "megatron_dmc.demo", *(sys.argv[1:] if argv is None else argv)]
-        )
-        report = Job(preset, out, args.cache_dir).run(args.force, tuple(args.redo), command)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    preset = load_preset(args.preset)
+    out = args.out or Path("outputs") / ("demo" if preset.name == "default" else preset.name)
+    command = shlex.join(["python", "-m", "megatron_dmc.demo", *argv])
+    report = Job(preset, out, args.cache_dir).run(args.force, tuple(args.redo), command)
     print(f"\nreport: {report}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 refused (one line on stderr), 1 stopped by NaN/inf."""
+    return run(_demo, argv)
 
 
 if __name__ == "__main__":

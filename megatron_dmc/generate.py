@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+from megatron_dmc.cli_errors import Parser, run
 from megatron_dmc.convert.llama_config import DTYPES
+from megatron_dmc.finite import check_finite_weights
 from megatron_dmc.inference.decisions import forced_rate_label
 from megatron_dmc.inference.generation import generate
 from megatron_dmc.inference.loading import MODES, load_megatron_checkpoint, load_model
@@ -21,7 +24,7 @@ from megatron_dmc.inference.sampling import SamplingConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="HF directory: a DMC export or a plain Llama")
     src.add_argument("--megatron-checkpoint", help="Megatron checkpoint dir (exported on the fly)")
@@ -41,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="KV budget in pages (default: never runs out)")
     p.add_argument("--chunk-size", type=int, help="prefill chunk length (default: whole prompt)")
-    p.add_argument("--backend", default="padded", help="decode attention: padded, reference, ...")
+    p.add_argument(
+        "--backend",
+        default="paged",
+        help="decode attention: paged (default), blocked, padded, reference, triton, flash",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's dtype")
     return p.parse_args(argv)
 
@@ -67,11 +74,26 @@ def _eos_ids(args: argparse.Namespace, tokenizer) -> tuple[int, ...]:
     return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refuse bad sizes before loading anything."""
+    for flag in ("max_new_tokens", "page_size", "num_pages", "chunk_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be >= 1; got {value}"
+                + (" (omit it for a budget that never runs out)" if flag == "num_pages" else "")
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Raises on a refusal; `python -m` turns that into one line, exit 2."""
     args = parse_args(argv)
+    _check(args)
     dtype = DTYPES[args.dtype] if args.dtype else None
+    source = args.model_dir or args.megatron_checkpoint
     loader = load_model if args.model_dir else load_megatron_checkpoint
-    model = loader(args.model_dir or args.megatron_checkpoint, args.mode, args.forced_cr, dtype)
+    model = loader(source, args.mode, args.forced_cr, dtype)
+    check_finite_weights(model.state_dict().items(), source)
     tokenizer = _tokenizer(args)
     prompts = [[int(t) for t in ids.split(",")] for ids in args.token_ids]
     if args.prompt:
@@ -113,4 +135,4 @@ def _summary(model, result) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

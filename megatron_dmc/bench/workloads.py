@@ -94,7 +94,7 @@ def run_decode(
     batch: int,
     context: int,
     num_pages: int | None = None,
-    backend: str = "padded",
+    backend: str = "paged",
 ) -> DecodeRun:
     """Prefill `batch` random prompts of `context` tokens, then time greedy decode steps."""
     model = with_mode(model, cr)
@@ -163,3 +163,50 @@ def parallel_prefill_s(model: LlamaForInference, preset: Preset, cr: Mode, lengt
         lambda: model.prefill(tokens_BT, lengths_B, cache, seq_B, preset.prefill_chunk),
         preset.device,
     )[1]
+
+
+def smollm2_model(dtype: torch.dtype = torch.float32) -> LlamaForInference:
+    """SmolLM2-135M with its real weights from the asset cache, vanilla mode."""
+    from megatron_dmc.assets.smollm2 import smollm2_hf_dir
+    from megatron_dmc.inference.loading import load_model
+
+    return load_model(smollm2_hf_dir(verbose=False), mode="vanilla", dtype=dtype)
+
+
+@dataclass
+class FilledDecode:
+    """A batch whose cache holds `context` tokens per sequence, ready for greedy steps."""
+
+    model: LlamaForInference
+    cache: PagedKVCache
+    seq_ids_B: torch.Tensor
+    next_B: torch.Tensor
+
+    def step(self, backend: str = "paged") -> None:
+        self.next_B = self.model.decode(self.next_B, self.cache, self.seq_ids_B, backend).argmax(-1)
+
+
+def filled_decode(
+    model: LlamaForInference,
+    batch: int,
+    context: int,
+    steps: int,
+    num_pages: int | None = None,
+    page_size: int = 16,
+    chunk: int = 512,
+    prompt_B: torch.Tensor | None = None,
+) -> FilledDecode:
+    """Prefill one prompt of `context` tokens (random, or `prompt_B`'s first row), copy its
+    cache to all `batch` rows, leaving room for `steps` decode steps."""
+    from megatron_dmc.bench.fill import replicate_first
+
+    total = context + steps + 1
+    pages = num_pages or default_num_pages(model, batch, total, page_size)
+    cache = PagedKVCache(model.cache_config(pages, batch, total, page_size=page_size))
+    seq_B = cache.add_sequences(batch)
+    if prompt_B is None:
+        gen = torch.Generator().manual_seed(1)
+        prompt_B = torch.randint(0, model.shape.vocab_size, (1, context), generator=gen)
+    logits_BV = model.prefill(prompt_B[:1], torch.tensor([context]), cache, seq_B[:1], chunk)
+    replicate_first(cache, seq_B)
+    return FilledDecode(model, cache, seq_B, logits_BV.argmax(-1).expand(batch).clone())

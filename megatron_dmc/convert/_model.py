@@ -7,6 +7,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.ops import DMCConfig
 
 
 def model_config_from_shape(shape: LlamaShape) -> ModelConfig:
@@ -25,7 +26,9 @@ def model_config_from_shape(shape: LlamaShape) -> ModelConfig:
     )
 
 
-def shape_from_model_config(config: ModelConfig, dtype: str = "float32") -> LlamaShape:
+def shape_from_model_config(
+    config: ModelConfig, dtype: str = "float32", decision_heads: bool = False
+) -> LlamaShape:
     """The converter's view of a ModelConfig (for checkpoint_metadata of trained models)."""
     return LlamaShape(
         vocab_size=config.vocab_size,
@@ -40,14 +43,14 @@ def shape_from_model_config(config: ModelConfig, dtype: str = "float32") -> Llam
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_embeddings,
         dtype=dtype,
+        dmc_decision_heads=decision_heads,
     )
 
 
 def build_gpt_model(shape: LlamaShape) -> GPTModel:
-    """The vanilla model at the current TP/PP, weights in shape.dtype.
-
-    DMC attention has the same state-dict keys, so conversions never need it.
-    """
+    """The vanilla model at the current TP/PP, weights in shape.dtype; a DMC model with
+    decision heads when the shape has them (channel-mode DMC attention has exactly the
+    vanilla state-dict keys)."""
     config = model_config_from_shape(shape)
     transformer_config = config.to_transformer_config(
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -55,4 +58,7 @@ def build_gpt_model(shape: LlamaShape) -> GPTModel:
         params_dtype=shape.torch_dtype,
         perform_initialization=False,  # every weight is overwritten by the conversion
     )
+    if shape.dmc_decision_heads:
+        heads = DMCConfig(decision_source="heads")
+        return build_model(config, "dmc", heads, transformer_config=transformer_config)
     return build_model(config, "vanilla", transformer_config=transformer_config)

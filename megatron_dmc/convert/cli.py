@@ -6,6 +6,7 @@ import argparse
 import re
 from collections.abc import Sequence
 
+from megatron_dmc.cli_errors import Parser
 from megatron_dmc.convert import commands
 from megatron_dmc.convert.hf_export import DEFAULT_MAX_SHARD_BYTES
 
@@ -41,7 +42,7 @@ def _shard_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__)
+    parser = Parser(prog="convert_checkpoint.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import-hf", help="HF Llama directory -> Megatron torch_dist at TP/PP")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Raises on a refusal; tools/convert_checkpoint.py turns that into one line, exit 2."""
     args = build_parser().parse_args(argv)
     tp_pp = (
         getattr(args, "tensor_model_parallel_size", 1),

@@ -29,6 +29,8 @@ from megatron_dmc.convert.megatron_io import (
 )
 from megatron_dmc.convert.release import ReleaseCheckpoint
 from megatron_dmc.convert.writer import check_parallel_sizes, run_on_ranks, write_megatron
+from megatron_dmc.finite import check_finite_weights
+from megatron_dmc.training.damage import checked_iteration_dir
 
 
 def import_hf(
@@ -95,12 +97,13 @@ def export_hf(
     training run that did not store it; a llama_dmc config also gives the DMC fields.
     """
     check_new_directory(hf_dir)
+    checked_iteration_dir(load_dir)
     config = json.loads(Path(hf_config).read_text()) if hf_config else None
     shape = llama_shape_from_hf(config) if config else None
     with MegatronCheckpoint(load_dir, shape) as ckpt:
         dmc_meta = dmc_fields_from_hf(config) if config else ckpt.metadata.get("dmc")
         return write_hf_model(
-            ckpt,
+            FiniteSource(ckpt, load_dir),
             hf_dir,
             base_config=config or ckpt.metadata.get("hf_config"),
             dmc=dmc_meta,
@@ -108,6 +111,19 @@ def export_hf(
             assets_from=assets_from or Path(load_dir) / ASSETS_DIR,
             max_shard_bytes=max_shard_bytes,
         )
+
+
+class FiniteSource:
+    """A TensorSource that refuses NaN/inf weights as they are read (nothing is written:
+    the export directory appears only when every tensor was finite)."""
+
+    def __init__(self, source: Any, where: str | Path) -> None:
+        self.source, self.where, self.shape = source, where, source.shape
+
+    def read(self, group: Any) -> dict[str, torch.Tensor]:
+        tensors = self.source.read(group)
+        check_finite_weights(tensors.items(), self.where)
+        return tensors
 
 
 def roundtrip(

@@ -1,6 +1,7 @@
 """The DMC side of an HF export: config fields and the modeling code shipped alongside.
 
 Field names follow the reference release's flags (dmc_window_size, dmc_init_val, ...);
+dmc_decision_source and dmc_merge_delay are DMCConfig's fields with the dmc_ prefix;
 the transformers classes live in megatron_dmc/hf/ and are copied into the export so that
 `from_pretrained(dir, trust_remote_code=True)` works offline.
 """
@@ -23,6 +24,8 @@ DMC_DEFAULTS: dict[str, Any] = {
     "init_val": 5.0,
     "compression_ratio": None,
     "layer_head_cr": None,
+    "decision_source": "channel",
+    "merge_delay": 0,
 }
 """Metadata fields (checkpoint_metadata(dmc=...)) and their release defaults."""
 
@@ -53,6 +56,8 @@ def dmc_hf_config(plain_config: dict[str, Any], dmc: dict[str, Any] | None) -> d
         dmc_init_val=fields["init_val"],
         dmc_decision_channel=-1,
         dmc_compression_ratio=fields["compression_ratio"],
+        dmc_decision_source=fields["decision_source"],
+        dmc_merge_delay=fields["merge_delay"],
         auto_map={
             "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_MODULE}.{DMC_ARCHITECTURE}",

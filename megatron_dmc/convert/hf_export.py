@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from megatron_dmc.convert.dmc_export import copy_modeling_files, dmc_hf_config
+from megatron_dmc.convert.dmc_export import copy_modeling_files, dmc_fields, dmc_hf_config
 from megatron_dmc.convert.hf_io import (
     ShardedSafetensorsWriter,
     copy_assets,
@@ -39,6 +39,17 @@ def write_hf_model(
     becomes a llama_dmc config carrying `dmc` and the modeling files are copied in.
     """
     shape = source.shape
+    if shape.dmc_decision_heads and not export_dmc:
+        raise ValueError(
+            "this model has DMC decision heads: it exports only as a DMC Llama (the heads "
+            "decide its compression); export it with DMC on"
+        )
+    if export_dmc and (dmc_fields(dmc)["decision_source"] == "heads") != shape.dmc_decision_heads:
+        raise ValueError(
+            f"the DMC metadata says decision_source={dmc_fields(dmc)['decision_source']!r} "
+            f"but the checkpoint {'has' if shape.dmc_decision_heads else 'has no'} decision "
+            "heads; fix the metadata (or the --hf-config given)"
+        )
     config = hf_config_from_shape(shape, base_config)
     if export_dmc:
         config = dmc_hf_config(config, dmc)

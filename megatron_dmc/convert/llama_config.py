@@ -44,6 +44,9 @@ class LlamaShape:
     tie_word_embeddings: bool = False
     dtype: str = "float32"
     """Storage dtype of the weights ("float32", "bfloat16" or "float16")."""
+    dmc_decision_heads: bool = False
+    """The model carries DMC decision heads (decision_source "heads"): one more tensor per
+    layer, `self_attn.dmc_decision_proj.weight` [2 * KV heads, hidden]."""
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -74,8 +77,11 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """config.json of an HF model directory, as a plain dict."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path} not found: --hf-dir must be a Hugging Face model directory")
-    return json.loads(path.read_text())
+        raise ValueError(f"{path} not found: {hf_dir} is not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
 def llama_shape_from_hf(config: dict[str, Any]) -> LlamaShape:
@@ -96,7 +102,19 @@ def llama_shape_from_hf(config: dict[str, Any]) -> LlamaShape:
         max_position_embeddings=config.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         dtype=_dtype_name(config),
+        dmc_decision_heads=_decision_heads(config),
     )
+
+
+def _decision_heads(config: dict[str, Any]) -> bool:
+    if config.get("model_type") != "llama_dmc":
+        return False
+    source = config.get("dmc_decision_source", "channel")
+    if source not in ("channel", "heads"):
+        raise ValueError(
+            f"config.json dmc_decision_source={source!r}: expected 'channel' or 'heads'"
+        )
+    return source == "heads"
 
 
 def _check_convertible(config: dict[str, Any]) -> None:

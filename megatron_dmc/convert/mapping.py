@@ -7,7 +7,10 @@ global layer index.
 
 Fused layouts (verified against megatron-core 0.16.1):
 - linear_qkv rows, per KV group g: [q heads of g (q_per_group * D), k_g (D), v_g (D)];
-- linear_fc1 rows: [gate (F), up (F)].
+- linear_fc1 rows: [gate (F), up (F)];
+- DMC decision heads (models with `dmc_decision_heads` only): Megatron [2, G, H] (split
+  along axis 1 with the KV heads), HF `self_attn.dmc_decision_proj.weight` [2G, H]; rows
+  0..G-1 the alpha logits of KV heads 0..G-1, rows G..2G-1 their omega logits.
 Both HF and Megatron rotate-half RoPE over the same channel order, so no permutation.
 
 Legend: H hidden, D head_dim, G KV groups, Q query heads per group, F ffn width.
@@ -23,7 +26,7 @@ import torch
 
 from megatron_dmc.convert.llama_config import LlamaShape
 
-COPY, QKV, GATE_UP = "copy", "qkv", "gate_up"
+COPY, QKV, GATE_UP, HEADS = "copy", "qkv", "gate_up", "heads"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Rule:
     tp_axis: int | None = None
     """Axis Megatron splits across tensor-parallel ranks (None: replicated)."""
     untied_only: bool = False
+    heads_only: bool = False
+    """Present only in models with DMC decision heads."""
 
     @property
     def per_layer(self) -> bool:
@@ -76,6 +81,13 @@ RULES: tuple[Rule, ...] = (
         tp_axis=0,
     ),
     Rule(_D + "mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), tp_axis=1),
+    Rule(
+        _D + "self_attention.dmc_decision_proj.weight",
+        (_L + "self_attn.dmc_decision_proj.weight",),
+        fuse=HEADS,
+        tp_axis=1,
+        heads_only=True,
+    ),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), tp_axis=0, untied_only=True),
 )
@@ -106,13 +118,19 @@ class Entry:
 
 def entries(shape: LlamaShape, layers: Sequence[int] | None = None) -> Iterator[Entry]:
     """All tensors of the model in HF file order: embedding, layers, final norm, head."""
-    rules = [r for r in RULES if not (r.untied_only and shape.tie_word_embeddings)]
+    rules = [r for r in RULES if _present(r, shape)]
     head = list(itertools.takewhile(lambda r: not r.per_layer, rules))
     tail = [r for r in rules[len(head) :] if not r.per_layer]
     yield from (Entry(r, None) for r in head)
     for layer in range(shape.num_hidden_layers) if layers is None else layers:
         yield from (Entry(r, layer) for r in rules if r.per_layer)
     yield from (Entry(r, None) for r in tail)
+
+
+def _present(rule: Rule, shape: LlamaShape) -> bool:
+    if rule.untied_only and shape.tie_word_embeddings:
+        return False
+    return shape.dmc_decision_heads or not rule.heads_only
 
 
 def hf_shapes(entry: Entry, shape: LlamaShape) -> tuple[tuple[int, ...], ...]:
@@ -131,6 +149,7 @@ def hf_shapes(entry: Entry, shape: LlamaShape) -> tuple[tuple[int, ...], ...]:
         "gate_proj": (f, h),
         "up_proj": (f, h),
         "down_proj": (h, f),
+        "dmc_decision_proj": (2 * shape.num_key_value_heads, h),
     }
     return tuple(by_name[name.split(".")[-2]] for name in entry.hf)
 
@@ -140,6 +159,8 @@ def megatron_shape(entry: Entry, shape: LlamaShape) -> tuple[int, ...]:
     parts = hf_shapes(entry, shape)
     if entry.rule.fuse == COPY:
         return parts[0]
+    if entry.rule.fuse == HEADS:
+        return (2, shape.num_key_value_heads, shape.hidden_size)
     return (sum(p[0] for p in parts), parts[0][1])
 
 
@@ -149,6 +170,8 @@ def to_megatron(
     """Fuse the HF tensors of `entry` into its Megatron tensor."""
     if entry.rule.fuse == COPY:
         return hf_tensors[0]
+    if entry.rule.fuse == HEADS:
+        return hf_tensors[0].reshape(megatron_shape(entry, shape))
     if entry.rule.fuse == GATE_UP:
         return torch.cat(list(hf_tensors), dim=0)
     q_GQDH, k_G1DH, v_G1DH = _qkv_views(*hf_tensors, shape=shape)
@@ -162,6 +185,8 @@ def to_hf(
     """Split the Megatron tensor of `entry` into its HF tensors (contiguous)."""
     if entry.rule.fuse == COPY:
         return (megatron_tensor.contiguous(),)
+    if entry.rule.fuse == HEADS:
+        return (megatron_tensor.reshape(hf_shapes(entry, shape)[0]).contiguous(),)
     if entry.rule.fuse == GATE_UP:
         gate_FH, up_FH = megatron_tensor.chunk(2, dim=0)
         return gate_FH.contiguous(), up_FH.contiguous()
@@ -187,7 +212,7 @@ def entry_for_checkpoint_key(key: str, layer: int | None, shape: LlamaShape) -> 
     """Inverse of `checkpoint_key`; unknown keys are a ValueError naming the key."""
     for rule in RULES:
         if rule.te_name.replace("{i}.", "") == key and rule.per_layer == (layer is not None):
-            if rule.untied_only and shape.tie_word_embeddings:
+            if not _present(rule, shape):
                 break
             return Entry(rule, layer)
     raise ValueError(f"checkpoint key {key!r} has no HF counterpart in the Llama mapping")

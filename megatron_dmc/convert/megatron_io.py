@@ -33,6 +33,7 @@ from megatron_dmc.convert.mapping import (
     entry_for_checkpoint_key,
     megatron_shape,
 )
+from megatron_dmc.model.lora import LORA_KEY, adapter_keys, is_adapter_key, merged_weight
 
 CHECKPOINT_VERSION = 3.0
 """Megatron-LM's checkpoint_version for mcore dist checkpoints."""
@@ -229,25 +230,36 @@ class MegatronCheckpoint:
         self.close()
 
     def read(self, group: Sequence[Entry]) -> dict[str, torch.Tensor]:
-        requests = {checkpoint_key(e): self._request(e) for e in group}
+        """Unsharded tensors of `group`; LoRA adapters in the checkpoint are folded into
+        their weights (`model.lora.merged_weight`), so the result is a plain model's."""
+        requests = {}
+        for entry in group:
+            for key in (checkpoint_key(entry), *adapter_keys(checkpoint_key(entry), self._tensors)):
+                requests[key] = self._request(key, entry.layer)
         loaded = dist_checkpointing.load(requests, str(self.dir), validate_access_integrity=False)
         out = {}
         for entry in group:
-            tensor = loaded[checkpoint_key(entry)]
-            tensor = tensor[0] if entry.layer is not None else tensor
+            key = checkpoint_key(entry)
+            tensor = _layer(loaded[key], entry.layer)
+            adapters = adapter_keys(key, self._tensors)
+            if adapters:
+                a, b = (_layer(loaded[k], entry.layer) for k in adapters)
+                tensor = merged_weight(tensor, a, b, self.metadata[LORA_KEY]["scale"])
             out[entry.megatron] = tensor[: megatron_shape(entry, self.shape)[0]]
         return out
 
-    def _request(self, entry: Entry) -> ShardedTensor:
-        meta = self._tensors[checkpoint_key(entry)]
-        if entry.layer is None:
+    def _request(self, key: str, layer: int | None) -> ShardedTensor:
+        meta = self._tensors[key]
+        if layer is None:
             data = torch.empty(meta.global_shape, dtype=meta.dtype)
             return ShardedTensor.from_rank_offsets(meta.key, data, replica_id=0)
         data = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
         layers = meta.global_shape[0]
-        return ShardedTensor.from_rank_offsets(
-            meta.key, data, (0, entry.layer, layers), replica_id=0
-        )
+        return ShardedTensor.from_rank_offsets(meta.key, data, (0, layer, layers), replica_id=0)
+
+
+def _layer(tensor: torch.Tensor, layer: int | None) -> torch.Tensor:
+    return tensor[0] if layer is not None else tensor
 
 
 TRAINING_STATE_PREFIXES = ("optimizer.",)
@@ -256,7 +268,9 @@ TRAINING_STATE_PREFIXES = ("optimizer.",)
 
 def _check_checkpoint_keys(tensors: dict[str, ShardedTensor], shape: LlamaShape) -> None:
     expected = {checkpoint_key(e): e for e in entries(shape, layers=[0])}
-    model_keys = {k for k in tensors if not k.startswith(TRAINING_STATE_PREFIXES)}
+    model_keys = {
+        k for k in tensors if not k.startswith(TRAINING_STATE_PREFIXES) and not is_adapter_key(k)
+    }
     if unknown := sorted(model_keys - set(expected)):
         raise ValueError(f"checkpoint has tensors the Llama mapping does not know: {unknown[:5]}")
     if missing := sorted(set(expected) - model_keys):

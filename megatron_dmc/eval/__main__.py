@@ -1,3 +1,6 @@
+import sys
+
+from megatron_dmc.cli_errors import run
 from megatron_dmc.eval.cli import main
 
-main()
+sys.exit(run(main))

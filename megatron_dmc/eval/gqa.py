@@ -83,4 +83,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_dmc.cli_errors import run
+
+    raise SystemExit(run(main))

@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 from torch import nn
 from tqdm import tqdm
 
-from megatron_dmc.eval.caches import KVMethod, NativeCache
+from megatron_dmc.eval.caches import KVMethod
 from megatron_dmc.eval.methods import build_method, load_model, load_tokenizer, offline
 from megatron_dmc.eval.scoring import greedy_generate, prefill, score
 from megatron_dmc.eval.task_files import ALL_TASKS, render_tasks
@@ -45,7 +45,7 @@ class CompressedCacheLM(LM):
             raise ValueError("pass the tokenizer with a model object (or a model directory)")
         self.model = load_model(model) if isinstance(model, str) else model.eval()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        self.method = method or NativeCache()
+        self.method = method or build_method("vanilla")
         self.prefill_chunk, self.progress = prefill_chunk, progress
         self.max_length = max_length or self.model.config.max_position_embeddings
         prefix_id = self.tokenizer.bos_token_id
@@ -150,12 +150,14 @@ def run_tasks(
     limit: int | None = None,
     num_fewshot: int | None = None,
     prefill_chunk: int | None = None,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score the local tasks; {task: {metric: value}} (acc, acc_norm where defined).
 
     `limit` scores the first N documents of each task after a fixed shuffle (per MMLU
     subject: N of each of the 57); None scores all. `num_fewshot` None keeps each task's
-    own (0, MMLU 5).
+    own (0, MMLU 5). `samples` ({task: doc indices}, e.g. `mmlu_subset.mmlu_subset`)
+    scores exactly those documents instead of `limit`.
     """
     offline()
     from lm_eval.evaluator import simple_evaluate
@@ -170,7 +172,8 @@ def run_tasks(
         model=lm,
         tasks=list(tasks),
         num_fewshot=num_fewshot,
-        limit=limit,
+        limit=None if samples else limit,
+        samples=samples,
         task_manager=manager,
         bootstrap_iters=0,
         log_samples=False,

@@ -4,6 +4,11 @@
 - dmc: a DMC Llama export (its compressed cache; CR is what it learned).
 - gqa: a mean-pooled, uptrained GQA model (dense cache of fewer KV heads).
 - h2o, tova: the original model with a training-free eviction cache at the given CR.
+
+vanilla, dmc and gqa run through the paged inference engine (`PagedEngine`): the same
+prefill, decode and cache code whose speed and memory the benchmarks report, dense for
+vanilla and GQA, compressed for DMC, so DMC's cost and quality are compared with vanilla's
+on one engine. h2o and tova evict from transformers' dense cache (`eviction.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatron_dmc.eval.caches import KVMethod, NativeCache
+from megatron_dmc.eval.caches import KVMethod, PagedEngine
 from megatron_dmc.eval.eviction import H2O, TOVA
 
 METHODS = ("vanilla", "dmc", "gqa", "h2o", "tova")
@@ -27,7 +32,7 @@ def build_method(name: str, compression_ratio: float = 1.0) -> KVMethod:
     if name == "tova":
         return TOVA(compression_ratio=compression_ratio)
     if name in METHODS:
-        return NativeCache(name=name, compression_ratio=compression_ratio)
+        return PagedEngine(name=name, compression_ratio=compression_ratio)
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
 
 

@@ -34,6 +34,8 @@ class ResultRow:
     original model's KV heads (a GQA model's fewer heads count)."""
     peak_kv_bytes: dict[str, int] = field(default_factory=dict)
     """Per protocol: the most KV bytes the cache held at any measured moment."""
+    task_details: dict = field(default_factory=dict)
+    """Generation tasks' per-problem / per-sample records: {"humaneval": .., "needle": ..}."""
 
 
 def make_row(

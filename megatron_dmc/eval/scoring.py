@@ -13,14 +13,20 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from megatron_dmc.eval.caches import KVMethod, forward_cached, kv_bytes, peak_kv_bytes
+from megatron_dmc.eval.caches import (
+    EngineCache,
+    KVMethod,
+    forward_cached,
+    kv_bytes,
+    peak_kv_bytes,
+)
 
 
 @dataclass
 class Prefix:
     """A context run through a cache: what the cache holds and the next-token log-probs."""
 
-    cache: Cache
+    cache: Cache | EngineCache
     next_logprobs_V: torch.Tensor
     kv_bytes: int
     peak_kv_bytes: int

@@ -10,6 +10,9 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+DECISION_SOURCES = ("channel", "heads")
+"""`dmc_decision_source` values (those of `megatron_dmc.ops.DMCConfig.decision_source`)."""
+
 
 @strict
 class LlamaDMCConfig(LlamaConfig):
@@ -33,6 +36,15 @@ class LlamaDMCConfig(LlamaConfig):
     dmc_layer_head_cr: list | None = None
     """Optional trained compression ratio per layer and KV head, [layers][kv_heads]."""
 
+    dmc_decision_source: str = "channel"
+    """Where the merge and importance logits come from: "channel" (the paper: channel D-1 of
+    q and k, zeroed before and after RoPE) or "heads" (each layer's `dmc_decision_proj`, a
+    [2 * KV heads, hidden] projection of the attention input; q, k and RoPE untouched)."""
+
+    dmc_merge_delay: int = 0
+    """The most recent dmc_merge_delay tokens of every KV head are attended exactly; a
+    token's merge decision takes effect when it leaves that window. 0 is the paper."""
+
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
         # a plain Llama config.json loaded into this class must not keep "llama"
@@ -53,6 +65,15 @@ def _check_dmc_fields(config: LlamaDMCConfig) -> None:
     if config.dmc_temperature <= 0:
         raise ValueError(
             f"dmc_temperature must be > 0 (0.1 in training); got {config.dmc_temperature}"
+        )
+    if config.dmc_decision_source not in DECISION_SOURCES:
+        raise ValueError(
+            f"dmc_decision_source must be one of {DECISION_SOURCES}; "
+            f"got {config.dmc_decision_source!r}"
+        )
+    if not isinstance(config.dmc_merge_delay, int) or config.dmc_merge_delay < 0:
+        raise ValueError(
+            f"dmc_merge_delay must be an integer >= 0 (0 = the paper); got {config.dmc_merge_delay!r}"
         )
     if config.head_dim < 2:
         raise ValueError(f"DMC needs head_dim >= 2 to repurpose one channel; got {config.head_dim}")

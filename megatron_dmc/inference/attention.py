@@ -1,7 +1,7 @@
 """Decode attention: each query head over its KV head's ragged, paged cache.
 
 Legend: B sequences, H query heads, G KV heads, N query heads per KV head (H / G),
-S cache slots, D head dim.
+S cache slots, D head dim, R streams (B * G), M pages per stream, C pages per block.
 
 Query heads are grouped contiguously (KV head g serves heads g*N ... (g+1)*N - 1).
 Queries arrive already rotated at their own position (channel D-1 zeroed in DMC mode).
@@ -51,3 +51,45 @@ def paged_attention_padded(
         attn_mask=valid_BGS[:, :, None, :],
     )
     return out_BGND.reshape(batch, num_heads, head_dim)
+
+
+def paged_attention_blocked(
+    q_BHD: torch.Tensor,
+    cache: PagedKVCache,
+    layer: int,
+    seq_ids_B: torch.Tensor,
+    block_pages: int = 16,
+) -> torch.Tensor:
+    """Page-blocked online softmax over the block table, every stream at once.
+
+    Walks `block_pages` pages of every stream per iteration (batched matmuls over the
+    streams), so the working set is one block, not a dense copy of the cache.
+    """
+    batch, num_heads, head_dim = q_BHD.shape
+    num_groups, page = cache.config.num_kv_heads, cache.config.page_size
+    streams, group = batch * num_groups, num_heads // num_groups
+    table_RM = cache.block_table_LBGM[layer, seq_ids_B].flatten(0, 1)
+    lengths_R = cache.lengths_LBG[layer, seq_ids_B].flatten()
+    q_RND = q_BHD.reshape(streams, group, head_dim) / math.sqrt(head_dim)
+    max_RN = torch.full((streams, group), -math.inf, dtype=q_BHD.dtype, device=q_BHD.device)
+    sum_RN = torch.zeros_like(max_RN)
+    acc_RND = torch.zeros_like(q_RND)
+    slots_S = torch.arange(block_pages * page, device=q_BHD.device)
+    for start in range(0, -(-int(lengths_R.max()) // page), block_pages):
+        pages_RC = table_RM[:, start : start + block_pages].clamp_min(0)
+        width = pages_RC.shape[1] * page
+        keys_RSD = cache.pool.k_pages_PND.index_select(0, pages_RC.flatten())
+        values_RSD = cache.pool.v_pages_PND.index_select(0, pages_RC.flatten())
+        keys_RSD = keys_RSD.view(streams, width, head_dim).to(q_BHD.dtype)
+        values_RSD = values_RSD.view(streams, width, head_dim).to(q_BHD.dtype)
+        valid_RS = start * page + slots_S[:width] < lengths_R[:, None]
+        scores_RNS = (q_RND @ keys_RSD.transpose(1, 2)).masked_fill_(~valid_RS[:, None], -math.inf)
+        new_max_RN = torch.maximum(max_RN, scores_RNS.amax(-1))
+        shift_RN = torch.where(new_max_RN.isinf(), 0.0, new_max_RN)
+        rescale_RN = (max_RN - shift_RN).exp_()
+        probs_RNS = (scores_RNS - shift_RN[..., None]).exp_()
+        sum_RN = sum_RN * rescale_RN + probs_RNS.sum(-1)
+        acc_RND = torch.baddbmm(acc_RND * rescale_RN[..., None], probs_RNS, values_RSD)
+        max_RN = new_max_RN
+    out_RND = acc_RND / sum_RN.clamp_min(torch.finfo(sum_RN.dtype).tiny)[..., None]
+    return out_RND.view(batch, num_heads, head_dim)

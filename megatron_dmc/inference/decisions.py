@@ -1,4 +1,5 @@
-"""Hard decisions at inference: from the model's channel D-1, or forced to a chosen rate.
+"""Hard decisions at inference: from the model (channel D-1 or decision heads), or forced
+to a chosen rate.
 
 Legend: B sequences, H query heads, G KV heads, T time, D head dim.
 """
@@ -10,7 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dmc.ops import DMCConfig, decision_logits, eval_decisions, importance_weights
+from megatron_dmc.ops import (
+    DecisionLogits,
+    DMCConfig,
+    eval_decisions,
+    importance_from_logits,
+    resolve_decision_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -43,13 +50,18 @@ def layer_decisions(
     positions_BT: torch.Tensor,
     dmc: DMCConfig,
     forced: ForcedRate | None = None,
+    logits: DecisionLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha [B, G, T] bool, omega [B, G, T]); position 0 always appends."""
+    """(alpha [B, G, T] bool, omega [B, G, T]); position 0 always appends.
+
+    `logits` are the decision heads' (required in heads mode); channel mode reads q and k.
+    """
     num_groups = k_BGTD.shape[1]
-    omega_BGT = importance_weights(q_BHTD, num_groups, dmc.init_value)
+    logits = resolve_decision_logits(q_BHTD, k_BGTD, dmc, logits)
+    omega_BGT = importance_from_logits(logits.omega_BGT)
     if forced is not None:
         return forced.merges(positions_BT, num_groups), omega_BGT
-    alpha_BGT = eval_decisions(decision_logits(k_BGTD, dmc.init_value)).bool()
+    alpha_BGT = eval_decisions(logits.alpha_BGT).bool()
     return alpha_BGT & (positions_BT[:, None, :] > 0), omega_BGT
 
 

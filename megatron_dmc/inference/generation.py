@@ -56,7 +56,7 @@ def generate(
     page_size: int = 16,
     num_pages: int | None = None,
     chunk_size: int | None = None,
-    backend: str = "padded",
+    backend: str = "paged",
 ) -> GenerationResult:
     """Prefill all prompts in parallel, then decode until EOS or max_new_tokens.
 
@@ -109,7 +109,7 @@ def _finished(b, token, sampling, result, cache, seq_ids_B) -> bool:
 def _finish(b: int, reason: str, result: GenerationResult, cache: PagedKVCache, seq_ids_B) -> None:
     seq = seq_ids_B[b : b + 1]
     seen = int(cache.seen_LB[:, seq].sum()) * cache.config.num_kv_heads
-    slots = int(cache.lengths_LBG[:, seq].sum())
+    slots = int(cache.slot_counts(seq).sum())
     result.tokens_seen += seen
     result.slots_kept += slots
     result.per_sequence_cr[b] = seen / max(slots, 1)

@@ -5,20 +5,27 @@ M pages per stream (block-table width), N tokens per page, S cache slots, K page
 
 A stream is one (layer, sequence, KV head). It owns a row of the block table
 (`block_table_LBGM`, -1 = no page) and a length in slots (`lengths_LBG`). Cached keys are
-RoPE-rotated at the position of the newest token of their slot; in DMC mode channel D-1 is
-zeroed before and after the rotation, and the open (last) slot is rewritten on every
-merge from the window state (see window.py). Vanilla mode stores every token with plain
-RoPE and keeps no window state.
+RoPE-rotated at the position of the newest token of their slot; in DMC channel mode
+channel D-1 is zeroed before and after the rotation (heads mode leaves every channel and
+RoPE intact), and the open (last) slot is rewritten on every merge from the window state
+(see window.py). Vanilla mode stores every token with plain RoPE and keeps no window state.
+
+With a merge delay W (`CacheConfig.merge_delay`) the W most recent tokens of every stream
+sit exact in an `ExactRing`; the paged slots are the compressed cache of the tokens that
+left it (a token's decision is applied as it leaves). A stream's slot count is then
+`lengths_LBG` + min(seen, W) (`slot_counts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from megatron_dmc.inference.pool import CacheFullError, PagePool
 from megatron_dmc.inference.window import (
+    ExactRing,
     WindowState,
     chronological,
     merge_step,
@@ -59,10 +66,25 @@ class CacheConfig:
 
     device: str = "cpu"
 
+    decision_channel: bool = True
+    """DMC channel mode: channel D-1 of keys is zeroed and left out of RoPE. False for
+    decision heads (keys and RoPE intact)."""
+
+    merge_delay: int = 0
+    """W: the most recent W tokens of every stream stay exact (0: the paper)."""
+
+    growable: bool = False
+    """Double the page pool when it runs out instead of raising CacheFullError (evaluation,
+    where one sequence's length is known only as it grows; serving keeps a fixed budget)."""
+
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "num_pages", "max_batch", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.merge_delay < 0 or (self.merge_delay and not self.compress):
+            raise ValueError(
+                f"merge_delay must be >= 0 and needs a compressed cache; got {self.merge_delay}"
+            )
         if self.page_size < 1 or self.window < 1 or self.head_dim < 2:
             raise ValueError(
                 f"page_size ({self.page_size}) and window ({self.window}) must be >= 1 and "
@@ -101,7 +123,7 @@ class PagedKVCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         c = config
-        self.pool = PagePool(c.num_pages, c.page_size, c.head_dim, c.dtype, c.device)
+        self.pool = PagePool(c.num_pages, c.page_size, c.head_dim, c.dtype, c.device, c.growable)
         shape_LBG = (c.num_layers, c.max_batch, c.num_kv_heads)
         self.block_table_LBGM = torch.full(
             (*shape_LBG, c.pages_per_stream), -1, dtype=torch.long, device=c.device
@@ -117,6 +139,9 @@ class PagedKVCache:
         self.ring_v_LBGWD = torch.zeros_like(self.ring_k_LBGWD)
         self.ring_w_LBGW = torch.zeros(*shape_LBG, window, dtype=self.state_dtype, device=c.device)
         self.run_len_LBG = torch.zeros_like(self.lengths_LBG)
+        self.exact = ExactRing(
+            shape_LBG, c.merge_delay, c.head_dim, c.dtype, self.state_dtype, c.device
+        )
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -129,11 +154,33 @@ class PagedKVCache:
             mode = "compressed" if self.config.compress else "vanilla"
             want = "vanilla" if dmc is None else "DMC"
             raise ValueError(f"a {mode} cache cannot serve {want} attention; rebuild the cache")
-        if dmc is not None and dmc.window != self.config.window:
+        if dmc is None:
+            return
+        want = (dmc.window, dmc.uses_channel, dmc.merge_delay)
+        have = (self.config.window, self.config.decision_channel, self.config.merge_delay)
+        if want != have:
             raise ValueError(
-                f"cache window ({self.config.window}) differs from the model's DMC window "
-                f"({dmc.window}); build the cache with CacheConfig(window={dmc.window})"
+                f"cache (window, decision_channel, merge_delay) = {have} differs from the "
+                f"model's DMC config {want}; build the cache with model.cache_config(...)"
             )
+
+    def key_in(self, k_BG_D: torch.Tensor) -> torch.Tensor:
+        """A raw key as it enters accumulation: channel D-1 zeroed in channel mode only."""
+        return zero_decision_channel(k_BG_D) if self.config.decision_channel else k_BG_D
+
+    def rotate(self, x_BG_D: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of a key (or query) as the cache stores it (per mode)."""
+        if not self.config.compress:
+            return apply_rope(x_BG_D, cos, sin)
+        if self.config.decision_channel:
+            return rope_without_decision_channel(x_BG_D, cos, sin)
+        return apply_rope(x_BG_D, cos, sin)
+
+    def slot_counts(self, seq_ids_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Kept slots per (layer, sequence, KV head): paged slots + exact ring entries."""
+        rows = slice(None) if seq_ids_B is None else seq_ids_B
+        exact_LB = self.seen_LB[:, rows].clamp_max(self.config.merge_delay)
+        return self.lengths_LBG[:, rows] + exact_LB[..., None]
 
     # ---- sequence lifecycle -------------------------------------------------------------
 
@@ -158,6 +205,7 @@ class PagedKVCache:
         for state in (self.lengths_LBG, self.run_len_LBG, self.ring_w_LBGW, self.ring_k_LBGWD):
             state[:, seq_ids_B] = 0
         self.ring_v_LBGWD[:, seq_ids_B] = 0
+        self.exact.clear(seq_ids_B)
         self.seen_LB[:, seq_ids_B] = 0
         self.live_B[seq_ids_B] = False
 
@@ -193,12 +241,51 @@ class PagedKVCache:
         k_BGD is the raw pre-RoPE key (channel D-1 may still hold the decision logit);
         alpha_BG the hard decision (1 = merge; ignored on an empty stream), omega_BG the
         importance; cos_BD / sin_BD the RoPE tables at each sequence's new position.
+        With a merge delay use `append_delayed`.
         """
+        assert self.config.merge_delay == 0, "a delayed cache is written by append_delayed"
+        self._apply(layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD)
+        self.seen_LB[layer, seq_ids_B] += 1
+
+    def append_delayed(
+        self,
+        layer: int,
+        seq_ids_B: torch.Tensor,
+        k_BGD: torch.Tensor,
+        v_BGD: torch.Tensor,
+        alpha_BG: torch.Tensor,
+        omega_BG: torch.Tensor,
+        cos_leaving_BD: torch.Tensor,
+        sin_leaving_BD: torch.Tensor,
+    ) -> None:
+        """One new token with a merge delay W: it enters the exact ring, and the token it
+        displaces (position p - W) goes through Algorithm 1; cos/sin at position p - W."""
+        positions_B = self.seen_LB[layer, seq_ids_B]
+        key_BGD = self.key_in(k_BGD)
+        old = self.exact.push(layer, seq_ids_B, positions_B, key_BGD, v_BGD, alpha_BG, omega_BG)
+        leaving_B = positions_B >= self.config.merge_delay
+        if bool(leaving_B.any()):
+            rows = leaving_B.nonzero().flatten()
+            k_old, v_old, alpha_old, omega_old = (t[rows] for t in old)
+            self._apply(
+                layer,
+                seq_ids_B[rows],
+                k_old,
+                v_old,
+                alpha_old,
+                omega_old,
+                cos_leaving_BD[rows],
+                sin_leaving_BD[rows],
+            )
+        self.seen_LB[layer, seq_ids_B] += 1
+
+    def _apply(self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD) -> None:
+        """Algorithm 1 on the paged slots for one token per sequence (no `seen` update)."""
         lengths_BG = self.lengths_LBG[layer, seq_ids_B]
         merge_BG = alpha_BG.bool() & (lengths_BG > 0) & self.config.compress
         if self.config.compress:
             key_BGD, value_BGD = self._merge(layer, seq_ids_B, k_BGD, v_BGD, omega_BG, merge_BG)
-            key_BGD = rope_without_decision_channel(key_BGD, cos_BD[:, None], sin_BD[:, None])
+            key_BGD = self.rotate(key_BGD, cos_BD[:, None], sin_BD[:, None])
         else:
             key_BGD = apply_rope(k_BGD, cos_BD[:, None], sin_BD[:, None])
             value_BGD = v_BGD
@@ -208,12 +295,11 @@ class PagedKVCache:
         self.pool.k_flat[rows_BG] = key_BGD.to(self.config.dtype)
         self.pool.v_flat[rows_BG] = value_BGD.to(self.config.dtype)
         self.lengths_LBG[layer, seq_ids_B] = slot_BG + 1
-        self.seen_LB[layer, seq_ids_B] += 1
 
     def _merge(self, layer, seq_ids_B, k_BGD, v_BGD, omega_BG, merge_BG):
         state, key_BGD, value_BGD = merge_step(
             self.window_state(layer, seq_ids_B),
-            zero_decision_channel(k_BGD).to(self.config.dtype),
+            self.key_in(k_BGD).to(self.config.dtype),
             v_BGD.to(self.config.dtype),
             omega_BG.to(self.state_dtype),
             merge_BG,
@@ -223,6 +309,48 @@ class PagedKVCache:
 
     def write_chunk(self, layer: int, seq_ids_B: torch.Tensor, chunk: ChunkKV) -> None:
         """Store a chunk computed in parallel: closed slots, the open slot, window state.
+
+        With a merge delay only a first chunk is accepted: its last min(W, length) tokens
+        go to the exact ring, the earlier ones to the paged slots.
+        """
+        delay = self.config.merge_delay
+        if delay == 0:
+            self._write_slots(layer, seq_ids_B, chunk)
+            return
+        assert not bool(self.seen_LB[layer, seq_ids_B].any()), "delayed: first chunk only"
+        left_B = (chunk.lengths_B - delay).clamp_min(0)
+        leaving = dataclasses.replace(chunk, lengths_B=left_B)
+        self.write_delayed(layer, seq_ids_B, leaving, chunk, torch.zeros_like(left_B))
+
+    def write_delayed(
+        self,
+        layer: int,
+        seq_ids_B: torch.Tensor,
+        leaving: ChunkKV,
+        recent: ChunkKV,
+        offset_B: torch.Tensor,
+    ) -> None:
+        """With a merge delay: `leaving` (the tokens that left the exact ring, in parallel
+        form) goes to the paged slots; the ring is refilled from the raw tokens of `recent`
+        (the old ring entries followed by the new tokens, index 0 at position offset_B)."""
+        seen_B = self.seen_LB[layer, seq_ids_B].clone()
+        if leaving.k_BGTD.shape[2]:
+            self._write_slots(layer, seq_ids_B, leaving)
+        self.exact.fill(
+            layer,
+            seq_ids_B,
+            recent.k_BGTD.to(self.config.dtype),
+            recent.v_BGTD.to(self.config.dtype),
+            recent.alpha_BGT.bool(),
+            recent.omega_BGT,
+            recent.lengths_B,
+            offset_B,
+        )
+        self.seen_LB[layer, seq_ids_B] = offset_B + recent.lengths_B
+        assert bool((self.seen_LB[layer, seq_ids_B] >= seen_B).all())
+
+    def _write_slots(self, layer: int, seq_ids_B: torch.Tensor, chunk: ChunkKV) -> None:
+        """The paged part of `write_chunk`.
 
         The slot of each run is the partial accumulation at the run's last token. A chunk
         that continues a sequence may merge its first token into the cached open slot; its

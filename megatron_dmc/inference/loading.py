@@ -1,7 +1,10 @@
 """Load an HF Llama directory (plain or DMC export) into LlamaForInference.
 
 config.json + *.safetensors (single file or sharded with an index). A DMC export carries
-`dmc_window_size` and `dmc_init_val` (model_type "llama_dmc"); a plain Llama runs vanilla.
+`dmc_window_size` and `dmc_init_val` (model_type "llama_dmc"), and optionally
+`dmc_decision_source` ("channel" | "heads": then each layer has
+`self_attn.dmc_decision_proj.weight` [2G, hidden]) and `dmc_merge_delay`; a plain Llama
+runs vanilla.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from megatron_dmc.convert.llama_config import llama_shape_from_hf, read_hf_config
@@ -44,7 +48,10 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
             "only dmc_decision_channel=-1 (the last channel of each head) is supported"
         )
     return DMCConfig(
-        window=int(config["dmc_window_size"]), init_value=float(config["dmc_init_val"])
+        window=int(config["dmc_window_size"]),
+        init_value=float(config["dmc_init_val"]),
+        decision_source=str(config.get("dmc_decision_source", "channel")),
+        merge_delay=int(config.get("dmc_merge_delay", 0)),
     )
 
 
@@ -75,21 +82,30 @@ def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"no *.safetensors files in {model_dir}")
     weights: dict[str, torch.Tensor] = {}
     for path in files:
-        weights.update(load_file(str(path)))
+        try:
+            weights.update(load_file(str(path)))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: unreadable safetensors file ({error})") from error
     return {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
 
 
-def load_weights(model: LlamaForInference, weights: dict[str, torch.Tensor]) -> None:
+def _check_names(model: LlamaForInference, weights: dict[str, torch.Tensor]) -> None:
     expected = set(model.state_dict())
     if model.shape.tie_word_embeddings:
         expected.discard("lm_head.weight")
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-    unknown, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+    weights = {k for k in weights if not k.endswith(_IGNORED_SUFFIXES)}
+    unknown, missing = sorted(weights - expected), sorted(expected - weights)
     if unknown or missing:
         raise ValueError(
             f"checkpoint does not match the Llama layout: unknown {unknown[:5]}, "
             f"missing {missing[:5]} (of {len(unknown)} / {len(missing)})"
         )
+
+
+def load_weights(model: LlamaForInference, weights: dict[str, torch.Tensor]) -> None:
+    if model.shape.tie_word_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    _check_names(model, weights)
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, tensor in weights.items():
@@ -98,6 +114,22 @@ def load_weights(model: LlamaForInference, weights: dict[str, torch.Tensor]) -> 
                     f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)
+
+
+def from_transformers(hf_model: torch.nn.Module, mode: str = "auto") -> LlamaForInference:
+    """The engine over a loaded transformers Llama (plain or DMC), sharing its weights."""
+    config = hf_model.config.to_dict()
+    shape = llama_shape_from_hf(config)
+    with torch.device("meta"):
+        model = LlamaForInference(shape, dmc_config_from_hf(config, mode))
+    weights = dict(hf_model.state_dict())
+    if shape.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    _check_names(model, weights)
+    model.load_state_dict(weights, strict=False, assign=True)
+    if shape.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
 
 
 def load_megatron_checkpoint(

@@ -3,10 +3,16 @@
 Legend: B sequences, T time, E hidden size, V vocabulary, H query heads, G KV heads,
 D head dim.
 
-Three entry points: `forward` (the full eval-mode forward without a cache, the parity
+Four entry points: `forward` (the full eval-mode forward without a cache, the parity
 reference, built on ops.dmc_self_attention), `prefill` (parallel, chunk by chunk, every
-layer writing its compressed cache as it is computed) and `decode` (one token per
-sequence). dmc None runs plain Llama attention (vanilla) through the same engine.
+layer writing its compressed cache as it is computed), `decode` (one token per
+sequence) and `extend` (logits of every token of a chunk appended to cached sequences:
+scoring, as evaluation needs). dmc None runs plain Llama attention (vanilla) through the
+same engine. With decision heads (`decision_source="heads"`) each layer also has
+`self_attn.dmc_decision_proj` ([2G, E], HF name
+`model.layers.N.self_attn.dmc_decision_proj.weight`). With a merge delay W the first chunk
+of a prefill is parallel (`prefill` runs one chunk) and `extend` continues in parallel
+(delayed_prefill.py).
 """
 
 from __future__ import annotations
@@ -17,10 +23,18 @@ from torch import nn
 
 from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.inference.decisions import ForcedRate
-from megatron_dmc.inference.decode import decode_attention
+from megatron_dmc.inference.delay import DecodeStep
+from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
 from megatron_dmc.inference.kv_cache import CacheConfig, PagedKVCache
 from megatron_dmc.inference.prefill import prefill_attention
-from megatron_dmc.ops import DMCConfig, apply_rope, dmc_self_attention, rope_cos_sin
+from megatron_dmc.ops import (
+    DecisionLogits,
+    DMCConfig,
+    apply_rope,
+    decision_head_logits,
+    dmc_self_attention,
+    rope_cos_sin,
+)
 
 
 class RMSNorm(nn.Module):
@@ -36,7 +50,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: LlamaShape) -> None:
+    def __init__(self, shape: LlamaShape, dmc: DMCConfig | None) -> None:
         super().__init__()
         heads, groups, dim = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
         self.q_proj = nn.Linear(shape.hidden_size, heads * dim, bias=False)
@@ -44,6 +58,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(shape.hidden_size, groups * dim, bias=False)
         self.o_proj = nn.Linear(heads * dim, shape.hidden_size, bias=False)
         self.heads, self.groups, self.dim = heads, groups, dim
+        self.init_value = dmc.init_value if dmc else 0.0
+        if dmc is not None and not dmc.uses_channel:
+            self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
+            """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
+
+    def decisions(self, x_BTE: torch.Tensor) -> DecisionLogits | None:
+        """Decision-head logits [B, G, T] of the (normed) attention input; None in channel mode."""
+        if not hasattr(self, "dmc_decision_proj"):
+            return None
+        return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_value)
 
     def qkv(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw pre-RoPE q [B,H,T,D], k [B,G,T,D], v [B,G,T,D]."""
@@ -70,25 +94,29 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: LlamaShape) -> None:
+    def __init__(self, shape: LlamaShape, dmc: DMCConfig | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = Attention(shape)
+        self.self_attn = Attention(shape, dmc)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
     def forward(self, x_BTE: torch.Tensor, attend) -> torch.Tensor:
-        """attend(q, k, v) -> [B, H, T, D] is the attention of this call (full, prefill, decode)."""
-        o_BHTD = attend(*self.self_attn.qkv(self.input_layernorm(x_BTE)))
+        """attend(q, k, v, logits) -> [B, H, T, D] is the attention of this call (full,
+        prefill, decode); logits are the decision heads' (None in channel mode)."""
+        h_BTE = self.input_layernorm(x_BTE)
+        o_BHTD = attend(*self.self_attn.qkv(h_BTE), self.self_attn.decisions(h_BTE))
         x_BTE = x_BTE + self.self_attn.out(o_BHTD)
         return x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))
 
 
 class Backbone(nn.Module):
-    def __init__(self, shape: LlamaShape) -> None:
+    def __init__(self, shape: LlamaShape, dmc: DMCConfig | None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(shape, dmc) for _ in range(shape.num_hidden_layers)
+        )
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
 
@@ -102,7 +130,7 @@ class LlamaForInference(nn.Module):
         if forced is not None and dmc is None:
             raise ValueError("forced-rate decisions need DMC mode (pass a DMCConfig)")
         self.shape, self.dmc, self.forced = shape, dmc, forced
-        self.model = Backbone(shape)
+        self.model = Backbone(shape, dmc)
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -122,8 +150,14 @@ class LlamaForInference(nn.Module):
             max_seq_len=max_seq_len,
             window=self.dmc.window if self.dmc else 12,
             compress=self.dmc is not None,
+            decision_channel=self.dmc.uses_channel if self.dmc else True,
+            merge_delay=self.dmc.merge_delay if self.dmc else 0,
             **kw,
         )
+
+    @property
+    def _delayed(self) -> bool:
+        return self.dmc is not None and self.dmc.merge_delay > 0
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.lm_head.weight.dtype
@@ -140,7 +174,7 @@ class LlamaForInference(nn.Module):
         """Logits [B, T, V] of the full eval-mode forward (no cache, no padding)."""
         cos_TD, sin_TD = self._rope(torch.arange(tokens_BT.shape[1], device=tokens_BT.device))
 
-        def attend(q_BHTD, k_BGTD, v_BGTD):
+        def attend(q_BHTD, k_BGTD, v_BGTD, logits):
             if self.dmc is None:
                 q_rot, k_rot = (
                     apply_rope(q_BHTD, cos_TD, sin_TD),
@@ -150,7 +184,7 @@ class LlamaForInference(nn.Module):
                     q_rot, k_rot, v_BGTD, is_causal=True, enable_gqa=True
                 )
             return dmc_self_attention(
-                q_BHTD, k_BGTD, v_BGTD, cos_TD, sin_TD, self.dmc, training=False
+                q_BHTD, k_BGTD, v_BGTD, cos_TD, sin_TD, self.dmc, training=False, logits=logits
             )[0]
 
         return self.lm_head(self._run(tokens_BT, lambda _: attend))
@@ -169,6 +203,8 @@ class LlamaForInference(nn.Module):
         if bool((lengths_B < 1).any()) or int(lengths_B.max()) > length:
             raise ValueError("every prompt needs 1..T tokens (lengths_B within the padded width)")
         step = chunk_size or length
+        if self._delayed:
+            step = length  # a later chunk would run token by token (see extend)
         last_BE = torch.zeros(batch, self.shape.hidden_size, dtype=self.lm_head.weight.dtype)
         for start in range(0, length, step):
             end = min(start + step, length)
@@ -179,6 +215,33 @@ class LlamaForInference(nn.Module):
             ends_here_B = (lengths_B > start) & (lengths_B <= end)
             last_BE[ends_here_B] = hidden_BTE[ends_here_B, lengths_B[ends_here_B] - 1 - start]
         return self.lm_head(last_BE)
+
+    @torch.no_grad()
+    def extend(
+        self,
+        tokens_BT: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids_B: torch.Tensor,
+        backend: str = "padded",
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of a chunk appended to sequences that have seen equally many tokens.
+
+        One decode step when T == 1, else a parallel chunk (a continuation chunk attends to
+        the cached slots); either way the cache then holds the chunk.
+        """
+        seen_B = cache.seen_LB[0, seq_ids_B]
+        start, length = int(seen_B[0]), tokens_BT.shape[1]
+        if bool((seen_B != start).any()):
+            raise ValueError("extend needs sequences at one position; prefill ragged prompts")
+        if length < 1 or start + length > self.shape.max_position_embeddings:
+            raise ValueError(
+                f"tokens {start}..{start + length} must be a non-empty chunk within "
+                f"max_position_embeddings={self.shape.max_position_embeddings}"
+            )
+        if length == 1:
+            return self.decode(tokens_BT[:, 0], cache, seq_ids_B, backend)[:, None]
+        lengths_B = torch.full_like(seq_ids_B, length)
+        return self.lm_head(self._prefill_chunk(tokens_BT, start, lengths_B, cache, seq_ids_B))
 
     def _prefill_chunk(self, tokens_BT, start, lengths_B, cache, seq_ids_B) -> torch.Tensor:
         batch, length = tokens_BT.shape
@@ -192,7 +255,23 @@ class LlamaForInference(nn.Module):
         )
 
         def attend_for_layer(layer: int):
-            def attend(q, k, v):
+            def attend(q, k, v, logits):
+                if self._delayed and start > 0:
+                    return delayed_chunk_attention(
+                        q,
+                        k,
+                        v,
+                        start,
+                        cos_BTD[0],
+                        sin_BTD[0],
+                        self._rope,
+                        cache,
+                        layer,
+                        seq_ids_B,
+                        self.dmc,
+                        self.forced,
+                        logits,
+                    )
                 return prefill_attention(
                     q,
                     k,
@@ -206,6 +285,7 @@ class LlamaForInference(nn.Module):
                     lengths_B,
                     self.dmc,
                     self.forced,
+                    logits,
                 )
 
             return attend
@@ -229,7 +309,7 @@ class LlamaForInference(nn.Module):
         tokens_B: torch.Tensor,
         cache: PagedKVCache,
         seq_ids_B: torch.Tensor,
-        backend: str = "padded",
+        backend: str = "paged",
     ) -> torch.Tensor:
         """One new token per sequence at its next position; returns logits [B, V]."""
         cache.check_step_capacity(seq_ids_B)
@@ -241,21 +321,12 @@ class LlamaForInference(nn.Module):
             )
         cos_BD, sin_BD = self._rope(positions_B)
 
+        step = DecodeStep(positions_B, cos_BD, sin_BD, self._rope, self.dmc, self.forced)
+
         def attend_for_layer(layer: int):
-            def attend(q, k, v):
-                out_BHD = decode_attention(
-                    q[:, :, 0],
-                    k[:, :, 0],
-                    v[:, :, 0],
-                    positions_B,
-                    cos_BD,
-                    sin_BD,
-                    cache,
-                    layer,
-                    seq_ids_B,
-                    self.dmc,
-                    self.forced,
-                    backend,
+            def attend(q, k, v, logits):
+                out_BHD = step.attend(
+                    q[:, :, 0], k[:, :, 0], v[:, :, 0], logits, cache, layer, seq_ids_B, backend
                 )
                 return out_BHD[:, :, None]
 

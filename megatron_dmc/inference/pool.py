@@ -1,6 +1,15 @@
 """A pool of fixed-size KV pages shared by every layer, sequence and KV head.
 
 Legend: P pages in the pool, N tokens per page, D head dim, K pages requested.
+
+Pure torch (no package import), so that any cache can build on it. API:
+
+- `PagePool(num_pages, page_size, head_dim, dtype, device, growable=False)`
+- `allocate(count, what) -> page ids [K]` (pops the free stack; `CacheFullError` when too
+  few are free, or, for a growable pool, doubles the pool instead);
+  `release(page ids)`; `check_available(count, what)` raises before any write.
+- `k_pages_PND`, `v_pages_PND` (page storage), `k_flat` / `v_flat` ([P*N, D] views: slot s
+  of page p is row p*N + s), `pages_in_use`, `peak_in_use`, `page_bytes`, `num_pages`.
 """
 
 from __future__ import annotations
@@ -26,12 +35,15 @@ class PagePool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        growable: bool = False,
     ) -> None:
         if num_pages < 1 or page_size < 1:
             raise ValueError(
                 f"num_pages ({num_pages}) and page_size ({page_size}) must both be >= 1"
             )
         self.page_size = page_size
+        self.growable = growable
+        """Grow (double) the pool when a request exceeds the free pages, instead of refusing."""
         self.k_pages_PND = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
         self.v_pages_PND = torch.zeros_like(self.k_pages_PND)
         self.free_P = torch.arange(num_pages - 1, -1, -1, dtype=torch.long, device=device)
@@ -61,7 +73,7 @@ class PagePool:
         return self.v_pages_PND.view(-1, self.v_pages_PND.shape[-1])
 
     def check_available(self, count: int, what: str) -> None:
-        if count > self.num_free:
+        if count > self.num_free and not self.growable:
             raise CacheFullError(
                 f"KV page pool exhausted: {what} needs {count} pages, {self.num_free} of "
                 f"{self.num_pages} are free. Use a larger pool (num_pages), a smaller batch, "
@@ -71,10 +83,25 @@ class PagePool:
     def allocate(self, count: int, what: str = "a write") -> torch.Tensor:
         """Pop `count` free page ids ([K], long); CacheFullError if too few are free."""
         self.check_available(count, what)
+        if count > self.num_free:
+            self._grow(max(count - self.num_free, self.num_pages))
         pages_K = self.free_P[self.num_free - count : self.num_free].clone()
         self.num_free -= count
         self.peak_in_use = max(self.peak_in_use, self.pages_in_use)
         return pages_K
+
+    def _grow(self, extra: int) -> None:
+        """Add `extra` pages; existing pages keep their ids and contents."""
+        old = self.num_pages
+        new_PND = self.k_pages_PND.new_zeros(extra, *self.k_pages_PND.shape[1:])
+        self.k_pages_PND = torch.cat([self.k_pages_PND, new_PND])
+        self.v_pages_PND = torch.cat([self.v_pages_PND, torch.zeros_like(new_PND)])
+        new_ids_K = torch.arange(old + extra - 1, old - 1, -1, device=self.free_P.device)
+        free_P = torch.cat([new_ids_K, self.free_P[: self.num_free]])
+        self.free_P = torch.cat(
+            [free_P, torch.zeros(old - self.num_free, dtype=torch.long, device=free_P.device)]
+        )
+        self.num_free += extra
 
     def release(self, pages_K: torch.Tensor) -> None:
         count = pages_K.numel()

@@ -2,6 +2,7 @@
 directly from the parallel form (closed slots, open slot, window state) -- not token by token.
 
 Legend: B sequences, H query heads, G KV heads, N query heads per KV head, T chunk time,
+Q = N * T queries of one KV head, X = S + T keys of a continuation chunk,
 S cached slots, W window, D head dim.
 
 The first chunk of a sequence uses the training-form attention in eval mode
@@ -11,21 +12,20 @@ and its partial accumulations continue the cached open run through the window st
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
 from megatron_dmc.inference.kv_cache import ChunkKV, PagedKVCache
 from megatron_dmc.ops import (
+    DecisionLogits,
     DMCConfig,
     apply_rope,
     attention_bias,
     dmc_attention,
-    rope_without_decision_channel,
+    key_for_accumulation,
+    rope_for_attention,
     windowed_partial_accumulation,
-    zero_decision_channel,
 )
 
 
@@ -42,14 +42,18 @@ def prefill_attention(
     lengths_B: torch.Tensor,
     dmc: DMCConfig | None,
     forced: ForcedRate | None = None,
+    logits: DecisionLogits | None = None,
 ) -> torch.Tensor:
     """Attention output [B, H, T, D] of a right-padded chunk; writes the chunk to the cache.
 
     Raw pre-RoPE q, k, v; tokens at t >= lengths_B[b] are padding (their outputs are
-    garbage). dmc None: vanilla Llama attention (plain RoPE, no compression).
+    garbage). dmc None: vanilla Llama attention (plain RoPE, no compression). `logits`:
+    the decision heads' (heads mode). With a merge delay only a first chunk is parallel.
     """
     cache.check_compatible(dmc)
     first = int(positions_BT[:, 0].max()) == 0
+    if dmc is not None and dmc.merge_delay and not first:
+        raise ValueError("with a merge delay, continue a sequence by decode steps")
     cos_B1TD, sin_B1TD = cos_BTD[:, None], sin_BTD[:, None]
     if dmc is None:
         chunk = _vanilla_chunk(k_BGTD, v_BGTD, cos_B1TD, sin_B1TD, lengths_B)
@@ -70,10 +74,13 @@ def prefill_attention(
             layer,
             seq_ids_B,
             first,
+            logits,
         )
-        q_rot_BHTD = rope_without_decision_channel(q_BHTD, cos_B1TD, sin_B1TD)
+        q_rot_BHTD = rope_for_attention(q_BHTD, cos_B1TD, sin_B1TD, dmc)
         hidden_prefix_BG = chunk.alpha_BGT[..., 0]
-    if first:
+    if first and dmc is not None and dmc.merge_delay:
+        out_BHTD = _delayed_first_chunk_attention(q_rot_BHTD, chunk, cos_B1TD, sin_B1TD, dmc)
+    elif first:
         out_BHTD = _first_chunk_attention(q_rot_BHTD, chunk)
     else:
         out_BHTD = _attention_with_prefix(
@@ -104,22 +111,23 @@ def _dmc_chunk(
     layer,
     seq_ids_B,
     first,
+    logits,
 ) -> ChunkKV:
-    alpha_BGT, omega_BGT = layer_decisions(q_BHTD, k_BGTD, positions_BT, dmc, forced)
-    k0_BGTD = zero_decision_channel(k_BGTD)
+    alpha_BGT, omega_BGT = layer_decisions(q_BHTD, k_BGTD, positions_BT, dmc, forced, logits)
+    k0_BGTD = key_for_accumulation(k_BGTD, dmc)
     if first:
         ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
             k0_BGTD, v_BGTD, alpha_BGT.to(k_BGTD.dtype), omega_BGT, dmc.window
         )
     else:
-        ktilde_BGTD, vtilde_BGTD = _accumulate_after_context(
+        ktilde_BGTD, vtilde_BGTD = accumulate_after_context(
             k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, cache, layer, seq_ids_B, dmc.window
         )
-    keys_BGTD = rope_without_decision_channel(ktilde_BGTD, cos_B1TD, sin_B1TD)
+    keys_BGTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, dmc)
     return ChunkKV(keys_BGTD, vtilde_BGTD, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, lengths_B)
 
 
-def _accumulate_after_context(
+def accumulate_after_context(
     k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, cache, layer, seq_ids_B, window
 ):
     """Partial accumulations of a chunk whose first run may continue the cached open run.
@@ -153,6 +161,20 @@ def _first_chunk_attention(q_rot_BHTD: torch.Tensor, chunk: ChunkKV) -> torch.Te
     return dmc_attention(q_rot_BHTD, chunk.keys_BGTD, chunk.values_BGTD, bias_BGT)
 
 
+def _delayed_first_chunk_attention(q_rot_BHTD, chunk: ChunkKV, cos_B1TD, sin_B1TD, dmc):
+    """The parallel form with a merge delay: biased slots plus the exact recent window."""
+    bias_BGT = attention_bias(chunk.alpha_BGT.to(q_rot_BHTD.dtype), hard=True)
+    return dmc_attention(
+        q_rot_BHTD,
+        chunk.keys_BGTD,
+        chunk.values_BGTD,
+        bias_BGT,
+        k_BGTD=rope_for_attention(chunk.k_BGTD, cos_B1TD, sin_B1TD, dmc),
+        v_BGTD=chunk.v_BGTD,
+        merge_delay=dmc.merge_delay,
+    )
+
+
 def _attention_with_prefix(q_rot_BHTD, chunk: ChunkKV, hidden_prefix_BG, cache, layer, seq_ids_B):
     """Scores over [cached slots, chunk partial accumulations], materialised per chunk.
 
@@ -180,8 +202,10 @@ def _attention_with_prefix(q_rot_BHTD, chunk: ChunkKV, hidden_prefix_BG, cache, 
 
     keys_BGXD = torch.cat([keys_BGSD.to(q_rot_BHTD.dtype), chunk.keys_BGTD], dim=2)
     values_BGXD = torch.cat([values_BGSD.to(q_rot_BHTD.dtype), chunk.values_BGTD], dim=2)
-    q_BGNTD = q_rot_BHTD.view(batch, num_groups, num_heads // num_groups, length, head_dim)
-    scores_BGNTX = q_BGNTD @ keys_BGXD[:, :, None].transpose(-1, -2) / math.sqrt(head_dim)
-    scores_BGNTX = scores_BGNTX.masked_fill(~visible_BGTX[:, :, None], float("-inf"))
-    out_BGNTD = torch.softmax(scores_BGNTX, dim=-1) @ values_BGXD[:, :, None]
-    return out_BGNTD.reshape(batch, num_heads, length, head_dim)
+    group = num_heads // num_groups
+    q_BGQD = q_rot_BHTD.reshape(batch, num_groups, group * length, head_dim)
+    visible_BGQX = visible_BGTX[:, :, None].expand(-1, -1, group, -1, -1).flatten(2, 3)
+    out_BGQD = F.scaled_dot_product_attention(
+        q_BGQD, keys_BGXD, values_BGXD, attn_mask=visible_BGQX
+    )
+    return out_BGQD.view(batch, num_heads, length, head_dim)

@@ -27,7 +27,8 @@ class CacheStats:
     """Bytes of the slots actually filled (allocated minus the unused tail of last pages)."""
 
     window_state_bytes: int
-    """The DMC window rings (preallocated for every batch row; 0 in vanilla)."""
+    """The DMC window rings and, with a merge delay, the exact rings of the W most recent
+    tokens (preallocated for every batch row; 0 in vanilla)."""
 
     dense_bytes: int
     """What a dense cache in the pool dtype would need for the same tokens (no pages)."""
@@ -41,18 +42,19 @@ class CacheStats:
     cr_per_layer_L: torch.Tensor
     cr_per_head_LG: torch.Tensor
     lengths_LBG: torch.Tensor
-    """Slots per live stream (rows of dead sequences are dropped)."""
+    """Slots per live stream, exact ring entries included (dead rows are dropped)."""
 
 
 def cache_stats(cache: PagedKVCache) -> CacheStats:
     live_B = cache.live_B
-    lengths_LBG = cache.lengths_LBG[:, live_B]
+    lengths_LBG = cache.slot_counts(live_B.nonzero().flatten())
     seen_LBG = cache.seen_LB[:, live_B, None].expand_as(lengths_LBG)
     slots, seen = int(lengths_LBG.sum()), int(seen_LBG.sum())
+    paged = int(cache.lengths_LBG[:, live_B].sum())
     page_bytes = cache.pool.page_bytes
     slot_bytes = page_bytes // cache.config.page_size
     allocated = cache.pool.pages_in_use * page_bytes
-    ring_bytes = sum(
+    ring_bytes = cache.exact.nbytes() + sum(
         t.numel() * t.element_size()
         for t in (cache.ring_k_LBGWD, cache.ring_v_LBGWD, cache.ring_w_LBGW)
     )
@@ -63,7 +65,7 @@ def cache_stats(cache: PagedKVCache) -> CacheStats:
         used_bytes=slots * slot_bytes,
         window_state_bytes=ring_bytes,
         dense_bytes=seen * slot_bytes,
-        fragmentation=1.0 - slots * slot_bytes / allocated if allocated else 0.0,
+        fragmentation=1.0 - paged * slot_bytes / allocated if allocated else 0.0,
         compression_ratio=seen / slots if slots else 1.0,
         cr_per_layer_L=_ratio(seen_LBG.sum((1, 2)), lengths_LBG.sum((1, 2))),
         cr_per_head_LG=_ratio(seen_LBG.sum(1), lengths_LBG.sum(1)),

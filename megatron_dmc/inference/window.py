@@ -9,6 +9,18 @@ are recomputed from the ring at every merge (W adds per channel) instead of bein
 by subtraction, so they never drift over long runs. Keys are pre-RoPE, channel D-1 zeroed.
 Raw k and v are stored in the cache dtype (they are exact there); w and the sums are in at
 least float32.
+
+Pure torch (no package import). API:
+
+- `WindowState(k_BGWD, v_BGWD, w_BGW, run_len_BG)`, `.sums()`.
+- `merge_step(state, k_BGD, v_BGD, w_BG, merge_BG) -> (state, slot_k_BGD, slot_v_BGD)`:
+  one token of Algorithm 1.
+- `state_after_chunk(state, k_BGTD, v_BGTD, w_BGT, append_BGT, lengths_B) -> state`: the
+  state after a chunk, in one pass.
+- `chronological(state) -> state`: the ring rotated oldest-first (to continue a chunk).
+- `ExactRing(shape_LBG, delay, head_dim, dtype, state_dtype, device)`: delayed merging's
+  W most recent tokens per stream; `push`, `fill`, `chronological`, `read`, `clear`,
+  `nbytes`.
 """
 
 from __future__ import annotations
@@ -134,3 +146,105 @@ def chronological(state: WindowState) -> WindowState:
         state.w_BGW.gather(2, order_BGW),
         state.run_len_BG,
     )
+
+
+class ExactRing:
+    """Delayed merging: the W most recent tokens of every stream, kept exact.
+
+    Holds, per (layer, sequence, KV head), the pre-RoPE key (as it enters accumulation),
+    the value, the hard decision alpha and the importance omega of each of the last W
+    tokens; the token at position p lives at index p % W. A token's decision is applied
+    to the compressed slots only when it leaves the ring (`push` returns it). Pure torch.
+
+    Legend here: L layers, B batch rows, G KV heads, W merge delay, D head dim.
+    """
+
+    def __init__(
+        self,
+        shape_LBG: tuple[int, int, int],
+        delay: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        state_dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.delay = delay
+        self.k_LBGWD = torch.zeros(*shape_LBG, delay, head_dim, dtype=dtype, device=device)
+        self.v_LBGWD = torch.zeros_like(self.k_LBGWD)
+        self.alpha_LBGW = torch.zeros(*shape_LBG, delay, dtype=torch.bool, device=device)
+        self.omega_LBGW = torch.zeros(*shape_LBG, delay, dtype=state_dtype, device=device)
+
+    def nbytes(self) -> int:
+        tensors = (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def clear(self, seq_ids_B: torch.Tensor) -> None:
+        for tensor in (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW):
+            tensor[:, seq_ids_B] = 0
+
+    def push(self, layer, seq_ids_B, positions_B, k_BGD, v_BGD, alpha_BG, omega_BG):
+        """Store the token at positions_B; returns the entry it replaced (k, v, alpha, omega),
+        the token at positions_B - W (meaningful where positions_B >= W)."""
+        index_B = positions_B % self.delay
+        rings = (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW)
+        # [layer, rows, :, index] puts the row axis first: [B, G, ...]
+        old = tuple(ring[layer, seq_ids_B, :, index_B] for ring in rings)
+        for ring, new in zip(rings, (k_BGD, v_BGD, alpha_BG, omega_BG)):
+            ring[layer, seq_ids_B, :, index_B] = new.to(ring.dtype)
+        return old
+
+    def fill(
+        self, layer, seq_ids_B, k_BGTD, v_BGTD, alpha_BGT, omega_BGT, lengths_B, offset_B=None
+    ) -> None:
+        """Refill the ring with the last min(W, length) tokens of a run of tokens whose index
+        0 sits at position offset_B (default 0); the ring then holds exactly those."""
+        window = self.delay
+        t_BW = lengths_B[:, None] - window + torch.arange(window, device=lengths_B.device)
+        valid_BW = t_BW >= 0
+        offset_B1 = 0 if offset_B is None else offset_B[:, None]
+        index_BW = torch.remainder(t_BW + offset_B1, window)
+        source_BW = t_BW.clamp_min(0)
+        for tensor, chunk in zip(
+            (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW),
+            (k_BGTD, v_BGTD, alpha_BGT, omega_BGT),
+        ):
+            tensor[layer, seq_ids_B] = _ring_from_chunk(chunk, source_BW, valid_BW, index_BW).to(
+                tensor.dtype
+            )
+
+    def chronological(self, layer, seq_ids_B, seen_B) -> tuple[torch.Tensor, ...]:
+        """(k, v, alpha, omega) [B, G, W, ...], oldest first, after `seen_B` tokens: entry w
+        is the token at position seen - W + w (zeros where that position is negative)."""
+        w_W = torch.arange(self.delay, device=seen_B.device)
+        index_BW = torch.remainder(seen_B[:, None] - self.delay + w_W, self.delay)
+        out = []
+        for ring in (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW):
+            rows_BGW_ = ring[layer, seq_ids_B]
+            extra = rows_BGW_.shape[3:]
+            index = index_BW[:, None].reshape(*index_BW.shape[:1], 1, -1, *[1] * len(extra))
+            out.append(rows_BGW_.gather(2, index.expand(-1, rows_BGW_.shape[1], -1, *extra)))
+        return tuple(out)
+
+    def read(self, layer, seq_ids_B, seen_B) -> tuple[torch.Tensor, ...]:
+        """(k [B,G,W,D], v [B,G,W,D], positions [B,W], valid [B,W]) after `seen_B` tokens."""
+        w_W = torch.arange(self.delay, device=seen_B.device)
+        last_B1 = seen_B[:, None] - 1
+        positions_BW = last_B1 - torch.remainder(last_B1 - w_W, self.delay)
+        return (
+            self.k_LBGWD[layer, seq_ids_B],
+            self.v_LBGWD[layer, seq_ids_B],
+            positions_BW,
+            positions_BW >= 0,
+        )
+
+
+def _ring_from_chunk(chunk_BGT_, source_BW, valid_BW, index_BW) -> torch.Tensor:
+    """[B, G, W, ...]: chunk token source_BW[b, w] at ring index index_BW[b, w] (0 if invalid)."""
+    extra = chunk_BGT_.shape[3:]
+    b, g = chunk_BGT_.shape[:2]
+    source = source_BW[:, None].expand(b, g, -1).reshape(b, g, -1, *[1] * len(extra))
+    picked = chunk_BGT_.gather(2, source.expand(b, g, -1, *extra))
+    mask = valid_BW[:, None].reshape(b, 1, -1, *[1] * len(extra))
+    picked = torch.where(mask, picked, torch.zeros_like(picked))
+    order = index_BW[:, None].expand(b, g, -1).reshape(b, g, -1, *[1] * len(extra))
+    return torch.zeros_like(picked).scatter(2, order.expand_as(picked), picked)

@@ -1,7 +1,7 @@
 """DMC self-attention plugged into Megatron-Core through two hooks of `SelfAttention`.
 
 Legend: S sequence, B batch, H query heads (this TP rank), G KV heads (this TP rank),
-T time (= S), D head dim, E = D + 1.
+T time (= S), D head dim, E = D + 1 (merge delay W > 0: 2D + 1).
 
 Megatron's `Attention.forward` calls, in order: `_adjust_key_value_for_inference` with
 the raw pre-RoPE q/k/v, RoPE on the query and on whatever key that hook returned, then
@@ -16,22 +16,36 @@ the raw pre-RoPE q/k/v, RoPE on the query and on whatever key that hook returned
 The bias travels to the core attention as one extra channel of the value tensor
 ([S, B, G, E]), so it is an ordinary input of the core attention: selective recompute
 (`recompute_modules=["core_attn"]`) checkpoints it like q, k and v.
+
+Decision heads (`decision_source="heads"`): `get_query_key_value_tensors` also runs the
+layer's `dmc_decision_proj` on the normed attention input; channel D-1 is then left alone
+(no zeroing anywhere, plain RoPE). Merge delay W > 0: the hook also returns the exact keys
+as G more key heads ([S, B, 2G, D], rotated by Megatron like the rest) and the exact values
+beside vtilde in the value tensor ([vtilde, v, bias]).
+
+`compression_off = True` turns the layer into plain causal attention of the same weights
+(nothing zeroed, merged or recorded): the distillation teacher.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import get_pg_rank
 
+from megatron_dmc.model.heads import DecisionHeads
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import (
+    DecisionLogits,
     DMCConfig,
     DMCDecisions,
     attention_bias,
+    counted_decisions,
     dmc_attention,
+    key_for_accumulation,
     logistic_from_uniform,
     make_decisions,
     windowed_partial_accumulation,
@@ -62,7 +76,31 @@ class DMCSelfAttention(SelfAttention):
         super().__init__(*args, **kwargs)
         check_dmc_config(self.config)
         self.dmc_config = dmc_config or DMCConfig()
+        self.core_attention.dmc_config = self.dmc_config
         self.collector = None
+        self._head_logits: DecisionLogits | None = None
+        if not self.dmc_config.uses_channel:
+            self.dmc_decision_proj = DecisionHeads(
+                self.config,
+                self.num_query_groups_per_partition,
+                self.dmc_config.init_value,
+                self.pg_collection.tp,
+            )
+
+    @property
+    def compression_off(self) -> bool:
+        """True: plain causal attention of the same weights (the distillation teacher)."""
+        return self.core_attention.compression_off
+
+    @compression_off.setter
+    def compression_off(self, value: bool) -> None:
+        self.core_attention.compression_off = bool(value)
+
+    def get_query_key_value_tensors(self, hidden_states, *args, **kwargs):
+        self._head_logits = None
+        if not self.dmc_config.uses_channel and not self.compression_off:
+            self._head_logits = self.dmc_decision_proj(hidden_states)
+        return super().get_query_key_value_tensors(hidden_states, *args, **kwargs)
 
     def _adjust_key_value_for_inference(
         self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
@@ -74,10 +112,15 @@ class DMCSelfAttention(SelfAttention):
             )
         if self.attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"DMC attention is causal; got mask type {self.attn_mask_type}")
+        if self.compression_off:
+            if self.collector is not None:
+                self.collector.record_uncompressed(key.shape[1], key.shape[0], key.device)
+            return query, key, value, rotary_pos_emb, self.attn_mask_type, None
         q_BHTD, k_BGTD, v_BGTD = to_bhtd(query), to_bhtd(key), to_bhtd(value)
         decisions = self._decisions(q_BHTD, k_BGTD)
+        k_in_BGTD = key_for_accumulation(k_BGTD, self.dmc_config)
         ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-            zero_decision_channel(k_BGTD),
+            k_in_BGTD,
             v_BGTD,
             decisions.alpha_BGT,
             decisions.omega_BGT,
@@ -85,13 +128,18 @@ class DMCSelfAttention(SelfAttention):
         )
         bias_BGT = attention_bias(decisions.alpha_BGT, hard=not self.training)
         if self.collector is not None:
-            self.collector.record(self.layer_number, decisions.alpha_ste_BGT)
-        value_BGTE = torch.cat([vtilde_BGTD, bias_BGT[..., None]], dim=-1)
-        key = to_sbhd(ktilde_BGTD)
+            counted_BGT = counted_decisions(decisions.alpha_ste_BGT, self.dmc_config.merge_delay)
+            self.collector.record(self.layer_number, counted_BGT)
+        values = [vtilde_BGTD, bias_BGT[..., None]]
+        if self.dmc_config.merge_delay:
+            ktilde_BGTD = torch.cat([ktilde_BGTD, k_in_BGTD], dim=1)
+            values.insert(1, v_BGTD)
+        if self.dmc_config.uses_channel:
+            query = zero_decision_channel(query)
         return (
-            zero_decision_channel(query),
-            key,
-            to_sbhd(value_BGTE),
+            query,
+            to_sbhd(ktilde_BGTD),
+            to_sbhd(torch.cat(values, dim=-1)),
             rotary_pos_emb,
             self.attn_mask_type,
             None,
@@ -99,7 +147,10 @@ class DMCSelfAttention(SelfAttention):
 
     def _decisions(self, q_BHTD: torch.Tensor, k_BGTD: torch.Tensor) -> DMCDecisions:
         noise_BGT = self._logistic_noise(k_BGTD) if self.training else None
-        return make_decisions(q_BHTD, k_BGTD, self.dmc_config, self.training, noise_BGT=noise_BGT)
+        logits, self._head_logits = self._head_logits, None
+        return make_decisions(
+            q_BHTD, k_BGTD, self.dmc_config, self.training, noise_BGT=noise_BGT, logits=logits
+        )
 
     def _logistic_noise(self, k_BGTD: torch.Tensor) -> torch.Tensor:
         """Logistic(0, 1) noise for this rank's KV heads.
@@ -120,8 +171,12 @@ class DMCCoreAttention(MegatronModule):
 
     Takes the value tensor with the bias as its last channel (see module doc); returns
     [S, B, H*D] like Megatron's `DotProductAttention`. `attention_mask` is unused: the
-    attention is causal by construction.
+    attention is causal by construction. The owning `DMCSelfAttention` sets `dmc_config`
+    and `compression_off`.
     """
+
+    compression_off: bool = False
+    dmc_config: DMCConfig = DMCConfig()
 
     def __init__(
         self,
@@ -150,11 +205,29 @@ class DMCCoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("DMC attention takes no extra attention_bias or packed sequences")
-        q_BHTD = to_bhtd(zero_decision_channel(query))
-        k_BGTD = to_bhtd(zero_decision_channel(key))
-        value_BGTE = to_bhtd(value)
-        out_BHTD = dmc_attention(
-            q_BHTD, k_BGTD, value_BGTE[..., :-1], value_BGTE[..., -1], self.softmax_scale
-        )
+        if self.compression_off:
+            out_BHTD = self._vanilla(to_bhtd(query), to_bhtd(key), to_bhtd(value))
+        else:
+            out_BHTD = self._dmc(query, key, value)
         s, b = query.shape[0], query.shape[1]
         return to_sbhd(out_BHTD).reshape(s, b, -1)
+
+    def _dmc(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if self.dmc_config.uses_channel:
+            query, key = zero_decision_channel(query), zero_decision_channel(key)
+        q_BHTD, k_BSTD, value_BGTE = to_bhtd(query), to_bhtd(key), to_bhtd(value)
+        bias_BGT = value_BGTE[..., -1]
+        delay = self.dmc_config.merge_delay
+        if not delay:
+            return dmc_attention(q_BHTD, k_BSTD, value_BGTE[..., :-1], bias_BGT, self.softmax_scale)
+        ktilde_BGTD, k_BGTD = k_BSTD.chunk(2, dim=1)
+        vtilde_BGTD, v_BGTD = value_BGTE[..., :-1].chunk(2, dim=-1)
+        return dmc_attention(
+            q_BHTD, ktilde_BGTD, vtilde_BGTD, bias_BGT, self.softmax_scale, k_BGTD, v_BGTD, delay
+        )
+
+    def _vanilla(self, q_BHTD, k_BGTD, v_BGTD) -> torch.Tensor:
+        group = q_BHTD.shape[1] // k_BGTD.shape[1]
+        return F.scaled_dot_product_attention(
+            q_BHTD, k_BGTD, v_BGTD, is_causal=True, scale=self.softmax_scale, enable_gqa=group > 1
+        )

@@ -64,6 +64,11 @@ class DecisionCollector:
         count = alpha_ste_BGT.shape[0] * alpha_ste_BGT.shape[2]
         self._hard_count_L[layer_number] = self._hard_count_L.get(layer_number, 0) + count
 
+    def record_uncompressed(self, batch: int, length: int, device: torch.device) -> None:
+        """A layer that ran with compression off: no decision, a zero sum, stats untouched."""
+        self._sums_B.append(torch.zeros(batch, device=device))
+        self.length = length
+
     def local_sum_B(self) -> torch.Tensor:
         """This stage's decisions per sequence, summed over its layers and all TP heads."""
         assert self._sums_B, "no DMC layer recorded a decision in this forward pass"

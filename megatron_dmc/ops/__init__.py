@@ -7,7 +7,7 @@ from megatron_dmc.ops.attention import (
     dmc_attention,
     dmc_attention_reference,
 )
-from megatron_dmc.ops.config import DMCConfig
+from megatron_dmc.ops.config import DECISION_SOURCES, DMCConfig
 from megatron_dmc.ops.decisions import (
     decision_logits,
     force_first_append,
@@ -15,7 +15,21 @@ from megatron_dmc.ops.decisions import (
     rope_without_decision_channel,
     zero_decision_channel,
 )
-from megatron_dmc.ops.forward import DMCDecisions, dmc_self_attention, make_decisions
+from megatron_dmc.ops.forward import (
+    DMCDecisions,
+    dmc_self_attention,
+    key_for_accumulation,
+    make_decisions,
+    resolve_decision_logits,
+    rope_for_attention,
+)
+from megatron_dmc.ops.heads import (
+    HEAD_LOGIT_SCALE,
+    DecisionLogits,
+    channel_decision_logits,
+    decision_head_logits,
+    importance_from_logits,
+)
 from megatron_dmc.ops.loss import (
     CRSchedule,
     ZeroOutSchedule,
@@ -31,17 +45,24 @@ from megatron_dmc.ops.relaxation import (
     straight_through,
 )
 from megatron_dmc.ops.rope import apply_rope, rope_cos_sin, rotate_half
+from megatron_dmc.ops.window import counted_decisions, local_attention
 
 __all__ = [
+    "DECISION_SOURCES",
     "HARD_MASK_VALUE",
+    "HEAD_LOGIT_SCALE",
     "CRSchedule",
     "DMCConfig",
     "DMCDecisions",
+    "DecisionLogits",
     "ZeroOutSchedule",
     "achieved_compression_ratio",
     "apply_rope",
     "attention_bias",
+    "channel_decision_logits",
     "compression_loss",
+    "counted_decisions",
+    "decision_head_logits",
     "decision_logits",
     "dmc_attention",
     "dmc_attention_reference",
@@ -51,10 +72,15 @@ __all__ = [
     "force_first_append",
     "gumbel_sigmoid",
     "hard_decisions",
+    "importance_from_logits",
     "importance_weights",
+    "key_for_accumulation",
+    "local_attention",
     "logistic_from_uniform",
     "make_decisions",
+    "resolve_decision_logits",
     "rope_cos_sin",
+    "rope_for_attention",
     "rope_without_decision_channel",
     "rotate_half",
     "straight_through",

@@ -7,6 +7,11 @@ Score of query i on partial accumulation j (spec section 3):
     s_ii = q_i . ktilde_i * scale          (a query always sees its own slot)
     masked for j > i.
 In eval mode b_j = HARD_MASK_VALUE * alpha_{j+1} with hard alpha.
+
+Delayed merging (merge delay W > 0; exact keys k_j and values v_j given as well): query i
+attends the exact k_j, v_j for i-W < j <= i, and the partial accumulations of the tokens
+that have left the window: ktilde_j with bias b_j for j < i-W, ktilde_{i-W} unbiased (the
+open slot), nothing for j > i-W. W = 0 is the form above.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dmc.ops._checks import check_qkv, check_rank
+from megatron_dmc.ops.window import local_attention
 
 HARD_MASK_VALUE = -1.0e4
 """exp(-1e4) is exactly 0 in every float dtype, so hard masking is exact."""
@@ -43,27 +49,58 @@ def _check_bias(bias_BGT: torch.Tensor, k_BGTD: torch.Tensor) -> None:
         )
 
 
+def _check_exact(
+    ktilde_BGTD: torch.Tensor,
+    k_BGTD: torch.Tensor | None,
+    v_BGTD: torch.Tensor | None,
+    vtilde_BGTD: torch.Tensor,
+    merge_delay: int,
+) -> None:
+    if not isinstance(merge_delay, int) or merge_delay < 0:
+        raise ValueError(f"merge_delay must be an integer >= 0; got {merge_delay!r}")
+    if merge_delay == 0:
+        return
+    if k_BGTD is None or v_BGTD is None:
+        raise ValueError("merge_delay > 0 needs the exact (RoPE'd) keys and the values too")
+    if k_BGTD.shape != ktilde_BGTD.shape or v_BGTD.shape != vtilde_BGTD.shape:
+        raise ValueError(
+            f"exact k {tuple(k_BGTD.shape)} / v {tuple(v_BGTD.shape)} must match ktilde "
+            f"{tuple(ktilde_BGTD.shape)} / vtilde {tuple(vtilde_BGTD.shape)}"
+        )
+
+
 def dmc_attention_reference(
     q_BHTD: torch.Tensor,
     ktilde_BGTD: torch.Tensor,
     vtilde_BGTD: torch.Tensor,
     bias_BGT: torch.Tensor,
     scale: float | None = None,
+    k_BGTD: torch.Tensor | None = None,
+    v_BGTD: torch.Tensor | None = None,
+    merge_delay: int = 0,
 ) -> torch.Tensor:
-    """Plain reference: materialises the [B, H, T, T] score and bias matrices."""
+    """Plain reference: materialises the [B, H, T, T] (delayed: [B, H, T, 2T]) scores."""
     check_qkv(q_BHTD, ktilde_BGTD, vtilde_BGTD)
     _check_bias(bias_BGT, ktilde_BGTD)
+    _check_exact(ktilde_BGTD, k_BGTD, v_BGTD, vtilde_BGTD, merge_delay)
     num_heads, length, head_dim = q_BHTD.shape[1], q_BHTD.shape[2], q_BHTD.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     k_BHTD = _expand_groups(ktilde_BGTD, num_heads)
     v_BHTD = _expand_groups(vtilde_BGTD, num_heads)
     bias_BH1T = _expand_groups(bias_BGT, num_heads)[:, :, None, :]
     scores_BHTT = q_BHTD @ k_BHTD.transpose(-1, -2) * scale
-    below_TT = torch.ones(length, length, dtype=torch.bool, device=q_BHTD.device).tril(-1)
-    diagonal_TT = torch.eye(length, dtype=torch.bool, device=q_BHTD.device)
+    ones_TT = torch.ones(length, length, dtype=torch.bool, device=q_BHTD.device)
+    below_TT = ones_TT.tril(-1 - merge_delay)
+    open_TT = ones_TT.tril(-merge_delay) & ~below_TT
     scores_BHTT = torch.where(below_TT, scores_BHTT + bias_BH1T, scores_BHTT)
-    scores_BHTT = scores_BHTT.masked_fill(~(below_TT | diagonal_TT), float("-inf"))
-    return torch.softmax(scores_BHTT, dim=-1) @ v_BHTD
+    scores_BHTT = scores_BHTT.masked_fill(~(below_TT | open_TT), float("-inf"))
+    if merge_delay == 0:
+        return torch.softmax(scores_BHTT, dim=-1) @ v_BHTD
+    window_TT = ones_TT.tril() & ~ones_TT.tril(-merge_delay)
+    exact_BHTT = q_BHTD @ _expand_groups(k_BGTD, num_heads).transpose(-1, -2) * scale
+    exact_BHTT = exact_BHTT.masked_fill(~window_TT, float("-inf"))
+    weights_BHTS = torch.softmax(torch.cat([scores_BHTT, exact_BHTT], dim=-1), dim=-1)
+    return weights_BHTS @ torch.cat([v_BHTD, _expand_groups(v_BGTD, num_heads)], dim=2)
 
 
 def dmc_attention(
@@ -72,27 +109,40 @@ def dmc_attention(
     vtilde_BGTD: torch.Tensor,
     bias_BGT: torch.Tensor,
     scale: float | None = None,
+    k_BGTD: torch.Tensor | None = None,
+    v_BGTD: torch.Tensor | None = None,
+    merge_delay: int = 0,
 ) -> torch.Tensor:
     """The same attention through one causal SDPA call; no [T, T] bias is materialised.
 
-    Two extra channels carry the bias and the diagonal: the bias of key j rides in the dot
-    product (q[D] = 1/scale, k_j[D] = b_j), and the unbiased own-slot term becomes a
-    "self" key placed first, which query i scores at exactly s_ii (q_i[D+1] = s_ii/scale,
-    k_self[D+1] = 1). With the keys shifted right by one, the causal mask lets query i see
-    the self key plus ktilde_0..ktilde_{i-1}. The self key's value is the one-hot extra
-    channel, so that channel of the output is the softmax weight of the own slot, which
-    then scales vtilde_i.
+    Two extra channels carry the bias and the unbiased "local" keys: the bias of key j
+    rides in the dot product (q[D] = 1/scale, k_j[D] = b_j), and the local set of query i
+    (its own slot; with merge delay W, the W exact keys plus the open slot ktilde_{i-W},
+    see `ops.window`) becomes one "self" key placed first, which query i scores at exactly
+    the local set's log-normaliser l_i (q_i[D+1] = l_i/scale, k_self[D+1] = 1). With the
+    keys shifted right by W + 1 (masked fillers in between), the causal mask lets query i
+    see the self key plus ktilde_0..ktilde_{i-W-1}. The self key's value is the one-hot
+    extra channel, so that channel of the output is the local set's total softmax weight,
+    which then scales the local set's own softmax output.
     """
     check_qkv(q_BHTD, ktilde_BGTD, vtilde_BGTD)
     _check_bias(bias_BGT, ktilde_BGTD)
-    num_heads, head_dim = q_BHTD.shape[1], q_BHTD.shape[3]
+    _check_exact(ktilde_BGTD, k_BGTD, v_BGTD, vtilde_BGTD, merge_delay)
+    num_heads, length, head_dim = q_BHTD.shape[1], q_BHTD.shape[2], q_BHTD.shape[3]
     num_groups, value_dim = ktilde_BGTD.shape[1], vtilde_BGTD.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    vtilde_BHTD = _expand_groups(vtilde_BGTD, num_heads)
-    self_score_BHT = (q_BHTD * _expand_groups(ktilde_BGTD, num_heads)).sum(-1) * scale
+    if merge_delay == 0:
+        local_out_BHTD = _expand_groups(vtilde_BGTD, num_heads)
+        local_BHT = (q_BHTD * _expand_groups(ktilde_BGTD, num_heads)).sum(-1) * scale
+    else:
+        local_BHT, local_out_BHTD = local_attention(
+            q_BHTD, ktilde_BGTD, vtilde_BGTD, k_BGTD, v_BGTD, merge_delay, scale
+        )
+    if merge_delay + 1 >= length:
+        return local_out_BHTD
 
     q_aug_BHTE = torch.cat(
-        [q_BHTD, torch.full_like(q_BHTD[..., :1], 1.0 / scale), self_score_BHT[..., None] / scale],
+        [q_BHTD, torch.full_like(q_BHTD[..., :1], 1.0 / scale), local_BHT[..., None] / scale],
         dim=-1,
     )
     k_aug_BGTE = torch.cat(
@@ -100,18 +150,22 @@ def dmc_attention(
     )
     k_self_BG1E = torch.zeros_like(k_aug_BGTE[:, :, :1])
     k_self_BG1E[..., -1] = 1.0
-    keys_BGSE = torch.cat([k_self_BG1E, k_aug_BGTE[:, :, :-1]], dim=2)
+    k_fill_BGWE = torch.zeros_like(k_aug_BGTE[:, :, :merge_delay])
+    k_fill_BGWE[..., head_dim] = HARD_MASK_VALUE
+    shifted = length - 1 - merge_delay
+    keys_BGSE = torch.cat([k_self_BG1E, k_fill_BGWE, k_aug_BGTE[:, :, :shifted]], dim=2)
 
     # Values get the same width as q/k (one-hot channel + one zero channel): the CPU and
     # GPU fused SDPA kernels fall back to the O(T^2) math path when widths differ.
     v_aug_BGTF = F.pad(vtilde_BGTD, (0, q_aug_BHTE.shape[-1] - value_dim))
     v_self_BG1F = torch.zeros_like(v_aug_BGTF[:, :, :1])
     v_self_BG1F[..., value_dim] = 1.0
-    values_BGSF = torch.cat([v_self_BG1F, v_aug_BGTF[:, :, :-1]], dim=2)
+    v_fill_BGWF = torch.zeros_like(v_aug_BGTF[:, :, :merge_delay])
+    values_BGSF = torch.cat([v_self_BG1F, v_fill_BGWF, v_aug_BGTF[:, :, :shifted]], dim=2)
 
     out_BHTF = _causal_sdpa(q_aug_BHTE, keys_BGSE, values_BGSF, scale, num_heads // num_groups)
     self_weight_BHT1 = out_BHTF[..., value_dim : value_dim + 1]
-    return out_BHTF[..., :value_dim] + self_weight_BHT1 * vtilde_BHTD
+    return out_BHTF[..., :value_dim] + self_weight_BHT1 * local_out_BHTD
 
 
 def _causal_sdpa(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from megatron_dmc.ops._checks import check_window
 
+DECISION_SOURCES = ("channel", "heads")
+
 
 @dataclass(frozen=True)
 class DMCConfig:
@@ -18,9 +20,31 @@ class DMCConfig:
     temperature: float = 0.1
     """Gumbel-sigmoid temperature, constant through training."""
 
+    decision_source: str = "channel"
+    """Where alpha and omega come from. "channel": the paper's repurposed channel D-1 of q
+    and k (zeroed before and after RoPE). "heads": a separate zero-initialised projection of
+    the attention input, `ops.heads.decision_head_logits`; q, k and RoPE stay untouched."""
+
+    merge_delay: int = 0
+    """W: the most recent W tokens of every head are always attended exactly; a token's
+    merge decision takes effect when it leaves that window. 0 is the paper."""
+
     def __post_init__(self) -> None:
         check_window(self.window)
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 (the paper uses 0.1); got {self.temperature!r}"
             )
+        if self.decision_source not in DECISION_SOURCES:
+            raise ValueError(
+                f"decision_source must be one of {DECISION_SOURCES}; got {self.decision_source!r}"
+            )
+        if not isinstance(self.merge_delay, int) or self.merge_delay < 0:
+            raise ValueError(
+                f"merge_delay must be an integer >= 0 (0 = the paper); got {self.merge_delay!r}"
+            )
+
+    @property
+    def uses_channel(self) -> bool:
+        """True when channel D-1 of q and k is repurposed (and so zeroed)."""
+        return self.decision_source == "channel"

@@ -6,6 +6,11 @@ Per (sequence, KV head): a list of cache slots and the state of the open slot, i
 sums of w*k, w*v and w over the last `window` tokens of the current accumulation run (a ring
 buffer of contributions, the oldest subtracted when the run outgrows the window). Slots keep
 pre-RoPE merged keys and are rotated at the position of their newest token.
+
+Delayed merging (merge delay W): each (sequence, KV head) also keeps a ring of its W most
+recent tokens, exact. Token t enters the ring; the token that leaves it (t - W) is only
+then put through Algorithm 1 with its own (alpha, omega). Query t attends the compressed
+slots and the ring.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import torch
 
 from megatron_dmc.ops._checks import check_qkv
 from megatron_dmc.ops.config import DMCConfig
-from megatron_dmc.ops.decisions import rope_without_decision_channel, zero_decision_channel
+from megatron_dmc.ops.forward import (
+    key_for_accumulation,
+    resolve_decision_logits,
+    rope_for_attention,
+)
+from megatron_dmc.ops.heads import DecisionLogits, importance_from_logits
 
 
 class _HeadCache:
@@ -58,12 +68,12 @@ class _HeadCache:
         self.positions[-1] = position
 
 
-def _attend(q_D: torch.Tensor, cache: _HeadCache, cos_TD, sin_TD) -> torch.Tensor:
-    positions_S = torch.tensor(cache.positions, device=q_D.device)
-    keys_SD = torch.stack(cache.keys_SD)
-    keys_SD = rope_without_decision_channel(keys_SD, cos_TD[positions_S], sin_TD[positions_S])
-    scores_S = keys_SD @ q_D / math.sqrt(q_D.shape[-1])
-    return torch.softmax(scores_S, dim=-1) @ torch.stack(cache.values_SD)
+def _attend(q_D: torch.Tensor, cache: _HeadCache, ring: deque, rope) -> torch.Tensor:
+    keys_SD = [rope(k_D, p) for k_D, p in zip(cache.keys_SD, cache.positions)]
+    keys_SD += [rope(k_D, p) for k_D, _, p, _, _ in ring]
+    values_SD = cache.values_SD + [v_D for _, v_D, _, _, _ in ring]
+    scores_S = torch.stack(keys_SD) @ q_D / math.sqrt(q_D.shape[-1])
+    return torch.softmax(scores_S, dim=-1) @ torch.stack(values_SD)
 
 
 def dmc_sequential_reference(
@@ -73,31 +83,37 @@ def dmc_sequential_reference(
     cos_TD: torch.Tensor,
     sin_TD: torch.Tensor,
     config: DMCConfig,
+    logits: DecisionLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode DMC attention token by token. Returns ([B, H, T, D], cache lengths [B, G])."""
+    """Eval-mode DMC attention token by token. Returns ([B, H, T, D], cache lengths [B, G]).
+
+    Cache length = compressed slots + exact ring entries. `logits` as for `make_decisions`
+    (required in heads mode); token t reads only its own column.
+    """
     check_qkv(q_BHTD, k_BGTD, v_BGTD)
+    logits = resolve_decision_logits(q_BHTD, k_BGTD, config, logits)
     batch, num_heads, length, _ = q_BHTD.shape
     num_groups = k_BGTD.shape[1]
     group = num_heads // num_groups
     out_BHTD = torch.zeros_like(q_BHTD[..., : v_BGTD.shape[-1]])
     lengths_BG = torch.zeros(batch, num_groups, dtype=torch.long)
+
+    def rope(x_D, position):
+        return rope_for_attention(x_D, cos_TD[position], sin_TD[position], config)
+
     for b in range(batch):
         for g in range(num_groups):
-            cache = _HeadCache(config.window)
-            heads = range(g * group, (g + 1) * group)
+            cache, ring = _HeadCache(config.window), deque()
             for t in range(length):
-                _step(cache, q_BHTD[b, heads, t], k_BGTD[b, g, t], v_BGTD[b, g, t], t, config)
-                for h in heads:
-                    q_rot_D = rope_without_decision_channel(q_BHTD[b, h, t], cos_TD[t], sin_TD[t])
-                    out_BHTD[b, h, t] = _attend(q_rot_D, cache, cos_TD, sin_TD)
-            lengths_BG[b, g] = len(cache.keys_SD)
+                merge = t > 0 and bool(logits.alpha_BGT[b, g, t] > 0)
+                w = importance_from_logits(logits.omega_BGT[b, g, t])
+                k_D = key_for_accumulation(k_BGTD[b, g, t], config)
+                ring.append((k_D, v_BGTD[b, g, t], t, merge, w))
+                if len(ring) > config.merge_delay:
+                    k_old, v_old, p_old, merge_old, w_old = ring.popleft()
+                    step = cache.accumulate if merge_old else cache.append
+                    step(k_old, v_old, w_old, p_old)
+                for h in range(g * group, (g + 1) * group):
+                    out_BHTD[b, h, t] = _attend(rope(q_BHTD[b, h, t], t), cache, ring, rope)
+            lengths_BG[b, g] = len(cache.keys_SD) + len(ring)
     return out_BHTD, lengths_BG
-
-
-def _step(cache: _HeadCache, q_ND, k_D, v_D, t: int, config: DMCConfig) -> None:
-    merge = t > 0 and bool(k_D[-1] - config.init_value > 0)
-    w = torch.sigmoid(q_ND[:, -1].mean() + config.init_value) + torch.finfo(q_ND.dtype).eps
-    if merge:
-        cache.accumulate(zero_decision_channel(k_D), v_D, w, t)
-    else:
-        cache.append(zero_decision_channel(k_D), v_D, w, t)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from megatron_dmc.pipeline import retrofit
 from megatron_dmc.pipeline.assets import Assets, build_assets, held_out_tokens, write_model_yaml
+from megatron_dmc.pipeline.eval_tasks import TASKS_DIR, run_task_evaluation
 from megatron_dmc.pipeline.layout import RunLayout, cr_tag
 from megatron_dmc.pipeline.preset import Preset
 from megatron_dmc.pipeline.steps import Step, StepRunner
@@ -58,6 +59,7 @@ class Job:
         steps += [
             Step("decode", "Decode throughput and KV bytes vs vanilla", self._decode, [lay.decode_file]),
             Step("eval", "Evaluation: perplexity, tasks, baselines", self._eval, [lay.eval_dir], True),
+            *self._task_steps(),
             Step("report", "Report", self._report, [lay.report, lay.summary, lay.plots_dir]),
         ]  # fmt: skip
         return steps
@@ -167,23 +169,41 @@ class Job:
         return {cr: self.layout.export_dir(cr) for cr in self.preset.target_crs}
 
     def _decode(self) -> None:
-        from megatron_dmc.pipeline.decode import run_decode, save_results
+        from megatron_dmc.pipeline.decode import run_decode, run_headline, save_results
 
         exports = {f"dmc {cr_tag(cr)}": path for cr, path in self._exports().items()}
         tokens = held_out_tokens(self.assets.held_out_prefix)
         results = run_decode(self.assets.hf_dir, exports, tokens, self.preset.decode)
         save_results(results, self.layout.decode_file)
+        run_headline(self.assets.hf_dir, exports, tokens, self.preset.decode,
+                     self.layout.decode_file.parent)  # fmt: skip
 
-    def _eval(self) -> None:
-        from megatron_dmc.pipeline.evaluation import eval_jobs, run_evaluation
+    def _eval_jobs(self) -> list:
+        from megatron_dmc.pipeline.evaluation import eval_jobs
 
         settings = self.preset.eval
         gqa_cr = self._gqa_cr()
         gqa_dir = self.layout.gqa_dir if gqa_cr else None
         uptrained = self.layout.gqa_export_dir if settings.gqa_uptrain else None
-        jobs = eval_jobs(self.assets.hf_dir, self._exports(), settings, gqa_dir, gqa_cr, uptrained)
+        return eval_jobs(self.assets.hf_dir, self._exports(), settings, gqa_dir, gqa_cr, uptrained)
+
+    def _eval(self) -> None:
+        from megatron_dmc.pipeline.evaluation import run_evaluation
+
         tokens = held_out_tokens(self.assets.held_out_prefix)
-        run_evaluation(jobs, tokens, settings, self.layout.eval_dir)
+        run_evaluation(self._eval_jobs(), tokens, self.preset.eval, self.layout.eval_dir)
+
+    def _task_steps(self) -> list[Step]:
+        tasks = self.preset.paper_tasks.tasks
+        if not tasks:
+            return []
+        out = self.layout.root / TASKS_DIR
+        return [Step("eval_tasks", f"Tasks through each cache: {', '.join(tasks)}",
+                     self._eval_tasks, [out], True)]  # fmt: skip
+
+    def _eval_tasks(self) -> None:
+        tasks_dir = self.layout.root / TASKS_DIR
+        run_task_evaluation(self._eval_jobs(), self.preset.paper_tasks, tasks_dir)
 
     def _gqa_cr(self) -> float | None:
         heads = self.preset.eval.gqa_kv_heads

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from megatron_dmc.pipeline.eval_tasks import PaperTasks
+
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 MODEL_SOURCES = ("smollm2", "tiny")
 BASELINES = ("h2o", "tova")
@@ -97,6 +99,12 @@ class DecodeSettings:
     warmup: int = 2
     page_size: int = 16
     prefill_chunk: int | None = 256
+    headline_contexts: list[int] = field(default_factory=lambda: [1024])
+    """Contexts of the equal-KV-memory headline (pipeline/decode.py); empty skips it."""
+    headline_batch: int = 16
+    """Batch of transformers, vanilla and equal-batch DMC in the headline."""
+    headline_steps: int = 3
+    """Timed decode steps per engine in the headline."""
 
 
 @dataclass
@@ -114,6 +122,8 @@ class Preset:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalPreset = field(default_factory=EvalPreset)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
+    paper_tasks: PaperTasks = field(default_factory=PaperTasks)
+    """HumanEval, MMLU subset and retrieval for every evaluated row (off by default)."""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -165,6 +175,7 @@ def load_preset(name_or_path: str) -> Preset:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping")
     sections = {"train": TrainSettings, "eval": EvalPreset, "decode": DecodeSettings}
+    sections["paper_tasks"] = PaperTasks
     for key, cls in sections.items():
         values[key] = _build(cls, values.get(key) or {}, f"{path} [{key}]")
     return _build(Preset, {"name": path.stem, **values}, str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_dmc.eval.results import ResultRow, format_markdown
+from megatron_dmc.pipeline.decode import headline_section
 from megatron_dmc.pipeline.goals import HEADLINE, PROTOCOLS, ppl_change, real_cr, verdicts
 from megatron_dmc.pipeline.layout import cr_tag
 
@@ -184,6 +185,7 @@ def render(summary: dict, plots: dict[str, Path], root: Path) -> str:
         f"## Decoding (paged engine, batch {decode['batch']}, {decode['context']}-token "
         "held-out prompts, process CPU time, 1 thread)\n",
         decode_table(summary),
+        *headline_section(root),
         "## Plots\n",
         *(f"![{name}]({path.relative_to(root)})\n" for name, path in plots.items()),
         "## Step times\n", timing_table(summary),

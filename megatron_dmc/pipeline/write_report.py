@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from megatron_dmc.eval.results import ResultRow, load_results
-from megatron_dmc.pipeline import plots, report
+from megatron_dmc.pipeline import plots, report, report_tasks
 from megatron_dmc.pipeline.decode import DecodeResult
 from megatron_dmc.pipeline.decode import load_results as load_decode
 from megatron_dmc.pipeline.layout import RunLayout, cr_tag
@@ -81,5 +81,6 @@ def write_report(preset: Preset, layout: RunLayout, command: str) -> Path:
     figures = make_plots(runs, summary, decode, layout.plots_dir)
     layout.summary.write_text(json.dumps(summary, indent=2) + "\n")
     layout.report.write_text(report.render(summary, figures, layout.root))
+    report_tasks.extend_report(layout)
     print(f"   wrote {layout.report}")
     return layout.report

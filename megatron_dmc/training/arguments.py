@@ -2,7 +2,8 @@
 
 Flags are generated from the config dataclasses: field `tensor_model_parallel_size`
 is `--tensor-model-parallel-size`, its help is the docstring under the field. YAML keys
-may be spelled either way (`seq-length` or `seq_length`); an unknown key is an error.
+may be spelled either way (`seq-length` or `seq_length`); an unknown key is an error, and
+every value goes through the command line's parser (its types, choices and messages).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import itertools
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_dmc.cli_errors import Parser
 from megatron_dmc.training.config import GROUPS, TrainConfig
 
 
@@ -55,11 +58,12 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: objec
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    parser = Parser(
         prog="python -m megatron_dmc.train",
         description="DMC retrofit of a Llama on Megatron-Core: zero_out -> retrofit -> finetune "
         "(or --dmc-stage plain: continued training with vanilla attention).",
+        exit_on_error=exit_on_error,
     )
     parser.add_argument("--config", help="YAML file with any of the flags below (CLI wins)")
     for title, cls in GROUPS.items():
@@ -76,18 +80,52 @@ def _known_fields() -> dict[str, str]:
 
 
 def load_yaml_config(path: str | Path) -> dict[str, object]:
-    """Flag values from a YAML mapping, keys normalised to field names."""
+    """Flag values from a YAML mapping, keys normalised to field names, each value parsed
+    by the command line's own parser (same types, choices and messages)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
     values = {str(k).lstrip("-").replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(values) - set(_known_fields()))
-    if unknown:
-        raise ValueError(f"--config {path}: unknown keys {unknown}; see --help for the flags")
-    return values
+    known = _known_fields()
+    for key in sorted(set(values) - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {_flag(close[0])}?)" if close else "; see --help for the flags"
+        raise ValueError(f"--config {path}: unknown key {_flag(key)[2:]!r}{hint}")
+    parser = build_parser(exit_on_error=False)
+    try:
+        parsed = vars(parser.parse_args(_as_argv(parser, values, path)))
+    except argparse.ArgumentError as error:
+        raise ValueError(f"--config {path}: {error}") from error
+    return {k: v for k, v in parsed.items() if k in values and v is not None}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _as_argv(parser: argparse.ArgumentParser, values: dict[str, object], path: Path) -> list[str]:
+    """YAML values as the command-line words that would set them."""
+    switches = {a.dest for a in parser._actions if a.nargs == 0}
+    argv = []
+    for name, value in values.items():
+        flag = _flag(name)
+        if value is None or (value is False and name in switches):
+            continue
+        if name in switches:
+            if value is not True:
+                raise ValueError(f"--config {path}: {flag} takes true or false; got {value!r}")
+            argv.append(flag)
+        elif isinstance(value, dict | list):
+            raise ValueError(f"--config {path}: {flag} takes one value; got {value!r}")
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
 
 
 def config_from_values(values: dict[str, object]) -> TrainConfig:
@@ -107,6 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """The run's TrainConfig: defaults < --config YAML < command line."""
     parsed = vars(build_parser().parse_args(argv))
     config_path = parsed.pop("config")
+    parsed.pop("debug", None)
     values = load_yaml_config(config_path) if config_path else {}
     values.update({k: v for k, v in parsed.items() if v is not None})
     return config_from_values(values)

@@ -6,8 +6,11 @@ measured side by side in one process.
 
 A step is the trainer's own `train_step`: forward and backward through Megatron-Core's
 schedule (DMC: Gumbel-sigmoid decisions, windowed accumulation, biased attention and the
-CR loss of the retrofit stage), then the clipped AdamW update. Steps alternate between the
-two models after warm-up, so both see the same machine load; the medians and their ratio
+CR loss of the retrofit stage), then the clipped AdamW update. Beside them, a plain
+transformers `LlamaForCausalLM` of the same shape takes a forward+backward+AdamW step on
+the same batch (training/bench_hf.py; --no-transformers skips it), and the CPU seconds per
+token of each are printed. Steps alternate between the models after warm-up, so all
+see the same machine load; the medians and their ratios
 are printed (goal: DMC <= 1.15x vanilla). On a CPU with one torch thread the clock is the
 process CPU time (the machine may be shared), elsewhere wall time after synchronising.
 """
@@ -44,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-cr", type=float, default=4.0, help="CR the DMC loss asks for")
     parser.add_argument("--recompute", choices=("selective",), default=None)
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU)")
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="also time DMC with distillation from a frozen copy (dmc_distill) and LoRA "
+        "adapters with the same teacher (dmc_lora_distill)",
+    )
+    parser.add_argument(
+        "--no-transformers", action="store_true",
+        help="skip the plain transformers LlamaForCausalLM fwd+bwd+AdamW baseline",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overheads", action="store_true",
+        help="also time a trainer launch and a checkpoint save/load (training/overheads.py)",
+    )  # fmt: skip
     return parser
 
 
@@ -127,6 +144,8 @@ class Contender:
     seconds: list[float] = dataclasses.field(default_factory=list)
     peak_bytes: int = 0
     first_lm_loss: float | None = None
+    teacher: object = None
+    """A distillation Teacher (None: no distillation)."""
 
 
 def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Contender]:
@@ -148,14 +167,81 @@ def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Conte
             model.module.load_state_dict(out[0].model.module.state_dict(), strict=True)
         optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
         out.append(Contender(name, model, optimizer, LossSettings(target, decisions)))
+    if args.distill:
+        out += [_distilled(name, args, cfg, shape, out[0]) for name in DISTILLED]
+    if not args.no_transformers:
+        from megatron_dmc.training.bench_hf import plain_transformers_step
+
+        device = next(out[0].model.parameters()).device.type
+        plain = plain_transformers_step(shape, cfg.optim, args.num_microbatches, device)
+        out.append(Contender("transformers", plain.model, plain, None))
     return out
+
+
+DISTILLED = ("dmc_distill", "dmc_lora_distill")
+"""DMC with KL to a frozen copy of the starting weights: all weights train, or LoRA only."""
+
+
+def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> Contender:
+    """DMC (retrofit step, KL weight 1) with a frozen copy of `vanilla`'s weights as teacher."""
+    import copy
+
+    from megatron_dmc.training import model_api
+    from megatron_dmc.training.config import RetrofitArgs
+    from megatron_dmc.training.loss import LossSettings
+    from megatron_dmc.training.optim import build_optimizer
+    from megatron_dmc.training.teacher import Teacher, frozen_copy
+
+    cfg = copy.deepcopy(cfg)
+    trainable = "lora" if name == "dmc_lora_distill" else "all"
+    cfg.retrofit = RetrofitArgs(dmc_distill_weight=1.0, dmc_trainable=trainable)
+    model = model_api.build(shape, cfg, "dmc")
+    state = vanilla.model.module.state_dict()
+    missing, unexpected = model.module.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(("lora_A", "lora_B")) for k in missing), missing
+    teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
+    teacher_model.load_state_dict(state, strict=True)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
+    decisions = shape.num_layers * shape.num_query_groups * args.seq_length
+    settings = LossSettings(args.target_cr, decisions, distill_weight=1.0)
+    teacher = Teacher(teacher_model, args.seq_length)
+    return Contender(name, model, optimizer, settings, teacher=teacher)
+
+
+def state_bytes(contender: Contender, tokens: int) -> dict[str, int]:
+    """Bytes held besides the student's activations: its weights (and the trainable part),
+    optimizer state, the teacher's weights, and the teacher logits of one step (`tokens`
+    per step), which wait on the last pipeline stage for the student's loss."""
+    params = list(contender.model.module.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    inner = getattr(contender.optimizer, "optimizer", None)
+    state = getattr(inner, "state", {}) if inner is not None else {}
+    moments = ("exp_avg", "exp_avg_sq")
+    optimizer = sum(s[k].nbytes for s in state.values() for k in moments if k in s)
+    teacher, logits = 0, 0
+    if contender.teacher is not None:
+        copy = contender.teacher.copy
+        teacher = sum(p.nbytes for p in copy.parameters())
+        output = copy.shared_embedding_or_output_weight()
+        logits = tokens * output.shape[0] * output.element_size()
+    return {
+        "weights": sum(p.nbytes for p in params),
+        "trainable": sum(p.nbytes for p in trainable),
+        "optimizer": optimizer,
+        "teacher": teacher,
+        "teacher_logits": logits,
+    }
 
 
 def _step(contender: Contender, args: argparse.Namespace, batch: dict, iteration: int) -> None:
     """One training step; the first one's LM loss is kept (all models start equal)."""
     from megatron_dmc.training.step import train_step
 
-    if contender.name == "dmc":
+    if contender.name == "transformers":
+        loss = contender.optimizer(batch)
+        contender.first_lm_loss = contender.first_lm_loss or loss
+        return
+    if contender.name.startswith("dmc"):
         contender.model.module.collector.start_step(iteration)
         contender.model.module.collector.reset_stats()
     result = train_step(
@@ -166,6 +252,7 @@ def _step(contender: Contender, args: argparse.Namespace, batch: dict, iteration
         args.seq_length,
         args.micro_batch_size,
         contender.settings,
+        contender.teacher,
     )
     if contender.first_lm_loss is None:
         contender.first_lm_loss = result.stats["lm_loss_sum"] / result.stats["tokens"]
@@ -209,13 +296,30 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
     for c in contenders:
         memory = f", peak {c.peak_bytes / 2**30:.2f} GiB" if c.peak_bytes else ""
         lines.append(
-            f"{c.name:>12}: median {medians[c.name] * 1e3:.1f} ms/step "
+            f"{c.name:>16}: median {medians[c.name] * 1e3:.1f} ms/step "
             f"(min {min(c.seconds) * 1e3:.1f}, max {max(c.seconds) * 1e3:.1f}), "
             f"{tokens / medians[c.name]:.0f} tokens/s{memory}; first-step LM loss "
             f"{c.first_lm_loss:.6f}"
         )
     for name in [c.name for c in contenders if c.name != "dmc"]:
-        lines.append(f"DMC / {name} step time: {medians['dmc'] / medians[name]:.3f}x")
+        lines.append(
+            f"{name} / DMC step time: {medians[name] / medians['dmc']:.3f}x"
+            if name in DISTILLED
+            else f"DMC / {name} step time: {medians['dmc'] / medians[name]:.3f}x"
+        )
+    memory = {c.name: state_bytes(c, tokens) for c in contenders if c.name.startswith("dmc")}
+    for name, held in memory.items():
+        mib = {k: f"{v / 2**20:.1f}" for k, v in held.items()}
+        lines.append(
+            f"{name:>16}: weights {mib['weights']} MiB (trainable {mib['trainable']}), "
+            f"optimizer state {mib['optimizer']} MiB, teacher weights {mib['teacher']} MiB, "
+            f"teacher logits {mib['teacher_logits']} MiB"
+        )
+    if "transformers" in medians:
+        per_token = {name: seconds / tokens for name, seconds in medians.items()}
+        lines.append("CPU-s per token: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in per_token.items())
+                     + f"; DMC / transformers {per_token['dmc'] / per_token['transformers']:.3f}x "
+                     "(goal <= 1.1x for a whole retrofit run, launches and checkpoints included)")  # fmt: skip
     verdict = "met" if ratio <= GOAL else "NOT met"
     lines.append(
         f"goal DMC / {baseline} <= {GOAL}x: {verdict} ({ratio:.3f}x; median of per-round "
@@ -223,7 +327,18 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
     )
     result = {"ratio": ratio, "baseline": baseline, "per_round_ratio": per_round}
     result["first_lm_loss"] = {c.name: c.first_lm_loss for c in contenders}
+    result["state_bytes"] = memory
+    result["peak_bytes"] = {c.name: c.peak_bytes for c in contenders}
     return lines, {**result, "median_s": medians}
+
+
+def _overheads(args: argparse.Namespace, cfg, contenders: list[Contender]) -> dict | None:
+    if not args.overheads:
+        return None
+    from megatron_dmc.training.overheads import checkpoint_cpu_s, launch_cpu_s
+
+    dmc = next(c for c in contenders if c.name == "dmc")
+    return {"launch_cpu_s": launch_cpu_s(), **checkpoint_cpu_s(dmc.model, dmc.optimizer, cfg)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -241,15 +356,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         contenders = _contenders(args, cfg, shape)
         measure(args, contenders, _batch(args, shape.vocab_size, device), device)
+        overheads = _overheads(args, cfg, contenders)
     finally:
         destroy_distributed()
     lines, result = report(args, shape, contenders, device)
+    if overheads:
+        from megatron_dmc.training.overheads import lines as overhead_lines
+
+        tokens = args.seq_length * args.micro_batch_size * args.num_microbatches
+        dmc_s = result["median_s"]["dmc"]
+        lines += overhead_lines(overheads, tokens, dmc_s / tokens)
+        result["overheads"] = overheads
     print("\n".join(lines), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    from megatron_dmc.cli_errors import run
+
+    raise SystemExit(run(main))

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_dmc.convert.layout import LATEST_FILE, METADATA_KEY, resolve_iteration_dir
+from megatron_dmc.convert.layout import LATEST_FILE, METADATA_KEY
+from megatron_dmc.model.lora import drop_absent_adapters
+from megatron_dmc.training.damage import (
+    DamagedCheckpointError,
+    alternatives,
+    checked_iteration_dir,
+)
 from megatron_dmc.training.rng import get_rng_state, set_rng_state
 
 CHECKPOINT_VERSION = 3.0
@@ -52,6 +61,9 @@ class Progress:
 
     stage_done: bool = False
     """The stage finished (for zero_out: the decision rows were zeroed)."""
+
+    skipped_iterations: int = 0
+    """Steps whose loss or gradient was not finite, skipped under --skip-nonfinite-steps."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -149,9 +161,23 @@ def has_checkpoint(root: str | Path | None) -> bool:
     return root is not None and (Path(root) / LATEST_FILE).is_file()
 
 
-def read_common(path: str | Path) -> dict[str, Any]:
-    """common.pt of the newest checkpoint under `path` (no model needed)."""
-    return dist_checkpointing.load_common_state_dict(str(resolve_iteration_dir(path)))
+def read_common(path: str | Path, step: int | None = None) -> dict[str, Any]:
+    """common.pt of the newest checkpoint under `path`, or of iteration `step` (no model
+    needed); a damaged checkpoint raises DamagedCheckpointError."""
+    directory = checked_iteration_dir(path, step)
+    with _reading(directory, directory / "common.pt"):
+        return dist_checkpointing.load_common_state_dict(str(directory))
+
+
+@contextmanager
+def _reading(directory: Path, what: Path) -> Iterator[None]:
+    """Turn a reader's failure on a checkpoint that looked whole into a refusal naming it."""
+    try:
+        yield
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise DamagedCheckpointError(
+            f"{what}: unreadable ({type(error).__name__}: {error}); {alternatives(directory.parent)}"
+        ) from error
 
 
 def load_checkpoint(
@@ -160,21 +186,27 @@ def load_checkpoint(
     optimizer: Any,
     load_optim: bool = True,
     load_rng: bool = True,
+    step: int | None = None,
 ) -> tuple[Progress, dict[str, Any]]:
     """Collective: load weights (and optimizer, RNG when present and asked) at this layout.
 
     A checkpoint without DMC progress (a converted vanilla model) loads weights only and
     starts at iteration 0. The RNG state is loaded only at the layout it was saved from
-    (the train loop re-derives it every step anyway). Returns the progress and common.pt.
+    (the train loop re-derives it every step anyway). `step` picks a saved iteration other
+    than the newest. Returns the progress and common.pt.
     """
-    directory = resolve_iteration_dir(path)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    directory = checked_iteration_dir(path, step)
+    common = read_common(directory)
     ours = "dmc_progress" in common
     optimizer = optimizer if ours and load_optim else None
     request = _state_dict(model, optimizer, Progress(), {}, is_loading=True)
     if not (ours and load_rng and common.get("parallel_layout") == _layout()):
         request.pop("rng_state")
-    loaded = dist_checkpointing.load(request, str(directory))
+    absent = drop_absent_adapters(request["model"], directory)
+    with _reading(directory, directory):
+        loaded = dist_checkpointing.load(request, str(directory))
+    own = _unwrap(model).state_dict(keep_vars=True)
+    loaded["model"].update({key: own[key] for key in absent})
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

@@ -25,6 +25,8 @@ DMC_ONLY_FIELDS = (
     "dmc_window_size",
     "dmc_temperature",
     "dmc_init_val",
+    "dmc_decision_source",
+    "dmc_merge_delay",
 )
 """DMCArgs fields that mean nothing to --dmc-stage plain."""
 
@@ -140,6 +142,10 @@ class OptimizerArgs:
     more (the rows start at zero and must move the logits by c within tens of steps).
     CPU optimizer only."""
 
+    skip_nonfinite_steps: int = 0
+    """Skip (not apply, but count and log) up to this many steps over the run whose loss or
+    gradient is NaN/inf, then stop at the next one; 0 stops at the first."""
+
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
         if not 0 <= self.min_lr <= self.lr:
@@ -153,6 +159,10 @@ class OptimizerArgs:
         _positive("dmc_decision_lr_mult", self.dmc_decision_lr_mult)
         if self.lr_warmup_iters < 0:
             raise ValueError(f"--lr-warmup-iters must be >= 0; got {self.lr_warmup_iters}")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(
+                f"--skip-nonfinite-steps must be >= 0; got {self.skip_nonfinite_steps}"
+            )
 
 
 @dataclass
@@ -199,8 +209,14 @@ class CheckpointArgs:
     no_load_rng: bool = False
     """Do not load the RNG state of --load."""
 
+    ckpt_step: int | None = None
+    """Start from this saved iteration instead of the newest (e.g. the last good one before a
+    damaged save); with --load of a vanilla checkpoint it has no effect."""
+
     def __post_init__(self) -> None:
         _positive("save_interval", self.save_interval, allow_none=True)
+        if self.ckpt_step is not None and self.ckpt_step < 0:
+            raise ValueError(f"--ckpt-step must be >= 0; got {self.ckpt_step}")
 
 
 @dataclass
@@ -259,6 +275,17 @@ class DMCArgs:
     dmc_init_val: float = 5.0
     """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
 
+    dmc_decision_source: str = field(default="channel", metadata={"choices": ("channel", "heads")})
+    """Where decisions come from: "channel" (the paper: channel D-1 of q/k, repurposed after
+    the zero_out stage) or "heads" (a zero-initialised projection of the attention input;
+    the model starts exactly as the original, no channel is zeroed, so there is no zero_out
+    stage: --dmc-stage all runs retrofit then finetune, --dmc-stage zero_out is refused)."""
+
+    dmc_merge_delay: int = 0
+    """W: the most recent W tokens of every head stay exact; a token's merge decision takes
+    effect when it leaves that window (0 = the paper). The window counts as kept slots, so
+    the CR reachable at --seq-length S is at most S / (W + 1)."""
+
     dmc_cr_loss_weight: float = 1.0
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
     unweighted CR loss."""
@@ -293,10 +320,22 @@ class DMCArgs:
         _positive("dmc_window_size", self.dmc_window_size)
         _positive("dmc_temperature", self.dmc_temperature)
         _positive("dmc_cr_loss_weight", self.dmc_cr_loss_weight)
+        self._check_decision_source()
         if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
             raise ValueError(
                 "--dmc-zero-out-anneal-iters must be <= --dmc-zero-out-iters (the channel must "
                 "reach zero before its weight rows are zeroed)"
+            )
+
+    def _check_decision_source(self) -> None:
+        if self.dmc_merge_delay < 0:
+            raise ValueError(
+                f"--dmc-merge-delay must be >= 0 (0 = the paper); got {self.dmc_merge_delay}"
+            )
+        if self.dmc_decision_source == "heads" and self.dmc_stage == "zero_out":
+            raise ValueError(
+                "--dmc-stage zero_out does not apply to --dmc-decision-source heads: no channel "
+                "is repurposed, so there is nothing to zero; run --dmc-stage retrofit (or all)"
             )
 
     def _check_plain(self) -> None:
@@ -319,14 +358,21 @@ class DMCArgs:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return STAGES if self.dmc_stage == "all" else (self.dmc_stage,)
+        return self.schedule_stages if self.dmc_stage == "all" else (self.dmc_stage,)
+
+    @property
+    def schedule_stages(self) -> tuple[str, ...]:
+        """The stages of the whole schedule: the three DMC stages (without zero_out when the
+        decisions come from heads), or plain."""
+        if self.dmc_stage == PLAIN:
+            return (PLAIN,)
+        return STAGES[1:] if self.dmc_decision_source == "heads" else STAGES
 
     @property
     def schedule_iters(self) -> int:
-        """Steps of the whole schedule this launch belongs to: all three DMC stages (whichever
-        of them it runs), or the plain stage."""
-        names = (PLAIN,) if self.dmc_stage == PLAIN else STAGES
-        return sum(self.stage_iters(s) for s in names)
+        """Steps of the whole schedule this launch belongs to (whichever of its stages it
+        runs)."""
+        return sum(self.stage_iters(s) for s in self.schedule_stages)
 
     def stage_iters(self, stage: str) -> int:
         lengths = {
@@ -338,6 +384,73 @@ class DMCArgs:
         return int(lengths[stage])
 
 
+TRAINABLE_SETS = ("all", "attention", "dmc-heads", "lora")
+"""What --dmc-trainable may name (see RetrofitArgs.dmc_trainable)."""
+
+
+@dataclass
+class RetrofitArgs:
+    dmc_distill_weight: float = 0.0
+    """Weight of the per-token KL(student || teacher) against the original model (the same
+    weights with compression off when the base is frozen, else a frozen copy of the starting
+    weights) in the loss of every DMC stage and zero_out. 0 (the release): no teacher."""
+
+    dmc_lm_loss_weight: float = 1.0
+    """Weight of the LM cross-entropy in the loss (1 in the release; 0 with distillation makes
+    the KL the only task loss). The metrics log the unweighted LM loss either way."""
+
+    dmc_distill_chunk: int = 0
+    """Micro-batches per teacher pass: the teacher's logits of that many micro-batches wait on
+    the last pipeline stage for the student's loss (b x s x V/TP each). 0: the whole step in
+    one pass; set it when a step has many micro-batches (the result is the same step)."""
+
+    dmc_teacher_load: str | None = None
+    """Checkpoint of the teacher's weights when it is a frozen copy; default --load (the
+    weights the run started from)."""
+
+    dmc_trainable: str = field(default="all", metadata={"choices": TRAINABLE_SETS})
+    """What trains: all (the release), attention (q/k/v/o and the decision heads), dmc-heads
+    (the decision heads only; needs --dmc-decision-source heads) or lora (adapters on q/k/v/o,
+    plus the decision heads; merged into the weights at export). The rest is frozen and has
+    no optimizer state."""
+
+    dmc_lora_rank: int = 8
+    """Rank of the LoRA adapters (--dmc-trainable lora)."""
+
+    dmc_lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter adds (alpha / rank) * B A x."""
+
+    dmc_lora_mlp: bool = False
+    """Also put LoRA adapters on the MLP's fc1 and fc2 (--dmc-trainable lora)."""
+
+    def __post_init__(self) -> None:
+        if self.dmc_distill_weight < 0 or self.dmc_lm_loss_weight < 0:
+            raise ValueError("--dmc-distill-weight and --dmc-lm-loss-weight must be >= 0")
+        if self.dmc_distill_weight == 0 and self.dmc_lm_loss_weight == 0:
+            raise ValueError(
+                "--dmc-lm-loss-weight 0 leaves no task loss without distillation; give "
+                "--dmc-distill-weight > 0 or keep the LM loss"
+            )
+        if self.dmc_distill_chunk < 0:
+            raise ValueError(f"--dmc-distill-chunk must be >= 0; got {self.dmc_distill_chunk}")
+        if self.dmc_lora_rank <= 0:
+            raise ValueError(f"--dmc-lora-rank must be > 0; got {self.dmc_lora_rank}")
+        _positive("dmc_lora_alpha", self.dmc_lora_alpha)
+        if self.dmc_trainable != "lora" and self.dmc_lora_mlp:
+            raise ValueError("--dmc-lora-mlp needs --dmc-trainable lora")
+        if self.dmc_teacher_load is not None and not self.distill:
+            raise ValueError("--dmc-teacher-load needs --dmc-distill-weight > 0")
+
+    @property
+    def distill(self) -> bool:
+        return self.dmc_distill_weight > 0
+
+    @property
+    def frozen_base(self) -> bool:
+        """Only decision heads and adapters train: the base weights stay the original's."""
+        return self.dmc_trainable in ("dmc-heads", "lora")
+
+
 GROUPS: dict[str, type] = {
     "model": ModelArgs,
     "parallel": ParallelArgs,
@@ -347,6 +460,7 @@ GROUPS: dict[str, type] = {
     "checkpoint": CheckpointArgs,
     "logging": LoggingArgs,
     "dmc": DMCArgs,
+    "retrofit": RetrofitArgs,
 }
 """Flag groups in the order --help shows them; the keys are TrainConfig attributes."""
 
@@ -377,6 +491,9 @@ class TrainConfig:
     dmc: DMCArgs
     """The DMC stages and hyperparameters."""
 
+    retrofit: RetrofitArgs = field(default_factory=RetrofitArgs)
+    """Distillation from the original model and what trains."""
+
     def __post_init__(self) -> None:
         if not self.data.mock_data and self.data.data_path is None:
             raise ValueError(
@@ -396,6 +513,30 @@ class TrainConfig:
         if self.dmc.dmc_stage == PLAIN and self.optim.dmc_decision_lr_mult != 1.0:
             raise ValueError(
                 "--dmc-decision-lr-mult does not apply to --dmc-stage plain (no decision rows)"
+            )
+        self._check_retrofit()
+
+    def _check_retrofit(self) -> None:
+        r = self.retrofit
+        if self.dmc.dmc_stage == PLAIN and (r.distill or r.dmc_trainable != "all"):
+            raise ValueError(
+                "--dmc-distill-weight and --dmc-trainable apply to the DMC stages, not to "
+                "--dmc-stage plain; drop them"
+            )
+        heads = getattr(self.dmc, "dmc_decision_source", "channel") == "heads"
+        if r.dmc_trainable == "dmc-heads" and not heads:
+            raise ValueError(
+                "--dmc-trainable dmc-heads trains only the decision heads, which exist with "
+                "--dmc-decision-source heads only; add it, or use attention / lora / all"
+            )
+        if r.dmc_trainable == "lora" and self.model.sequence_parallel:
+            raise ValueError("--dmc-trainable lora does not support --sequence-parallel yet")
+        teacher_copy = r.distill and not (r.frozen_base and heads)
+        if teacher_copy and r.dmc_teacher_load is None and self.checkpoint.load is None:
+            raise ValueError(
+                "distillation with a trainable base (or the channel decision source, whose "
+                "zero_out changes the base) needs the original weights as a frozen teacher: "
+                "give --load or --dmc-teacher-load"
             )
 
     @property

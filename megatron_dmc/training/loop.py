@@ -21,10 +21,12 @@ from megatron_dmc.training.data import build_datasets, micro_batches
 from megatron_dmc.training.loss import LossSettings
 from megatron_dmc.training.metrics import MetricsWriter
 from megatron_dmc.training.optim import build_optimizer, set_decision_lr_mult, stage_lr_scheduler
-from megatron_dmc.training.record import LayerWatch, StepRecorder
+from megatron_dmc.training.record import LayerWatch, NonFiniteLossError, StepRecorder
 from megatron_dmc.training.rng import reseed_for_step
 from megatron_dmc.training.stages import Stage, plan, start_position
 from megatron_dmc.training.step import run_batches, train_step
+from megatron_dmc.training.teacher import Teacher, build_teacher
+from megatron_dmc.training.trainable import check_checkpoint
 from megatron_dmc.training.validate import validate
 
 
@@ -42,6 +44,7 @@ class Run:
     writer: MetricsWriter
     recorder: StepRecorder
     saved_at: int = -1
+    teacher: Teacher | None = None
 
     @property
     def num_microbatches(self) -> int:
@@ -54,6 +57,8 @@ class Run:
             stage.target_cr(step),
             count * self.cfg.batch.seq_length,
             self.cfg.dmc.dmc_cr_loss_weight,
+            self.cfg.retrofit.dmc_lm_loss_weight,
+            self.cfg.retrofit.dmc_distill_weight,
         )
 
     def batches(self, data, stage: Stage, forward_only: bool):
@@ -83,9 +88,12 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         model_api.schedule_seq_length(run.model, cfg),
         cfg.batch.micro_batch_size,
         settings,
+        run.teacher,
     )
     elapsed = time.perf_counter() - start
-    run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
+    problem = run.recorder.check_finite(result, progress.iteration + 1, stage.name, watch)
+    if problem is not None:
+        _skip_or_stop(run, problem)
     alpha_LN = model_api.alpha_means(run.model, run.model_config)
     base = {
         "iteration": progress.iteration + 1,
@@ -96,9 +104,33 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
         "step_ms": elapsed * 1e3,
         "tokens_per_s": cfg.global_batch_size * cfg.batch.seq_length / elapsed,
     }
-    return run.recorder.record(
+    record = run.recorder.record(
         base, result, alpha_LN, settings.decisions_per_sequence, settings.target_cr
     )
+    if problem is not None:
+        record["skipped_iterations"] = progress.skipped_iterations
+    if run.teacher is not None:
+        record["kl_loss"] = result.stats["kl_sum"] / max(result.stats["tokens"], 1.0)
+    return record
+
+
+def _skip_or_stop(run: Run, problem: str) -> None:
+    """A step with a non-finite loss or gradient was not applied: skip it while
+    --skip-nonfinite-steps allows, else stop (nothing of this step is saved)."""
+    allowed, done = run.cfg.optim.skip_nonfinite_steps, run.progress.skipped_iterations
+    if done >= allowed:
+        hint = (
+            f"{done} such steps were skipped already (--skip-nonfinite-steps {allowed})"
+            if allowed
+            else "to skip such steps instead, add --skip-nonfinite-steps N"
+        )
+        raise NonFiniteLossError(
+            f"{problem}; this update was not applied and nothing was saved, so the last "
+            f"checkpoint is the last good one; {hint}"
+        )
+    run.progress.skipped_iterations += 1
+    if model_api.is_logging_rank():
+        print(f"skipped: {problem} ({done + 1} of --skip-nonfinite-steps {allowed})", flush=True)
 
 
 def _run_stage(run: Run, stage: Stage, stop_at: int, warmup_iters: int = 0) -> bool:
@@ -169,9 +201,13 @@ def _save_args(run: Run):
 
 
 def _resume_source(cfg: TrainConfig) -> tuple[str | None, bool]:
-    """(checkpoint to start from, whether it is this run's own): --save first, then --load."""
-    if ckpt.has_checkpoint(cfg.checkpoint.save):
-        return cfg.checkpoint.save, True
+    """(checkpoint to start from, whether it is this run's own): --save first (with a
+    tracker, or holding the --ckpt-step iteration), then --load."""
+    save, step = cfg.checkpoint.save, cfg.checkpoint.ckpt_step
+    if ckpt.has_checkpoint(save) or (
+        save is not None and step is not None and ckpt.iteration_dir(save, step).is_dir()
+    ):
+        return save, True
     return cfg.checkpoint.load, False
 
 
@@ -184,6 +220,7 @@ def _load(run: Run, source: str, own: bool) -> None:
         run.optimizer,
         load_optim=not (weights_only or cfg.no_load_optim),
         load_rng=not (weights_only or cfg.no_load_rng),
+        step=cfg.ckpt_step,
     )
     run.progress = ckpt.Progress() if weights_only else progress
     if own:
@@ -201,15 +238,24 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
     source, own = _resume_source(cfg)
     progress = ckpt.Progress()
     if source is not None and not (cfg.checkpoint.finetune and not own):
-        progress = ckpt.Progress(**ckpt.read_common(source).get("dmc_progress", {}))
+        common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
+        progress = ckpt.Progress(**common.get("dmc_progress", {}))
     position = start_position(stages, progress.stage, progress.stage_step, progress.stage_done)
+    if source is not None:
+        weights_only = cfg.checkpoint.finetune and not own
+        load_optim = not (weights_only or cfg.checkpoint.no_load_optim)
+        check_checkpoint(cfg.retrofit, ckpt.read_common(source), load_optim)
     first = stages[min(position.stage_index, len(stages) - 1)]
     model = model_api.build(model_config, cfg, first.attention)
+    teacher = build_teacher(cfg, model_config, model)
     optimizer = build_optimizer(
         model, cfg.optim, cfg.model.bf16, cfg.parallel.use_distributed_optimizer
     )
     writer = MetricsWriter(
-        cfg.checkpoint.save, cfg.logging.tensorboard_dir, model_api.is_logging_rank()
+        cfg.checkpoint.save,
+        cfg.logging.tensorboard_dir,
+        model_api.is_logging_rank(),
+        resume_from=progress.iteration,
     )
     run = Run(
         cfg,
@@ -221,6 +267,7 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
         None,
         writer,
         StepRecorder(model_config),
+        teacher=teacher,
     )
     if source is not None:
         _load(run, source, own)

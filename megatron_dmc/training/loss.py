@@ -1,4 +1,5 @@
-"""The training loss of one micro-batch: LM cross-entropy (masked mean) + CR loss.
+"""The training loss of one micro-batch: LM cross-entropy (masked mean), distillation KL
+(masked mean, when a teacher is given) and the CR loss, each with its weight.
 
 Legend: b micro-batch size, s sequence length.
 
@@ -18,7 +19,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 
 from megatron_dmc.ops import compression_loss
 
-STATS = ("lm_loss_sum", "tokens", "cr_loss_sum", "sequences", "alpha_sum")
+STATS = ("lm_loss_sum", "tokens", "cr_loss_sum", "sequences", "alpha_sum", "kl_sum")
 """Fields of the per-micro-batch statistics vector the loss function returns."""
 
 
@@ -32,6 +33,12 @@ class LossSettings:
 
     cr_loss_weight: float = 1.0
     """Weight of the CR loss in the total loss (1 in the release)."""
+
+    lm_loss_weight: float = 1.0
+    """Weight of the LM cross-entropy in the total loss (1 in the release)."""
+
+    distill_weight: float = 0.0
+    """Weight of the KL to the teacher; 0: no teacher (the release)."""
 
 
 def global_alpha_sum(alpha_sum_B: torch.Tensor, summed_over_tp: bool) -> torch.Tensor:
@@ -47,12 +54,20 @@ def micro_batch_loss(
     loss_mask_BS: torch.Tensor,
     alpha_sum_B: torch.Tensor | None,
     settings: LossSettings,
+    kl_BS: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, statistics vector ordered as STATS)."""
+    """(loss to back-propagate, statistics vector ordered as STATS). `kl_BS`: per-token
+    KL(student || teacher) when distilling."""
     mask_BS = loss_mask_BS.to(loss_BS.dtype)
     tokens = mask_BS.sum()
     lm_sum = (loss_BS * mask_BS).sum()
     loss = lm_sum / tokens.clamp(min=1)
+    if settings.lm_loss_weight != 1.0:
+        loss = settings.lm_loss_weight * loss
+    kl_sum = loss.new_zeros(())
+    if kl_BS is not None:
+        kl_sum = (kl_BS * mask_BS).sum()
+        loss = loss + settings.distill_weight * kl_sum / tokens.clamp(min=1)
     cr_loss = loss.new_zeros(())
     alpha_total = loss.new_zeros(())
     if alpha_sum_B is not None:
@@ -63,6 +78,13 @@ def micro_batch_loss(
             loss = loss + settings.cr_loss_weight * cr_loss
     sequences = loss.new_tensor(float(loss_BS.shape[0]))
     stats = torch.stack(
-        [lm_sum.detach(), tokens, cr_loss.detach() * sequences, sequences, alpha_total]
+        [
+            lm_sum.detach(),
+            tokens,
+            cr_loss.detach() * sequences,
+            sequences,
+            alpha_total,
+            kl_sum.detach(),
+        ]
     )
     return loss, stats

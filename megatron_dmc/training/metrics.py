@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ METRICS_FILE = "metrics.jsonl"
 
 _CONSOLE = (
     ("lm_loss", "lm {:.4f}"),
+    ("kl_loss", "kl {:.5f}"),
     ("cr_loss", "cr-loss {:.4f}"),
     ("achieved_cr", "cr {:.3f}"),
     ("target_cr", "/ {:.3f}"),
@@ -38,7 +40,15 @@ class MetricsWriter:
     """Writes on the rank that holds the loss (last pipeline stage, first TP and DP rank);
     every other rank gets `enabled=False` and writes nothing."""
 
-    def __init__(self, run_dir: str | None, tensorboard_dir: str | None, enabled: bool) -> None:
+    def __init__(
+        self,
+        run_dir: str | None,
+        tensorboard_dir: str | None,
+        enabled: bool,
+        resume_from: int = 0,
+    ) -> None:
+        """`resume_from`: the iteration the run starts after; records of later iterations
+        (written before a crash, to be redone now) are dropped from both outputs."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -46,11 +56,13 @@ class MetricsWriter:
             return
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = (Path(run_dir) / METRICS_FILE).open("a", encoding="utf-8")
+            path = Path(run_dir) / METRICS_FILE
+            drop_records_after(path, resume_from)
+            self._jsonl = path.open("a", encoding="utf-8")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=tensorboard_dir)
+            self._tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=resume_from + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -79,6 +91,24 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_records_after(path: Path, iteration: int) -> None:
+    """Keep only the records of iterations <= `iteration` in the metrics.jsonl at `path`
+    (and any torn last line of a killed run goes too); rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,13 @@ from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
+from megatron_dmc.model.lora import LORA_KEY
 from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig
-from megatron_dmc.training.config import TrainConfig
+from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import Stage
+from megatron_dmc.training.trainable import apply_trainable
 
 
 def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
@@ -47,7 +49,13 @@ def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
 
 
 def dmc_config(cfg: TrainConfig) -> DMCConfig:
-    return DMCConfig(cfg.dmc.dmc_window_size, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
+    return DMCConfig(
+        cfg.dmc.dmc_window_size,
+        cfg.dmc.dmc_init_val,
+        cfg.dmc.dmc_temperature,
+        decision_source=cfg.dmc.dmc_decision_source,
+        merge_delay=cfg.dmc.dmc_merge_delay,
+    )
 
 
 def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
@@ -63,7 +71,8 @@ def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
 
 
 def build(model_config: ModelConfig, cfg: TrainConfig, attention: str) -> DistributedDataParallel:
-    """This rank's stage of the model for `attention`, wrapped in Megatron's DDP."""
+    """This rank's stage of the model for `attention` with the --dmc-trainable set applied
+    (adapters added, the rest frozen), wrapped in Megatron's DDP."""
     module = build_model(
         model_config,
         attention,
@@ -71,6 +80,7 @@ def build(model_config: ModelConfig, cfg: TrainConfig, attention: str) -> Distri
         transformer_config(model_config, cfg),
         noise_seed=cfg.batch.seed,
     )
+    apply_trainable(module, cfg.retrofit, cfg.batch.seed)
     return _wrap(module, cfg)
 
 
@@ -152,5 +162,22 @@ def export_metadata(
             "init_val": cfg.dmc.dmc_init_val,
             "compression_ratio": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
+            "decision_source": cfg.dmc.dmc_decision_source,
+            "merge_delay": cfg.dmc.dmc_merge_delay,
         }
-    return {METADATA_KEY: checkpoint_metadata(shape_from_model_config(model_config), dmc=dmc)}
+    heads = cfg.dmc.dmc_decision_source == "heads" and cfg.dmc.dmc_stage != PLAIN
+    shape = shape_from_model_config(model_config, decision_heads=heads)
+    metadata = checkpoint_metadata(shape, dmc=dmc)
+    if cfg.retrofit.dmc_trainable == "lora":
+        metadata[LORA_KEY] = lora_metadata(cfg.retrofit)
+    return {METADATA_KEY: metadata}
+
+
+def lora_metadata(args) -> dict[str, Any]:
+    """What an exporter needs to fold the adapters into the weights (`merged_weight`)."""
+    return {
+        "rank": args.dmc_lora_rank,
+        "alpha": args.dmc_lora_alpha,
+        "scale": args.dmc_lora_alpha / args.dmc_lora_rank,
+        "mlp": args.dmc_lora_mlp,
+    }

@@ -7,9 +7,11 @@ which hold the data-parallel mean after `finalize_model_grads`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
@@ -101,6 +103,8 @@ class CpuAdamW:
         for param in self.parameters():
             param.grad = param.main_grad
         norm = self.grad_norm()
+        if not math.isfinite(norm):
+            return False, norm, None
         if self.clip_grad > 0 and norm > self.clip_grad:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, self.clip_grad / (norm + 1.0e-6))
@@ -158,6 +162,55 @@ class CpuAdamW:
             )
         ]
         self.optimizer.load_state_dict(state_dict)
+
+
+def _grad_of(param: torch.nn.Parameter) -> torch.Tensor | None:
+    return getattr(param, "main_grad", None) if param.grad is None else param.grad
+
+
+def _ordered_grads(model: torch.nn.Module) -> list[tuple[int, str, torch.Tensor]]:
+    """(place, description, gradient) of every parameter with one; place orders the model
+    front to back over pipeline stages: 0 embedding, n for global layer n, then the rest."""
+    inner = getattr(model, "module", model)
+    layer_of: dict[int, tuple[int, str]] = {}
+    for module in inner.modules():
+        if type(module).__name__ == "TransformerLayer":
+            for name, param in module.named_parameters():
+                layer_of[id(param)] = (module.layer_number, name)
+    out = []
+    for name, param in inner.named_parameters():
+        grad = _grad_of(param)
+        if grad is None:
+            continue
+        if id(param) in layer_of:
+            number, local = layer_of[id(param)]
+            out.append((number, f"layer {number - 1} ({local})", grad))
+        else:
+            out.append((0 if "embedding" in name else 2**31, name, grad))
+    return out
+
+
+@torch.no_grad()
+def first_non_finite_grad(model: torch.nn.Module) -> str | None:
+    """Collective over all ranks: None when every gradient (DP-reduced `main_grad`) is
+    finite, else where the first non-finite one is (the same answer on every rank)."""
+    grads = _ordered_grads(model)
+    norms = torch._foreach_norm([g for _, _, g in grads]) if grads else []
+    bad = [(place, text) for (place, text, _), n in zip(grads, norms) if not torch.isfinite(n)]
+    first = min(bad, key=_place, default=(math.inf, ""))
+    flag = torch.tensor([float(first[0])], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if math.isinf(flag.item()):
+        return None
+    found: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, first)
+    return min(found, key=_place)[1]
+
+
+def _place(found: tuple[float, str]) -> float:
+    return found[0]
 
 
 def restart_decision_moments(optimizer: Optimizer, selectors: list[RowSelector]) -> None:

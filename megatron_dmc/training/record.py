@@ -1,4 +1,4 @@
-"""Per-step records (what metrics.jsonl and the console get) and the non-finite loss stop.
+"""Per-step records (what metrics.jsonl and the console get) and the non-finite step check.
 
 Legend: L layers, N KV heads (whole model).
 """
@@ -17,7 +17,8 @@ from megatron_dmc.training.summary import verdict
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the run stops without applying that step."""
+    """The loss or the gradient became NaN or inf; the run stops without applying that step
+    (and without saving it)."""
 
 
 class LayerWatch:
@@ -65,17 +66,21 @@ class StepRecorder:
 
     def check_finite(
         self, result: StepResult, iteration: int, stage: str, watch: LayerWatch
-    ) -> None:
-        """Raise on every rank, naming the step and, when found, the layer."""
-        if result.finite:
+    ) -> str | None:
+        """Collective: None for a finite step, else what was not finite and where (the
+        step, and the first layer with a non-finite output or gradient)."""
+        if result.finite and result.bad_grad is None:
             watch.reset()
-            return
+            return None
+        step = f"iteration {iteration} (stage {stage})"
+        if result.finite:
+            return f"non-finite gradient at {step} with a finite loss; first in {result.bad_grad}"
         layer = watch.first_bad_layer()
+        watch.reset()
         where = "" if layer is None else f"; first non-finite layer output: layer {layer}"
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {iteration} (stage {stage}): "
-            f"lm_loss_sum={result.stats['lm_loss_sum']}, cr_loss_sum={result.stats['cr_loss_sum']}"
-            f"{where}"
+        return (
+            f"non-finite loss at {step}: lm_loss_sum={result.stats['lm_loss_sum']}, "
+            f"cr_loss_sum={result.stats['cr_loss_sum']}{where}"
         )
 
     def record(

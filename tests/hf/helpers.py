@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_dmc.hf import DMCLlamaForCausalLM, LlamaDMCConfig
-from megatron_dmc.ops import DMCConfig, dmc_self_attention, rope_without_decision_channel
+from megatron_dmc.ops import (
+    DMCConfig,
+    decision_head_logits,
+    dmc_self_attention,
+    dmc_sequential_reference,
+    rope_without_decision_channel,
+)
 
 
 def tiny_config(**overrides) -> LlamaDMCConfig:
@@ -84,8 +90,17 @@ def _projections(attention, hidden_states):
 def _ops_dmc_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
     q, k, v = _projections(self, hidden_states)
     cos, sin = position_embeddings
-    config = DMCConfig(window=self.dmc_window, init_value=self.dmc_init)
-    out, self.decisions = dmc_self_attention(q, k, v, cos[0], sin[0], config, training=False)
+    logits = None
+    if self.dmc_config.decision_source == "heads":
+        logits = decision_head_logits(hidden_states, self.dmc_weight, self.dmc_config.init_value)
+    if self.sequential:
+        out, self.lengths = dmc_sequential_reference(
+            q, k, v, cos[0], sin[0], self.dmc_config, logits
+        )
+    else:
+        out, self.decisions = dmc_self_attention(
+            q, k, v, cos[0], sin[0], self.dmc_config, training=False, logits=logits
+        )
     return self.o_proj(out.transpose(1, 2).flatten(2)), None
 
 
@@ -98,20 +113,41 @@ def _stage1_forward(self, hidden_states, position_embeddings, attention_mask=Non
 
 
 def reference_llama(model: DMCLlamaForCausalLM, kind: str = "ops") -> LlamaForCausalLM:
-    """transformers' own Llama on the same weights, its attention computed by megatron_dmc.ops
-    (kind="ops", eval-mode DMC) or as plain attention without channel D-1 (kind="stage1")."""
+    """transformers' own Llama on the same weights, its attention computed by megatron_dmc.ops:
+    kind="ops" the eval-mode parallel form, "sequential" Algorithm 1 token by token
+    (`dmc_sequential_reference`), "stage1" plain attention without channel D-1."""
     fields = model.config.to_dict()
     for key in [k for k in fields if k.startswith("dmc_")] + ["model_type", "architectures"]:
         fields.pop(key, None)
     reference = LlamaForCausalLM(LlamaConfig(**fields)).eval()
-    reference.load_state_dict(model.state_dict())
-    forward = _ops_dmc_forward if kind == "ops" else _stage1_forward
-    for layer in reference.model.layers:
+    state = model.state_dict()
+    heads = {key: state.pop(key) for key in list(state) if "dmc_decision_proj" in key}
+    reference.load_state_dict(state)
+    forward = _stage1_forward if kind == "stage1" else _ops_dmc_forward
+    config = model.config
+    dmc_config = DMCConfig(
+        window=config.dmc_window_size,
+        init_value=float(config.dmc_init_val),
+        decision_source=config.dmc_decision_source,
+        merge_delay=config.dmc_merge_delay,
+    )
+    for index, layer in enumerate(reference.model.layers):
         attention = layer.self_attn
-        attention.dmc_window = model.config.dmc_window_size
-        attention.dmc_init = model.config.dmc_init_val
+        attention.dmc_config, attention.sequential = dmc_config, kind == "sequential"
+        attention.dmc_weight = heads.get(f"model.layers.{index}.self_attn.dmc_decision_proj.weight")
         attention.forward = types.MethodType(forward, attention)
     return reference
+
+
+@torch.no_grad()
+def fire_heads(model, seed: int = 0, std: float = 0.06):
+    """Random decision-head weights: with the heads' scale of 100 the merge logits spread
+    around 0, so some tokens merge and some append."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        weight = layer.self_attn.dmc_decision_proj.weight
+        weight.copy_(torch.randn(weight.shape, generator=gen) * std / weight.shape[1] ** 0.5)
+    return model
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

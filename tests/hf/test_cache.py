@@ -6,17 +6,16 @@ import pytest
 import torch
 
 from megatron_dmc.hf import DMCCache
-from megatron_dmc.hf.modeling_llama_dmc import PAGE_GROWTH
 from tests.hf.helpers import dmc_model, fire_decisions, reference_llama
 
 IDS = torch.randint(3, 101, (2, 48), generator=torch.Generator().manual_seed(6))
 FLOAT, LONG = 4, 8
 
 
-def predicted_layer_bytes(lengths_N, capacity_pages, table_columns, config, page_size, batch):
+def predicted_layer_bytes(lengths_U, capacity_pages, table_columns, config, page_size, batch):
     d = config.head_dim
-    rows = lengths_N.numel()
-    pool = capacity_pages * page_size * 2 * d * FLOAT
+    rows = lengths_U.numel()
+    pool = capacity_pages * (page_size * 2 * d * FLOAT + LONG)  # pages and free-page stack
     table_and_lengths = rows * (table_columns + 1) * LONG
     window = rows * config.dmc_window_size * (2 * d + 1) * FLOAT + rows * LONG
     return pool + table_and_lengths + window + batch * LONG
@@ -39,10 +38,10 @@ def test_prefill_allocates_exactly_the_kept_slots(page_size):
     assert torch.equal(cache.slot_counts().to(expected_lengths.dtype), expected_lengths)
     predicted = 0
     for layer in cache.layers:
-        lengths_N = layer.slots.lengths_N
-        pages = int(sum(math.ceil(n / page_size) for n in lengths_N.tolist()))
-        columns = math.ceil(int(lengths_N.max()) / page_size)
-        predicted += predicted_layer_bytes(lengths_N, pages, columns, model.config, page_size, 2)
+        lengths_U = layer.slots.lengths_U
+        pages = int(sum(math.ceil(n / page_size) for n in lengths_U.tolist()))
+        columns = math.ceil(int(lengths_U.max()) / page_size)
+        predicted += predicted_layer_bytes(lengths_U, pages, columns, model.config, page_size, 2)
     assert cache.allocated_bytes() == predicted
     assert cache.compression_ratio() > 1.5
 
@@ -57,14 +56,14 @@ def test_decode_and_chunks_grow_pages_on_demand_only(call_length):
             model(IDS[:, t : t + call_length], cache=cache, use_cache=True)
     predicted = 0
     for layer in cache.layers:
-        slots, lengths_N = layer.slots, layer.slots.lengths_N
-        used = sum(math.ceil(n / 4) for n in lengths_N.tolist())
-        capacity = slots.keys_PSD.shape[0]
+        slots, lengths_U = layer.slots, layer.slots.lengths_U
+        used = sum(math.ceil(n / 4) for n in lengths_U.tolist())
+        capacity = slots.pool.num_pages
         assert slots.used_pages == used
-        assert used <= capacity <= int(used * PAGE_GROWTH) + 1
-        assert slots.pages_NM.shape[1] == math.ceil(int(lengths_N.max()) / 4)
+        assert used <= capacity <= 2 * used  # the shared pool doubles when it runs out
+        assert slots.pages_UM.shape[1] == math.ceil(int(lengths_U.max()) / 4)
         predicted += predicted_layer_bytes(
-            lengths_N, capacity, slots.pages_NM.shape[1], model.config, 4, 2
+            lengths_U, capacity, slots.pages_UM.shape[1], model.config, 4, 2
         )
     assert cache.allocated_bytes() == predicted
 

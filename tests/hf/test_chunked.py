@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_dmc.hf import DMCCache
+from megatron_dmc.hf.modeling_llama_dmc import chronological
 from tests.hf.helpers import dmc_model, fire_decisions, relative_error
 
 IDS = torch.randint(3, 101, (2, 60), generator=torch.Generator().manual_seed(9))
@@ -49,12 +50,16 @@ def _assert_same_state(chunked: DMCCache, sequential: DMCCache) -> None:
         keys_a, values_a, valid_a = a.slots.gather()
         keys_b, values_b, valid_b = b.slots.gather()
         assert torch.equal(valid_a, valid_b)
-        assert torch.equal(a.slots.pages_NM >= 0, b.slots.pages_NM >= 0)
+        assert torch.equal(a.slots.pages_UM >= 0, b.slots.pages_UM >= 0)
         assert a.slots.used_pages == b.slots.used_pages
         assert relative_error(keys_a[valid_a], keys_b[valid_b]) <= 1e-5
         assert relative_error(values_a[valid_a], values_b[valid_b]) <= 1e-5
-        assert torch.equal(a.open_slot.run_N, b.open_slot.run_N)
-        assert relative_error(a.open_slot.history(), b.open_slot.history()) <= 1e-5
+        held_a, held_b = chronological(a.window), chronological(b.window)
+        assert torch.equal(held_a.run_len_BG, held_b.run_len_BG)
+        for name in ("k_BGWD", "v_BGWD", "w_BGW"):
+            weighted_a = getattr(held_a, name) * (held_a.w_BGW[..., None] if "D" in name else 1)
+            weighted_b = getattr(held_b, name) * (held_b.w_BGW[..., None] if "D" in name else 1)
+            assert relative_error(weighted_a, weighted_b) <= 1e-5
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -17,7 +17,13 @@ from megatron_dmc.hf import (
     add_remote_code,
     save_pretrained_with_code,
 )
-from tests.hf.helpers import dmc_model, fire_decisions, reference_llama, relative_error
+from tests.hf.helpers import (
+    dmc_model,
+    fire_decisions,
+    fire_heads,
+    reference_llama,
+    relative_error,
+)
 
 IDS = torch.randint(3, 101, (2, 21), generator=torch.Generator().manual_seed(9))
 
@@ -31,13 +37,15 @@ REMOTE_LOAD = textwrap.dedent(
     sys.meta_path.insert(0, Block())
     import torch
     from transformers import AutoModelForCausalLM
-    export_dir, ids_path, out_path = sys.argv[1:]
-    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
+    ids_path, *pairs = sys.argv[1:]
     ids = torch.load(ids_path)
-    with torch.no_grad():
-        logits = model(ids, use_cache=False).logits
-    sequences = model.generate(ids, max_new_tokens=6, do_sample=False)
-    torch.save({"class": type(model).__name__, "logits": logits, "sequences": sequences}, out_path)
+    for export_dir, out_path in zip(pairs[::2], pairs[1::2]):
+        model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        sequences = model.generate(ids, max_new_tokens=6, do_sample=False)
+        result = {"class": type(model).__name__, "logits": logits, "sequences": sequences}
+        torch.save(result, out_path)
     """
 )
 
@@ -59,29 +67,25 @@ def test_export_carries_code_and_auto_map(exported):
 
 
 def test_remote_code_loads_offline_without_megatron_dmc(exported, tmp_path):
+    """The paper's model, and one with decision heads and a merge delay, in one process."""
     model, export_dir = exported
+    heads_delay = fire_heads(dmc_model(dmc_decision_source="heads", dmc_merge_delay=3))
+    heads_dir = save_pretrained_with_code(heads_delay, tmp_path / "heads_delay")
     torch.save(IDS, tmp_path / "ids.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            REMOTE_LOAD,
-            str(export_dir),
-            str(tmp_path / "ids.pt"),
-            str(tmp_path / "out.pt"),
-        ],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    result = torch.load(tmp_path / "out.pt")
-    with torch.no_grad():
-        expected = model(IDS, use_cache=False).logits
-    assert result["class"] == "DMCLlamaForCausalLM"
-    assert relative_error(result["logits"], expected) <= 1e-5
-    assert torch.equal(result["sequences"], model.generate(IDS, max_new_tokens=6, do_sample=False))
+    pairs = [str(export_dir), str(tmp_path / "out.pt"), str(heads_dir), str(tmp_path / "hd.pt")]
+    script = [sys.executable, "-c", REMOTE_LOAD, str(tmp_path / "ids.pt"), *pairs]
+    subprocess.run(script, check=True, env=env, cwd=tmp_path, timeout=300)
+    for expected_model, out in ((model, "out.pt"), (heads_delay, "hd.pt")):
+        result = torch.load(tmp_path / out)
+        with torch.no_grad():
+            expected = expected_model(IDS, use_cache=False).logits
+        assert result["class"] == "DMCLlamaForCausalLM"
+        assert relative_error(result["logits"], expected) <= 1e-5
+        sequences = expected_model.generate(IDS, max_new_tokens=6, do_sample=False)
+        assert torch.equal(result["sequences"], sequences)
+    config = json.loads((heads_dir / "config.json").read_text())
+    assert config["dmc_decision_source"] == "heads" and config["dmc_merge_delay"] == 3
 
 
 def test_registered_auto_classes_load_the_export(exported):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from megatron_dmc.inference import CacheConfig, PagedKVCache
-from megatron_dmc.inference.decode import decode_attention
+from megatron_dmc.inference.delay import DecodeStep
+from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
 from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import DMCConfig, rope_cos_sin
 
@@ -38,6 +39,8 @@ def make_cache(
     layers=1,
     num_pages=None,
     window=12,
+    decision_channel=True,
+    merge_delay=0,
 ):
     pages = num_pages or layers * batch * groups * (-(-max_len // page_size))
     config = CacheConfig(
@@ -51,15 +54,28 @@ def make_cache(
         compress=compress,
         dtype=dtype,
         window=window,
+        decision_channel=decision_channel,
+        merge_delay=merge_delay,
     )
     return PagedKVCache(config)
 
 
 def run_layer(
-    q, k, v, lengths, prefill_len, chunk=None, page_size=4, backend="padded", dmc=DMC, forced=None
+    q,
+    k,
+    v,
+    lengths,
+    prefill_len,
+    chunk=None,
+    page_size=4,
+    backend="padded",
+    dmc=DMC,
+    forced=None,
+    logits=None,
 ):
     """Outputs [B, H, T, D] of one layer: parallel prefill of the first tokens (optionally in
-    chunks), then token-by-token decode. lengths[b] = tokens of sequence b (right padded)."""
+    chunks), then token-by-token decode. lengths[b] = tokens of sequence b (right padded).
+    `logits` (DecisionLogits [B, G, T]) are the decision heads' in heads mode."""
     batch, _, length, head_dim = q.shape
     cache = make_cache(
         batch,
@@ -70,6 +86,8 @@ def run_layer(
         dmc is not None,
         q.dtype,
         window=dmc.window if dmc else 12,
+        decision_channel=dmc.uses_channel if dmc else True,
+        merge_delay=dmc.merge_delay if dmc else 0,
     )
     seq = cache.add_sequences(batch)
     cos, sin = rope_cos_sin(torch.arange(length), head_dim, 10000.0, q.dtype)
@@ -81,6 +99,23 @@ def run_layer(
         pos = torch.arange(start, end).expand(batch, -1)
         n = (prompt - start).clamp(0, end - start)
         sl = slice(start, end)
+        if dmc is not None and dmc.merge_delay and start > 0:
+            out[:, :, sl] = delayed_chunk_attention(
+                q[:, :, sl],
+                k[:, :, sl],
+                v[:, :, sl],
+                start,
+                cos[sl],
+                sin[sl],
+                lambda p: (cos[p], sin[p]),
+                cache,
+                0,
+                seq,
+                dmc,
+                forced,
+                _slice(logits, slice(None), sl),
+            )
+            continue
         out[:, :, sl] = prefill_attention(
             q[:, :, sl],
             k[:, :, sl],
@@ -94,22 +129,26 @@ def run_layer(
             n,
             dmc,
             forced,
+            _slice(logits, slice(None), sl),
         )
     for t in range(prefill_len, length):
         live = (lengths > t).nonzero().flatten()
         pos = torch.full((live.numel(),), t)
-        out[live, :, t] = decode_attention(
+        step = DecodeStep(pos, cos[pos], sin[pos], lambda p: (cos[p], sin[p]), dmc, forced)
+        out[live, :, t] = step.attend(
             q[live, :, t],
             k[live, :, t],
             v[live, :, t],
-            pos,
-            cos[pos],
-            sin[pos],
+            _slice(logits, live, slice(t, t + 1)),
             cache,
             0,
             seq[live],
-            dmc,
-            forced,
             backend,
         )
     return out, cache
+
+
+def _slice(logits, rows, times):
+    if logits is None:
+        return None
+    return type(logits)(*(x[rows][:, :, times] for x in logits))

@@ -24,15 +24,20 @@ def tiny_shape(heads=4, groups=2, layers=2, head_dim=16, vocab=97, tie=False) ->
 
 
 def tiny_model(
-    dmc: bool = True, seed: int = 0, decision_scale: float = 8.0, **shape_kw
+    dmc: bool | DMCConfig = True, seed: int = 0, decision_scale: float = 8.0, **shape_kw
 ) -> LlamaForInference:
     """Random weights; the k_proj rows of channel D-1 are scaled so that about a third of the
-    tokens merge (k[D-1] > 5), and q's channel D-1 spreads the importance weights."""
+    tokens merge (k[D-1] > 5), and q's channel D-1 spreads the importance weights. With a
+    heads-mode DMCConfig the decision heads get small random weights (logits of order 10)."""
     torch.manual_seed(seed)
     shape = tiny_shape(**shape_kw)
-    model = LlamaForInference(shape, DMCConfig() if dmc else None).eval()
+    config = dmc if isinstance(dmc, DMCConfig) else (DMCConfig() if dmc else None)
+    model = LlamaForInference(shape, config).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
+            if "dmc_decision_proj" in name:
+                p.normal_(0.0, 0.015)
+                continue
             p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.8, 1.2)
         d = shape.head_dim
         for layer in model.model.layers:

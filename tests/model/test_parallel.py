@@ -12,6 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed
 from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.ops import DMCConfig
 from tests.dist_utils import run_distributed
 from tests.model.helpers import (
     batch_BS,
@@ -26,12 +27,21 @@ NAME = "tiny_gqa"
 NUM_MICROBATCHES = 2
 
 
-def _reference() -> dict:
+HEADS = DMCConfig(decision_source="heads", merge_delay=3, temperature=1.0)
+"""Temperature 1: at 0.1 the Gumbel-sigmoid slope (1/tau) times the heads' scale (100)
+turns the layouts' different fp32 summation orders into gradient differences of 1-4e-5,
+which says nothing about the parallel plumbing this test checks."""
+
+
+def _reference(dmc_config: DMCConfig | None = None) -> dict:
     initialize_distributed(seed=21)
     try:
-        model = build_model(ModelConfig.from_yaml(NAME), "dmc")
-        with torch.no_grad():  # k[D-1] near c in every layer, so decisions are mixed
+        model = build_model(ModelConfig.from_yaml(NAME), "dmc", dmc_config)
+        with torch.no_grad():  # k[D-1] near c (or heads of a useful size): mixed decisions
             for layer in model.decoder.layers:
+                if dmc_config is not None and not dmc_config.uses_channel:
+                    layer.self_attention.dmc_decision_proj.weight.normal_(0.0, 0.02)
+                    continue
                 weight = layer.self_attention.linear_qkv.weight
                 weight.view(2, -1, 16, 64)[:, -2, -1] *= 400.0
         state = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -41,6 +51,7 @@ def _reference() -> dict:
             "grads": grads_by_global_name(model),
             "loss": [d["loss"] for d in losses],
             "alpha_sum": [d["alpha_sum"] for d in losses],
+            "dmc_config": dmc_config,
         }
     finally:
         destroy_distributed()
@@ -48,7 +59,7 @@ def _reference() -> dict:
 
 def _layout_errors(reference: dict, tp: int, pp: int, ddp: bool) -> dict:
     initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model = build_model(ModelConfig.from_yaml(NAME), "dmc")
+    model = build_model(ModelConfig.from_yaml(NAME), "dmc", reference["dmc_config"])
     load_full_state(model, reference["state"])
     tokens_BS = batch_BS(NUM_MICROBATCHES)
     if ddp:
@@ -96,8 +107,9 @@ def _all_layouts(reference: dict) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_tp2_pp2_dp2_match_one_process():
-    reference = _reference()
+@pytest.mark.parametrize("dmc_config", [None, HEADS], ids=["channel", "heads-delay3"])
+def test_tp2_pp2_dp2_match_one_process(dmc_config):
+    reference = _reference(dmc_config)
     assert all(s.sum() > 0 for s in reference["alpha_sum"]), "test needs some merges"
     per_rank = run_distributed(_all_layouts, world_size=2, args=(reference,), timeout_s=600)
     for rank, layouts in enumerate(per_rank):

@@ -107,7 +107,7 @@ def test_plots_are_png_files(job):
     report = (out / "report.md").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(Path(p).name for p in linked) == sorted(
-        ["loss.png", "cr.png", "cr_heatmap.png", "decode.png", "ppl_vs_cr.png"]
+        ["loss.png", "cr.png", "cr_heatmap.png", "decode.png", "ppl_vs_cr.png", "headline.png"]
     )
     for path in linked:
         data = (out / path).read_bytes()

@@ -12,13 +12,20 @@ pytestmark = [pytest.mark.slow]
 
 def test_bench_times_all_models_from_the_same_weights(capsys) -> None:
     argv = ["--model", "tiny_gqa", "--num-layers", "2", "--seq-length", "64"]
-    result = bench.main([*argv, "--warmup", "0", "--reps", "2", "--num-microbatches", "1"])
-    assert set(result["median_s"]) == {"vanilla", "vanilla_sdpa", "dmc"}
+    result = bench.main(
+        [*argv, "--warmup", "0", "--reps", "2", "--num-microbatches", "1", "--overheads"]
+    )
+    assert set(result["median_s"]) == {"vanilla", "vanilla_sdpa", "dmc", "transformers"}
     assert result["baseline"] == "vanilla_sdpa" and result["ratio"] > 0
     loss = result["first_lm_loss"]
     assert loss["vanilla_sdpa"] == pytest.approx(loss["vanilla"], rel=1e-6)
     assert loss["dmc"] == pytest.approx(loss["vanilla"], rel=1e-2)
-    assert "goal DMC / vanilla_sdpa <= 1.15x" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "goal DMC / vanilla_sdpa <= 1.15x" in out
+    assert "DMC / transformers" in out and "CPU-s per token" in out
+    overheads = result["overheads"]
+    assert overheads["launch_cpu_s"] > 0 and overheads["checkpoint_mb"] > 0
+    assert "overheads: launch" in out
 
 
 def test_bench_refuses_bad_settings_before_any_work() -> None:
@@ -27,3 +34,17 @@ def test_bench_refuses_bad_settings_before_any_work() -> None:
     if not cuda_available():
         with pytest.raises(ValueError, match="needs a GPU"):
             bench.main(["--bf16"])
+
+
+def test_bench_times_distillation_at_the_same_shape(capsys) -> None:
+    argv = ["--model", "tiny_gqa", "--num-layers", "2", "--seq-length", "64", "--distill"]
+    result = bench.main([*argv, "--warmup", "0", "--reps", "1", "--num-microbatches", "2"])
+    assert {"dmc", "dmc_distill", "dmc_lora_distill"} <= set(result["median_s"])
+    loss = result["first_lm_loss"]
+    assert loss["dmc_distill"] == loss["dmc_lora_distill"] == pytest.approx(loss["dmc"], rel=1e-6)
+    held = result["state_bytes"]
+    assert held["dmc"]["teacher"] == 0 and held["dmc_distill"]["teacher"] == held["dmc"]["weights"]
+    assert held["dmc_distill"]["teacher_logits"] == 2 * 64 * 8192 * 4
+    assert held["dmc_lora_distill"]["optimizer"] == 2 * held["dmc_lora_distill"]["trainable"]
+    assert held["dmc_lora_distill"]["trainable"] < held["dmc"]["trainable"] / 10
+    assert "dmc_distill / DMC step time" in capsys.readouterr().out

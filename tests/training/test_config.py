@@ -87,8 +87,54 @@ def test_yaml_config_and_command_line_wins(tmp_path) -> None:
     cfg = parse_args(["--config", str(run), "--model", "tiny_gqa", "--mock-data", "--lr", "0.1"])
     assert (cfg.batch.seq_length, cfg.optim.lr, cfg.dmc.dmc_target_cr) == (16, 0.1, 3.0)
     run.write_text("no-such-flag: 1\n")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'no-such-flag'; see --help"):
         parse_args(["--config", str(run)])
+
+
+def test_yaml_values_are_typed_like_the_command_line(tmp_path) -> None:
+    run = tmp_path / "run.yaml"
+    run.write_text("lr: 5e-3\nmin_lr: 1e-4\ndmc-stage: retrofit\nmock-data: true\nbf16: false\n")
+    cfg = parse_args(["--config", str(run), "--model", "tiny_gqa"])
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.dmc.dmc_stage) == (5e-3, 1e-4, "retrofit")
+    assert cfg.data.mock_data is True and cfg.model.bf16 is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("lr", "abc", "argument --lr: invalid float value: 'abc'"),
+        ("dmc-stage", "retrofitt", "argument --dmc-stage: invalid choice: 'retrofitt'"),
+        ("seq-length", "32.5", "argument --seq-length: invalid int value: '32.5'"),
+        ("recompute-granularity", "ful", "argument --recompute-granularity: invalid choice"),
+    ],
+)
+def test_yaml_values_get_the_command_line_messages(tmp_path, capsys, key, value, message):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"{key}: {value}\n")
+    with pytest.raises(ValueError) as refused:
+        parse_args([*BASE, "--config", str(run)])
+    assert str(refused.value).startswith(f"--config {run}: {message}")
+    with pytest.raises(SystemExit) as exited:
+        parse_args([*BASE, f"--{key}", value])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dmc-stgae: all", r"unknown key .dmc-stgae. \(did you mean --dmc-stage\?\)"),
+        ("mock-data: maybe", "--mock-data takes true or false; got 'maybe'"),
+        ("lr: [1, 2]", "--lr takes one value"),
+        ("lr: 0.1\nmin-lr: 0.5", r"--min-lr must be in \[0, --lr=0.1\]"),
+        ("lr: [", "not valid YAML"),
+    ],
+)
+def test_yaml_typos_and_bad_values_are_refused(tmp_path, text: str, message: str) -> None:
+    run = tmp_path / "run.yaml"
+    run.write_text(text + "\n")
+    with pytest.raises(ValueError, match=message):
+        parse_args([*BASE, "--config", str(run)])
 
 
 def test_default_ramp_follows_the_release_pace() -> None:

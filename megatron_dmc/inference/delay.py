@@ -1,0 +1,126 @@
+"""One decode step of one attention layer in every DMC mode: decision heads, merge delay.
+
+Legend: B sequences, H query heads, G KV heads, N query heads per KV head, S paged slots,
+W merge delay, D head dim.
+
+The paper's channel mode without a delay (and vanilla) goes through
+`decode.decode_attention` and its backends. Decision heads write the cache the same way,
+with the heads' decisions and RoPE on every channel, and read it through the same
+backends. With a merge delay W the new token enters the exact ring, the token it displaces
+(position p - W) goes through Algorithm 1 on the paged slots, and the query attends the
+paged slots plus the ring (gathered and padded, one SDPA call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
+from megatron_dmc.inference.decode import decode_attention, get_backend
+from megatron_dmc.inference.kv_cache import PagedKVCache
+from megatron_dmc.ops import DecisionLogits, DMCConfig, rope_for_attention
+
+RopeTables = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DecodeStep:
+    """What one decode step shares across layers: positions and RoPE tables."""
+
+    positions_B: torch.Tensor
+    cos_BD: torch.Tensor
+    sin_BD: torch.Tensor
+    rope: RopeTables
+    """positions [N] -> (cos [N, D], sin [N, D]) of the model."""
+    dmc: DMCConfig | None
+    forced: ForcedRate | None = None
+    _tables: dict = field(default_factory=dict)
+
+    def attend(
+        self,
+        q_BHD: torch.Tensor,
+        k_BGD: torch.Tensor,
+        v_BGD: torch.Tensor,
+        logits: DecisionLogits | None,
+        cache: PagedKVCache,
+        layer: int,
+        seq_ids_B: torch.Tensor,
+        backend: str,
+    ) -> torch.Tensor:
+        """Raw pre-RoPE q, k, v of one new token per sequence -> attention output [B, H, D]."""
+        dmc = self.dmc
+        if dmc is None or (dmc.uses_channel and not dmc.merge_delay):
+            return decode_attention(
+                q_BHD,
+                k_BGD,
+                v_BGD,
+                self.positions_B,
+                self.cos_BD,
+                self.sin_BD,
+                cache,
+                layer,
+                seq_ids_B,
+                dmc,
+                self.forced,
+                backend,
+            )
+        cache.check_compatible(dmc)
+        alpha_BGT, omega_BGT = layer_decisions(
+            q_BHD[:, :, None],
+            k_BGD[:, :, None],
+            self.positions_B[:, None],
+            dmc,
+            self.forced,
+            logits,
+        )
+        alpha_BG, omega_BG = alpha_BGT[..., 0], omega_BGT[..., 0]
+        q_rot_BHD = rope_for_attention(q_BHD, self.cos_BD[:, None], self.sin_BD[:, None], dmc)
+        if not dmc.merge_delay:
+            cache.append(
+                layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, self.cos_BD, self.sin_BD
+            )
+            return get_backend(backend)(q_rot_BHD, cache, layer, seq_ids_B)
+        cos_old_BD, sin_old_BD = self._table("leaving")
+        cache.append_delayed(
+            layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_old_BD, sin_old_BD
+        )
+        return self._attend_delayed(q_rot_BHD, cache, layer, seq_ids_B)
+
+    def _table(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE of the leaving tokens [B, D] or of the ring after the step [B, W, D]."""
+        if which not in self._tables:
+            delay = self.dmc.merge_delay
+            if which == "leaving":
+                self._tables[which] = self.rope((self.positions_B - delay).clamp_min(0))
+            else:
+                last_B1 = self.positions_B[:, None]
+                w_W = torch.arange(delay, device=last_B1.device)
+                positions_BW = (last_B1 - torch.remainder(last_B1 - w_W, delay)).clamp_min(0)
+                cos, sin = self.rope(positions_BW.flatten())
+                shape = (*positions_BW.shape, -1)
+                self._tables[which] = (cos.view(shape), sin.view(shape))
+        return self._tables[which]
+
+    def _attend_delayed(self, q_rot_BHD, cache: PagedKVCache, layer, seq_ids_B) -> torch.Tensor:
+        batch, num_heads, head_dim = q_rot_BHD.shape
+        groups = cache.config.num_kv_heads
+        keys_BGSD, values_BGSD, valid_BGS = cache.gather(layer, seq_ids_B)
+        ring_k_BGWD, ring_v_BGWD, _, ring_valid_BW = cache.exact.read(
+            layer, seq_ids_B, self.positions_B + 1
+        )
+        cos_BWD, sin_BWD = self._table("ring")
+        ring_k_BGWD = cache.rotate(ring_k_BGWD, cos_BWD[:, None], sin_BWD[:, None])
+        dtype = q_rot_BHD.dtype
+        keys_BGXD = torch.cat([keys_BGSD.to(dtype), ring_k_BGWD.to(dtype)], dim=2)
+        values_BGXD = torch.cat([values_BGSD.to(dtype), ring_v_BGWD.to(dtype)], dim=2)
+        ring_valid_BGW = ring_valid_BW[:, None].expand(-1, groups, -1)
+        valid_BGX = torch.cat([valid_BGS, ring_valid_BGW], dim=-1)
+        q_BGND = q_rot_BHD.view(batch, groups, num_heads // groups, head_dim)
+        out_BGND = F.scaled_dot_product_attention(
+            q_BGND, keys_BGXD, values_BGXD, attn_mask=valid_BGX[:, :, None, :]
+        )
+        return out_BGND.reshape(batch, num_heads, head_dim)

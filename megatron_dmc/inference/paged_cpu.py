@@ -1,0 +1,124 @@
+"""The `paged` decode backend: a small C++ kernel that reads each stream's pages in place.
+
+Legend: B sequences, H query heads, G KV heads, N query heads per KV head, M pages per
+stream, R streams (B * G), D head dim.
+
+The kernel (csrc/paged_decode.cpp) is compiled once at install time by
+`python -m megatron_dmc.inference.paged_cpu --build` (scripts/setup.sh runs it) into the
+asset cache, and loaded from there without a compiler. Where it was not built (or cannot
+be), the backend says so once and runs `paged_attention_blocked`, the torch path with the
+same page-blocked online softmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.machinery
+import importlib.util
+import math
+import platform
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.profiler import record_function
+
+from megatron_dmc.inference.attention import paged_attention_blocked
+from megatron_dmc.inference.decode import register_backend
+from megatron_dmc.inference.kv_cache import PagedKVCache
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def build_dir() -> Path:
+    """One folder per (source, flags, torch, python, CPU) so a stale or foreign build is
+    never loaded (-march=native code runs only on the CPU it was built for)."""
+    from megatron_dmc.assets.cache import cache_root
+
+    key = SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
+    key += _cpu_flags().encode()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-{hashlib.sha1(key).hexdigest()[:12]}"
+    return cache_root() / "ext" / f"paged_decode-{tag}"
+
+
+MODULE = "dmc_paged_decode_cpu"
+
+
+def _cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line for line in lines if line.startswith("flags")), platform.processor())
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile the kernel into build_dir() (needs a C++ compiler and ninja)."""
+    from torch.utils.cpp_extension import load
+
+    target = build_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    return load(MODULE, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(target), verbose=verbose)  # fmt: skip
+
+
+@cache
+def extension() -> ModuleType | None:
+    """The built kernel, or None (with one warning) when it was not built."""
+    built = sorted(build_dir().glob(f"{MODULE}*.so"))
+    if not built:
+        warnings.warn(
+            "the compiled paged decode kernel is not built; decode uses the torch path "
+            "(paged_attention_blocked). Build it with: python -m megatron_dmc.inference.paged_cpu "
+            "--build",
+            stacklevel=3,
+        )
+        return None
+    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(built[0]))
+    spec = importlib.util.spec_from_file_location(MODULE, built[0], loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def paged_attention_inplace(
+    q_BHD: torch.Tensor, cache: PagedKVCache, layer: int, seq_ids_B: torch.Tensor
+) -> torch.Tensor:
+    """Same contract as paged_attention_reference; CPU tensors. Falls back to the torch
+    blocked path where the kernel is not built."""
+    kernel = extension()
+    if kernel is None or q_BHD.device.type != "cpu":
+        return paged_attention_blocked(q_BHD, cache, layer, seq_ids_B)
+    batch, num_heads, head_dim = q_BHD.shape
+    num_groups = cache.config.num_kv_heads
+    table_RM = cache.block_table_LBGM[layer, seq_ids_B].flatten(0, 1)
+    lengths_R = cache.lengths_LBG[layer, seq_ids_B].flatten()
+    q_RND = q_BHD.reshape(batch * num_groups, num_heads // num_groups, head_dim)
+    pool = cache.pool
+    with record_function("kernel.paged_decode"):
+        out_RND = kernel.paged_decode(
+            q_RND.to(pool.k_pages_PND.dtype), pool.k_pages_PND, pool.v_pages_PND, table_RM,
+            lengths_R, 1.0 / math.sqrt(head_dim),
+        )  # fmt: skip
+    return out_RND.view(batch, num_heads, head_dim).to(q_BHD.dtype)
+
+
+register_backend("paged", paged_attention_inplace)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="build the compiled paged decode kernel")
+    parser.add_argument("--build", action="store_true", help="compile it (once) into the cache")
+    args = parser.parse_args(argv)
+    if not args.build:
+        print(f"kernel {'built' if extension() else 'NOT built'}: {build_dir()}")
+        return
+    build(verbose=False)
+    print(f"built the paged decode kernel in {build_dir()}")
+
+
+if __name__ == "__main__":
+    main()
