@@ -49,7 +49,7 @@ def job(tmp_path_factory) -> tuple[Path, str]:
 def test_report_tables_parse_with_finite_numbers(job):
     out, _ = job
     tables = markdown_tables((out / "report.md").read_text())
-    assert len(tables) == 6  # training, ppl (today's, matched), tasks, decoding, step times
+    assert len(tables) == 7  # training, ppl (today's, matched), tasks, decoding, headline, steps
     for table in tables:
         assert len(table) >= 2 and all(len(row) == len(table[0]) for row in table)
     numbers = [float(c.rstrip("x%")) for t in tables for r in t[1:] for c in r[1:]
