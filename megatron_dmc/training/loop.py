@@ -244,7 +244,8 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
     if source is not None:
         weights_only = cfg.checkpoint.finetune and not own
         load_optim = not (weights_only or cfg.checkpoint.no_load_optim)
-        check_checkpoint(cfg.retrofit, ckpt.read_common(source), load_optim)
+        common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
+        check_checkpoint(cfg.retrofit, common, load_optim)
     first = stages[min(position.stage_index, len(stages) - 1)]
     model = model_api.build(model_config, cfg, first.attention)
     teacher = build_teacher(cfg, model_config, model)
