@@ -23,9 +23,13 @@ from megatron_dmc.eval.perplexity import continuation_perplexity, strided_perple
 from megatron_dmc.hf import DMCLlamaForCausalLM, LlamaDMCConfig
 
 
-def dmc_twin(model: torch.nn.Module, merge_rate: float, sample_ids: torch.Tensor):
+def dmc_twin(
+    model: torch.nn.Module, merge_rate: float, sample_ids: torch.Tensor, merge_delay: int = 0
+):
     """The same weights as a DMC Llama whose channel D-1 merges about `merge_rate` of tokens."""
-    config = LlamaDMCConfig(**model.config.to_dict(), dmc_window_size=12, dmc_init_val=5.0)
+    config = LlamaDMCConfig(
+        **model.config.to_dict(), dmc_window_size=12, dmc_init_val=5.0, dmc_merge_delay=merge_delay
+    )
     twin = DMCLlamaForCausalLM(config).eval()
     twin.load_state_dict(model.state_dict(), strict=False)
     groups, dim = config.num_key_value_heads, config.head_dim
@@ -67,6 +71,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--merge-rate", type=float, default=0.5)
     parser.add_argument("--hf-dmc", action="store_true")
+    parser.add_argument("--merge-delay", type=int, default=0, help="also time DMC with this delay")
     args = parser.parse_args()
     from megatron_dmc.pipeline.assets import held_out_tokens
 
@@ -77,6 +82,9 @@ def main() -> None:
     runs = [("vanilla/transformers", model, NativeCache("vanilla"))]
     runs += [("vanilla/engine", model, PagedEngine("vanilla"))]
     runs += [("dmc/engine", twin, PagedEngine("dmc"))]
+    if args.merge_delay:
+        delayed = dmc_twin(model, args.merge_rate, tokens[: args.context], args.merge_delay)
+        runs += [(f"dmc-delay{args.merge_delay}/engine", delayed, PagedEngine("dmc"))]
     if args.hf_dmc:
         runs += [("dmc/transformers", twin, NativeCache("dmc"))]
     protocols = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,11 @@ class Definition:
     name: str
     source: str
     uses: set[str]
+    line: int
+    """Where it starts in its module (the generated file keeps a module's order)."""
+    eager: set[str]
+    """Names read when the definition itself runs (bases, decorators, defaults, values), which
+    must come before it; a function body's names are read only when it is called."""
 
 
 @dataclass
@@ -60,6 +66,8 @@ class Module:
     name: str
     definitions: dict[str, Definition] = field(default_factory=dict)
     imports: dict[str, Import] = field(default_factory=dict)
+    legend: str = ""
+    """The `Legend: ...` paragraph of the module docstring (its shape letters), if any."""
 
 
 def _imports_of(node: ast.stmt) -> list[Import]:
@@ -81,6 +89,24 @@ def _used_names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+def _eager_names(node: ast.stmt) -> set[str]:
+    """What a top-level statement reads as it runs (annotations are strings: the generated
+    file has `from __future__ import annotations`)."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        parts = [*node.decorator_list, *node.args.defaults, *filter(None, node.args.kw_defaults)]
+    elif isinstance(node, ast.ClassDef):
+        parts = [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]
+        names = set().union(*(_eager_names(statement) for statement in node.body))
+        return names | set().union(set(), *map(_used_names, parts))
+    elif isinstance(node, ast.AnnAssign):
+        parts = [node.value] if node.value else []
+    elif isinstance(node, ast.Expr | ast.Pass):
+        parts = []
+    else:
+        parts = [node]
+    return set().union(set(), *map(_used_names, parts))
+
+
 def _is_docstring(node: ast.stmt | None) -> bool:
     return (
         isinstance(node, ast.Expr)
@@ -100,7 +126,7 @@ def parse_module(name: str, path: Path) -> Module:
     text = path.read_text()
     lines = text.splitlines(keepends=True)
     body = ast.parse(text).body
-    module = Module(name)
+    module = Module(name, legend=_legend(ast.get_docstring(ast.Module(body, [])) or ""))
     for index, node in enumerate(body):
         for imported in _imports_of(node):
             module.imports[imported.bound] = imported
@@ -114,9 +140,21 @@ def parse_module(name: str, path: Path) -> Module:
         for bound in names:
             if bound != "__all__":
                 module.definitions[bound] = Definition(
-                    name, bound, _segment(lines, node, end), _used_names(node)
+                    name,
+                    bound,
+                    _segment(lines, node, end),
+                    _used_names(node),
+                    node.lineno,
+                    _eager_names(node),
                 )
     return module
+
+
+def _legend(docstring: str) -> str:
+    for paragraph in docstring.split("\n\n"):
+        if paragraph.startswith("Legend"):
+            return " ".join(paragraph.split())
+    return ""
 
 
 def module_path(name: str) -> Path:
@@ -125,13 +163,12 @@ def module_path(name: str) -> Path:
 
 
 class Inliner:
-    """Collects the definitions the package imports need, dependencies first."""
+    """Collects the definitions the package imports need and what each needs in turn."""
 
     def __init__(self) -> None:
         self.modules: dict[str, Module] = {}
-        self.ordered: list[Definition] = []
         self.emitted: dict[str, Definition] = {}
-        self.visiting: set[tuple[str, str]] = set()
+        self.needs: dict[str, set[str]] = {}
         self.external: set[Import] = set()
 
     def module(self, name: str) -> Module:
@@ -139,47 +176,62 @@ class Inliner:
             self.modules[name] = parse_module(name, module_path(name))
         return self.modules[name]
 
-    def require(self, module_name: str, name: str) -> None:
-        """Emit `name` as defined in (or re-exported by) `module_name`."""
+    def require(self, module_name: str, name: str) -> str:
+        """Emit `name` as defined in (or re-exported by) `module_name`; returns its name."""
         module = self.module(module_name)
         if name in module.definitions:
-            self._emit(module.definitions[name])
-            return
+            return self._emit(module.definitions[name])
         imported = module.imports.get(name)
         if imported is None or not is_package_import(imported) or imported.alias:
             raise ValueError(
                 f"{module_name} neither defines nor re-exports {name!r}; the generator "
                 "inlines only top-level definitions imported without `as`"
             )
-        self.require(imported.module, imported.name)
+        return self.require(imported.module, imported.name)
 
-    def _emit(self, definition: Definition) -> None:
-        key = (definition.module, definition.name)
-        if definition.name in self.emitted:
-            if self.emitted[definition.name].source != definition.source:
+    def _emit(self, definition: Definition) -> str:
+        name = definition.name
+        if name in self.emitted:
+            if self.emitted[name].source != definition.source:
                 raise ValueError(
-                    f"{definition.name!r} is defined differently in "
-                    f"{self.emitted[definition.name].module} and {definition.module}; "
-                    "rename one of them so the generated file can hold both"
+                    f"{name!r} is defined differently in {self.emitted[name].module} and "
+                    f"{definition.module}; rename one of them so the generated file can hold both"
                 )
-            return
-        if key in self.visiting:
-            return
-        self.visiting.add(key)
+            return name
+        self.emitted[name], self.needs[name] = definition, set()
         module = self.modules[definition.module]
-        for used in sorted(definition.uses - {definition.name}):
+        for used in sorted(definition.uses - {name}):
             if used in module.definitions:
-                self._emit(module.definitions[used])
-            elif used in module.imports:
-                self._use_import(module.imports[used])
-        self.emitted[definition.name] = definition
-        self.ordered.append(definition)
+                self.needs[name].add(self._emit(module.definitions[used]))
+            elif used in module.imports and is_package_import(module.imports[used]):
+                imported = module.imports[used]
+                self.needs[name].add(self.require(imported.module, imported.name))
+            elif used in module.imports and module.imports[used].module != "__future__":
+                self.external.add(module.imports[used])
+        return name
 
-    def _use_import(self, imported: Import) -> None:
-        if is_package_import(imported):
-            self.require(imported.module, imported.name)
-        elif imported.module != "__future__":
-            self.external.add(imported)
+    def ordered(self) -> list[Definition]:
+        """A module's definitions together, in their order in the module, modules in the
+        order they were first needed; what a definition reads as it runs comes first."""
+        modules = list(dict.fromkeys(d.module for d in self.emitted.values()))
+
+        def rank(name: str) -> tuple[int, int]:
+            definition = self.emitted[name]
+            return modules.index(definition.module), definition.line
+
+        waiting = {
+            name: (self.emitted[name].eager & set(self.emitted)) - {name} for name in self.emitted
+        }
+        result: list[Definition] = []
+        while waiting:
+            ready = [name for name, needs in waiting.items() if not needs] or list(waiting)
+            last = result[-1].module if result else None
+            name = min(ready, key=lambda n: (self.emitted[n].module != last, rank(n)))
+            result.append(self.emitted[name])
+            del waiting[name]
+            for needs in waiting.values():
+                needs.discard(name)
+        return result
 
 
 def is_package_import(imported: Import) -> bool:
@@ -254,10 +306,8 @@ def generate(modular_path: Path = MODULAR) -> str:
     if clashes:
         raise ValueError(f"{modular_path.name} redefines inlined names {sorted(clashes)}")
     imports = render_imports(kept | inliner.external)
-    inlined = "\n\n".join(
-        f"# from {d.module}\n{d.source}" if _first_of_module(inliner.ordered, i) else d.source
-        for i, d in enumerate(inliner.ordered)
-    )
+    ordered = inliner.ordered()
+    inlined = "\n\n".join(_with_marker(inliner, ordered, i) for i in range(len(ordered)))
     rest = "".join(lines[last_import_line:]).strip("\n")
     text = (
         f'{HEADER}"""{docstring}"""\n\nfrom __future__ import annotations\n\n{imports}\n\n'
@@ -278,8 +328,17 @@ def _check_self_contained(text: str) -> None:
                 )
 
 
-def _first_of_module(ordered: list[Definition], index: int) -> bool:
-    return index == 0 or ordered[index - 1].module != ordered[index].module
+def _with_marker(inliner: Inliner, ordered: list[Definition], index: int) -> str:
+    """A definition's source, after a `# from module` line where its module's run starts (the
+    first run of a module also gives that module's legend: its letters hold there)."""
+    definition = ordered[index]
+    if index and ordered[index - 1].module == definition.module:
+        return definition.source
+    marker = f"# from {definition.module}\n"
+    legend = inliner.modules[definition.module].legend
+    if legend and all(d.module != definition.module for d in ordered[:index]):
+        marker += "".join(f"# {line}\n" for line in textwrap.wrap(legend, 96))
+    return marker + definition.source
 
 
 def main(argv: list[str] | None = None) -> int:

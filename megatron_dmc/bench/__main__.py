@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="*",
         help="smollm2: contexts with the transformers row (default: all)",
     )
+    p.add_argument(
+        "--equal-memory-contexts",
+        type=int,
+        nargs="*",
+        help="smollm2: contexts with the equal-KV-memory rows (default: all)",
+    )
     p.add_argument("--batch", type=int, default=16, help="smollm2: equal batch")
     p.add_argument("--steps", type=int, default=3, help="smollm2: timed steps per engine")
     p.add_argument("--cr", type=float, nargs="*", default=[4.0], help="smollm2: FORCED CRs")

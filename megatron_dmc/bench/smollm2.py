@@ -65,9 +65,11 @@ def compare(
     prompt_1T: torch.Tensor,
     settings: Comparison,
     log=print,
+    equal_memory: bool = True,
 ) -> list[dict]:
     """Rows for one context: transformers dense (if hf_model), ours vanilla, and for each
-    DMC model ({label: model in DMC mode}) equal batch and equal KV memory."""
+    DMC model ({label: model in DMC mode}) equal batch and (if equal_memory) equal KV
+    memory."""
     context, decode_tokens = prompt_1T.shape[1], settings.steps + 1
     engines: list[Engine] = []
     if hf_model is not None:
@@ -78,6 +80,8 @@ def compare(
     for label, model in dmc.items():
         same = ours_filled(model, label, settings.batch, prompt_1T, settings)
         engines.append(ours(f"ours {label}, equal batch", same, settings.backend))
+        if not equal_memory:
+            continue
         batch, pages = equal_memory_batch(same, budget, decode_tokens)
         wide = ours_filled(model, label, batch, prompt_1T, settings, pages)
         engines.append(ours(f"ours {label}, equal KV memory", wide, settings.backend))
@@ -140,15 +144,17 @@ def run(args, log=print) -> dict:
     results = {"preset": "smollm2", "machine": machine(), "settings": vars(settings),
                "clock": "process CPU time, 1 torch thread", "rows": [], "ratios": []}  # fmt: skip
     gen = torch.Generator().manual_seed(1)
-    for context in args.contexts:
-        prompt_1T = torch.randint(0, vanilla.shape.vocab_size, (1, context), generator=gen)
-        use_hf = hf if context in (args.transformers_contexts or args.contexts) else None
-        rows = compare(vanilla, dmc, use_hf, prompt_1T, settings, log)
-        results["rows"] += rows
-        results["ratios"] += ratios(rows, args.cr[0] if len(args.cr) == 1 else None)
-    print("\n".join(["", "== ratios (interleaved in this run)", *results["ratios"]]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_smollm2.json"
-    path.write_text(json.dumps(results, indent=2))
+    with_hf = args.contexts if args.transformers_contexts is None else args.transformers_contexts
+    wide = args.contexts if args.equal_memory_contexts is None else args.equal_memory_contexts
+    for context in args.contexts:
+        prompt_1T = torch.randint(0, vanilla.shape.vocab_size, (1, context), generator=gen)
+        use_hf = hf if context in with_hf else None
+        rows = compare(vanilla, dmc, use_hf, prompt_1T, settings, log, context in wide)
+        results["rows"] += rows
+        results["ratios"] += ratios(rows, args.cr[0] if len(args.cr) == 1 else None)
+        path.write_text(json.dumps(results, indent=2))
+    print("\n".join(["", "== ratios (interleaved in this run)", *results["ratios"]]))
     print(f"wrote {path}")
     return results

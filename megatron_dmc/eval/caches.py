@@ -72,6 +72,11 @@ class EngineCache:
         """Kept slots per (layer, sequence, KV head), [L, 1, G]."""
         return self.cache.slot_counts(self.seq_ids_B)
 
+    def compression_ratio(self) -> float:
+        """Tokens seen / slots kept over all layers and KV heads (the exact window counts)."""
+        seen = int(self.cache.seen_LB[:, self.seq_ids_B].sum()) * self.cache.config.num_kv_heads
+        return seen / max(int(self.slot_counts().sum()), 1)
+
     def kv_bytes(self) -> int:
         """Allocated pages plus the DMC window rings (0 in dense mode)."""
         stats = cache_stats(self.cache)

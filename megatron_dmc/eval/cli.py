@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from megatron_dmc.cli_errors import Parser
+from megatron_dmc.cli_errors import Parser, run
 from megatron_dmc.eval import gqa
 from megatron_dmc.eval.humaneval import HumanEvalSettings
 from megatron_dmc.eval.matched import MATCHED_CHUNK
@@ -68,8 +69,9 @@ def _model_dir(args) -> str:
 def _run(args) -> None:
     settings = _settings(args)
     model_dir = _model_dir(args)
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    model = load_model(model_dir)
     check_finite_weights(model.state_dict().items(), model_dir)
+    tokenizer = load_tokenizer(model_dir)
     tokens = _token_ids(args, tokenizer) if settings.protocols else torch.zeros(0)
     row = evaluate(model, tokenizer, build_method(args.method, args.cr), tokens, settings)
     if args.out:
@@ -133,21 +135,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv: list[str]) -> None:
     if argv[:1] == ["gqa"]:
         gqa.main(argv[1:])
         return
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            _run(args)
-        elif args.command == "table":
-            _table(args)
-        else:
-            print(render_tasks(args.out))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if args.command == "run":
+        _run(args)
+    elif args.command == "table":
+        _table(args)
+    else:
+        print(render_tasks(args.out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A refusal prints one line and exits 2 (megatron_dmc.cli_errors)."""
+    status = run(_main, sys.argv[1:] if argv is None else argv)
+    if status:
+        raise SystemExit(status)

@@ -9,7 +9,8 @@ with facts inserted at a chosen depth, then a question answered by greedy decodi
   queried word's number.
 - `vartrack`: a chain "VAR ABCDE = 12345." "VAR FGHIJ = VAR ABCDE." ... of `hops` links,
   the first at the depth and the rest spread evenly from there to the end; answer every
-  variable that holds the number (scored as the fraction named, RULER's string_match_all).
+  variable that holds the number (scored as the fraction named, RULER's string_match_all;
+  decoding stops at a blank line, not the first newline, so a list over lines counts).
 
 A sample of length L has at most L - max_new_tokens prompt tokens, so prompt and answer fit
 in L. Every method gets the same prompts (seeded by task, length, depth and index, never
@@ -88,6 +89,8 @@ class NeedleSample:
     prompt: str
     answers: list[str]
     max_new_tokens: int
+    stop: list[str]
+    """Decoding stops at the first of these."""
     prompt_tokens: int = 0
 
 
@@ -98,6 +101,7 @@ class _Facts:
     question: str
     answers: list[str]
     max_new_tokens: int
+    stop: tuple[str, ...] = ("\n",)
 
 
 def _number(rng: random.Random, digits: int = 7) -> str:
@@ -133,9 +137,9 @@ def _vartrack(rng: random.Random, depth: float, s: NeedleSettings) -> _Facts:
     depths = [depth + (1.0 - depth) * i / len(chain) for i in range(len(chain))]
     question = (
         f"Which variables are assigned the value {value}, directly or through other "
-        f"variables? Answer: the variables assigned {value} are"
+        f"variables? Answer: {len(names)} variables are assigned the value {value}; they are:"
     )
-    return _Facts(list(zip(depths, chain)), question, names, 8 * len(names))
+    return _Facts(list(zip(depths, chain)), question, names, 8 * len(names), ("\n\n",))
 
 
 _BUILDERS = {"passkey": _passkey, "multikey": _multikey, "vartrack": _vartrack}
@@ -204,7 +208,9 @@ def make_sample(
         if tokens + facts.max_new_tokens <= length or not picked:
             break
         budget -= tokens + facts.max_new_tokens - length
-    sample = NeedleSample(task, length, depth, index, prompt, facts.answers, facts.max_new_tokens)
+    sample = NeedleSample(
+        task, length, depth, index, prompt, facts.answers, facts.max_new_tokens, list(facts.stop)
+    )
     sample.prompt_tokens = tokens
     return sample
 
@@ -259,7 +265,7 @@ def run_needle(
     lm = CompressedCacheLM(model, tokenizer, method, s.prefill_chunk, progress=False)
     cells = []
     for sample in tqdm(samples, desc=f"needle {method.name}", disable=not progress):
-        request = (sample.prompt, {"until": ["\n"], "max_gen_toks": sample.max_new_tokens})
+        request = (sample.prompt, {"until": sample.stop, "max_gen_toks": sample.max_new_tokens})
         output = lm.generate_until([SimpleNamespace(args=request)])[0]
         cell = asdict(sample) | {"output": output, "score": score(output, sample.answers)}
         cell.pop("prompt")

@@ -78,7 +78,7 @@ class EvalSettings:
             raise ValueError(f"mmlu_per_subject must be >= 1 question; got {self.mmlu_per_subject}")
 
 
-def _lm_eval_tasks(model, tokenizer, method, s: EvalSettings, progress: bool) -> dict:
+def _lm_eval_tasks(model, tokenizer, method, s: EvalSettings) -> dict:
     from megatron_dmc.eval.lm_eval_adapter import run_tasks
 
     names = [t for t in s.tasks if t in ALL_TASKS]
@@ -127,7 +127,7 @@ def evaluate(
     s = settings or EvalSettings()
     results = [_perplexity(protocol, model, method, token_ids, s, progress)
                for protocol in PROTOCOLS if protocol in s.protocols]  # fmt: skip
-    tasks = _lm_eval_tasks(model, tokenizer, method, s, progress)
+    tasks = _lm_eval_tasks(model, tokenizer, method, s)
     scores, details = generation_tasks(model, tokenizer, method, s, progress)
     row = make_row(method.name, method.compression_ratio, results, tasks | scores, dense_kv_bytes)
     row.task_details = details

@@ -45,6 +45,7 @@ from .configuration_llama_dmc import LlamaDMCConfig
 
 
 # from megatron_dmc.inference.pool
+# Legend: P pages in the pool, N tokens per page, D head dim, K pages requested.
 class CacheFullError(RuntimeError):
     """The page pool cannot hold the requested tokens; nothing was written."""
 
@@ -139,6 +140,7 @@ class PagePool:
 
 
 # from megatron_dmc.inference.window
+# Legend: B sequences, G KV heads, T time, D head dim, W window.
 @dataclass
 class WindowState:
     """Window state of a batch of streams of one layer (a copy; write back with the cache)."""
@@ -153,21 +155,6 @@ class WindowState:
         """(sum_wk [B,G,D], sum_wv [B,G,D], sum_w [B,G]) over the ring."""
         w_BGW1 = self.w_BGW[..., None]
         return (w_BGW1 * self.k_BGWD).sum(2), (w_BGW1 * self.v_BGWD).sum(2), self.w_BGW.sum(2)
-
-
-def chronological(state: WindowState) -> WindowState:
-    """The ring rotated so that index W-1 holds the newest contribution (for chunked prefill)."""
-    window = state.w_BGW.shape[-1]
-    order_BGW = (
-        state.run_len_BG[..., None] + torch.arange(window, device=state.w_BGW.device)
-    ) % window
-    order_BGWD = order_BGW[..., None].expand_as(state.k_BGWD)
-    return WindowState(
-        state.k_BGWD.gather(2, order_BGWD),
-        state.v_BGWD.gather(2, order_BGWD),
-        state.w_BGW.gather(2, order_BGW),
-        state.run_len_BG,
-    )
 
 
 def merge_step(
@@ -198,15 +185,6 @@ def merge_step(
     slot_k_BGD = torch.where(merge_BG1, sum_wk_BGD / sum_w_BG[..., None], k_BGD.to(k_BGWD.dtype))
     slot_v_BGD = torch.where(merge_BG1, sum_wv_BGD / sum_w_BG[..., None], v_BGD.to(v_BGWD.dtype))
     return new, slot_k_BGD, slot_v_BGD
-
-
-def _scatter_with_scratch(
-    ring_BGWX: torch.Tensor, index_BGW: torch.Tensor, src_BGWX: torch.Tensor
-) -> torch.Tensor:
-    scratch_BGWX = torch.cat([ring_BGWX, ring_BGWX[:, :, :1]], dim=2)
-    index_BGWX = index_BGW[..., None].expand(-1, -1, -1, ring_BGWX.shape[-1])
-    scratch_BGWX = scratch_BGWX.scatter(2, index_BGWX, src_BGWX.to(ring_BGWX.dtype))
-    return scratch_BGWX[:, :, :-1]
 
 
 def state_after_chunk(
@@ -257,7 +235,32 @@ def state_after_chunk(
     return WindowState(k_BGWD, v_BGWD, w_BGW[..., 0], run_len_BG)
 
 
+def _scatter_with_scratch(
+    ring_BGWX: torch.Tensor, index_BGW: torch.Tensor, src_BGWX: torch.Tensor
+) -> torch.Tensor:
+    scratch_BGWX = torch.cat([ring_BGWX, ring_BGWX[:, :, :1]], dim=2)
+    index_BGWX = index_BGW[..., None].expand(-1, -1, -1, ring_BGWX.shape[-1])
+    scratch_BGWX = scratch_BGWX.scatter(2, index_BGWX, src_BGWX.to(ring_BGWX.dtype))
+    return scratch_BGWX[:, :, :-1]
+
+
+def chronological(state: WindowState) -> WindowState:
+    """The ring rotated so that index W-1 holds the newest contribution (for chunked prefill)."""
+    window = state.w_BGW.shape[-1]
+    order_BGW = (
+        state.run_len_BG[..., None] + torch.arange(window, device=state.w_BGW.device)
+    ) % window
+    order_BGWD = order_BGW[..., None].expand_as(state.k_BGWD)
+    return WindowState(
+        state.k_BGWD.gather(2, order_BGWD),
+        state.v_BGWD.gather(2, order_BGWD),
+        state.w_BGW.gather(2, order_BGW),
+        state.run_len_BG,
+    )
+
+
 # from megatron_dmc.ops.accumulate
+# Legend: B batch, G KV heads, T time, D head dim, W window.
 def _shift_right(x_BGT_: torch.Tensor, offset: int, time_dim: int) -> torch.Tensor:
     """x[t - offset] along time_dim, zeros where t < offset."""
     if offset == 0:
@@ -271,20 +274,6 @@ def _shift_right(x_BGT_: torch.Tensor, offset: int, time_dim: int) -> torch.Tens
     return torch.cat([x_BGT_.new_zeros(pad_shape), kept], dim=time_dim)
 
 
-# from megatron_dmc.ops._checks
-def check_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None:
-    if tensor.dim() != rank:
-        raise ValueError(
-            f"{name} must have {rank} dims laid out as {layout}; got shape {tuple(tensor.shape)}"
-        )
-
-
-def check_window(window: int) -> None:
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an integer >= 1 (the release uses 12); got {window!r}")
-
-
-# from megatron_dmc.ops.accumulate
 def windowed_partial_accumulation(
     k_BGTD: torch.Tensor,
     v_BGTD: torch.Tensor,
@@ -317,7 +306,55 @@ def windowed_partial_accumulation(
     return kvtilde_BGT2D[..., :head_dim], kvtilde_BGT2D[..., head_dim:]
 
 
+# from megatron_dmc.ops._checks
+def check_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None:
+    if tensor.dim() != rank:
+        raise ValueError(
+            f"{name} must have {rank} dims laid out as {layout}; got shape {tuple(tensor.shape)}"
+        )
+
+
+def check_window(window: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (the release uses 12); got {window!r}")
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim < 2:
+        raise ValueError(
+            f"head dim must be >= 2: DMC repurposes the last channel; got head_dim={head_dim}"
+        )
+
+
+def check_groups(num_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads}); "
+            "each KV head is shared by an equal group of query heads"
+        )
+
+
+def check_qkv(q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor) -> None:
+    check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
+    check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
+    check_rank("v", v_BGTD, 4, "[batch, kv_heads, time, head_dim]")
+    b, h, t, d = q_BHTD.shape
+    if k_BGTD.shape[0] != b or k_BGTD.shape[2] != t or k_BGTD.shape[3] != d:
+        raise ValueError(
+            f"k shape {tuple(k_BGTD.shape)} does not match q shape {tuple(q_BHTD.shape)} "
+            "in batch, time or head_dim"
+        )
+    if v_BGTD.shape[:3] != k_BGTD.shape[:3]:
+        raise ValueError(
+            f"v shape {tuple(v_BGTD.shape)} does not match k shape {tuple(k_BGTD.shape)} "
+            "in batch, kv_heads or time"
+        )
+    check_head_dim(d)
+    check_groups(h, k_BGTD.shape[1])
+
+
 # from megatron_dmc.ops.attention
+# Legend: B batch, H query heads, G KV heads, T time, D head dim.
 HARD_MASK_VALUE = -1.0e4
 """exp(-1e4) is exactly 0 in every float dtype, so hard masking is exact."""
 
@@ -331,12 +368,8 @@ def attention_bias(alpha_BGT: torch.Tensor, hard: bool) -> torch.Tensor:
     return torch.log((1.0 - next_alpha_BGT).clamp_min(torch.finfo(alpha_BGT.dtype).tiny))
 
 
-def _causal_sdpa(
-    q_BHTE: torch.Tensor, k_BGSE: torch.Tensor, v_BGSF: torch.Tensor, scale: float, group: int
-) -> torch.Tensor:
-    return F.scaled_dot_product_attention(
-        q_BHTE, k_BGSE, v_BGSF, is_causal=True, scale=scale, enable_gqa=group > 1
-    )
+def _expand_groups(x_BGT_: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return x_BGT_.repeat_interleave(num_heads // x_BGT_.shape[1], dim=1)
 
 
 def _check_bias(bias_BGT: torch.Tensor, k_BGTD: torch.Tensor) -> None:
@@ -367,102 +400,6 @@ def _check_exact(
         )
 
 
-def _expand_groups(x_BGT_: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return x_BGT_.repeat_interleave(num_heads // x_BGT_.shape[1], dim=1)
-
-
-# from megatron_dmc.ops._checks
-def check_groups(num_heads: int, num_kv_heads: int) -> None:
-    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads}); "
-            "each KV head is shared by an equal group of query heads"
-        )
-
-
-def check_head_dim(head_dim: int) -> None:
-    if head_dim < 2:
-        raise ValueError(
-            f"head dim must be >= 2: DMC repurposes the last channel; got head_dim={head_dim}"
-        )
-
-
-def check_qkv(q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor) -> None:
-    check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
-    check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
-    check_rank("v", v_BGTD, 4, "[batch, kv_heads, time, head_dim]")
-    b, h, t, d = q_BHTD.shape
-    if k_BGTD.shape[0] != b or k_BGTD.shape[2] != t or k_BGTD.shape[3] != d:
-        raise ValueError(
-            f"k shape {tuple(k_BGTD.shape)} does not match q shape {tuple(q_BHTD.shape)} "
-            "in batch, time or head_dim"
-        )
-    if v_BGTD.shape[:3] != k_BGTD.shape[:3]:
-        raise ValueError(
-            f"v shape {tuple(v_BGTD.shape)} does not match k shape {tuple(k_BGTD.shape)} "
-            "in batch, kv_heads or time"
-        )
-    check_head_dim(d)
-    check_groups(h, k_BGTD.shape[1])
-
-
-# from megatron_dmc.ops.window
-def _band_mask(window: int, blocks: int, device: torch.device) -> torch.Tensor:
-    """[N, W, 2W]: query a of block n sees key c iff a < c <= a + W and (n-1)W + c >= 0."""
-    a_W1 = torch.arange(window, device=device)[:, None]
-    c_1K = torch.arange(2 * window, device=device)[None, :]
-    band_WK = (c_1K > a_W1) & (c_1K <= a_W1 + window)
-    first_NWK = torch.arange(blocks, device=device)[:, None, None] > 0
-    return band_WK[None] & (first_NWK | (c_1K >= window)[None])
-
-
-def _pad_time(x_BGTD: torch.Tensor, front: int, back: int) -> torch.Tensor:
-    return F.pad(x_BGTD, (0, 0, front, back))
-
-
-def _key_blocks(x_BGTD: torch.Tensor, window: int, blocks: int) -> torch.Tensor:
-    """[B, G, N, 2W, D]: for query block n, positions (n-1)W .. (n+1)W - 1 (zeros outside)."""
-    b, g, t, d = x_BGTD.shape
-    padded = _pad_time(x_BGTD, window, blocks * window - t).view(b, g, blocks + 1, window, d)
-    return torch.cat([padded[:, :, :-1], padded[:, :, 1:]], dim=3)
-
-
-def local_attention(
-    q_BHTD: torch.Tensor,
-    ktilde_BGTD: torch.Tensor,
-    vtilde_BGTD: torch.Tensor,
-    k_BGTD: torch.Tensor,
-    v_BGTD: torch.Tensor,
-    merge_delay: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-normaliser [B, H, T], output [B, H, T, Dv]) of the softmax over the local set."""
-    b, h, t, d = q_BHTD.shape
-    g, w = k_BGTD.shape[1], merge_delay
-    n = -(-t // w)
-    q_BGRNWD = _pad_time(q_BHTD, 0, n * w - t).view(b, g, h // g, n, w, d)
-    scores_BGRNWK = torch.einsum("bgrnwd,bgnkd->bgrnwk", q_BGRNWD, _key_blocks(k_BGTD, w, n))
-    scores_BGRNWK = (scores_BGRNWK * scale).masked_fill(
-        ~_band_mask(w, n, q_BHTD.device), float("-inf")
-    )
-    open_k_BGTD = _pad_time(ktilde_BGTD, w, 0)[:, :, :t]
-    open_BHT = (q_BHTD * open_k_BGTD.repeat_interleave(h // g, dim=1)).sum(-1) * scale
-    visible_T = torch.arange(t, device=q_BHTD.device) >= w
-    open_BHT = open_BHT.masked_fill(~visible_T, float("-inf"))
-    open_BGRNW1 = F.pad(open_BHT, (0, n * w - t)).view(b, g, h // g, n, w, 1)
-    all_BGRNWL = torch.cat([scores_BGRNWK, open_BGRNW1], dim=-1)
-    lse_BGRNW1 = torch.logsumexp(all_BGRNWL, dim=-1, keepdim=True)
-    probs_BGRNWL = torch.exp(all_BGRNWL - lse_BGRNW1)
-    band_BGRNWD = torch.einsum(
-        "bgrnwk,bgnkd->bgrnwd", probs_BGRNWL[..., :-1], _key_blocks(v_BGTD, w, n)
-    )
-    out_BHTD = band_BGRNWD.reshape(b, h, n * w, -1)[:, :, :t]
-    open_v_BHTD = _pad_time(vtilde_BGTD, w, 0)[:, :, :t].repeat_interleave(h // g, dim=1)
-    out_BHTD = out_BHTD + probs_BGRNWL[..., -1:].reshape(b, h, n * w, 1)[:, :, :t] * open_v_BHTD
-    return lse_BGRNW1.reshape(b, h, n * w)[:, :, :t], out_BHTD
-
-
-# from megatron_dmc.ops.attention
 def dmc_attention(
     q_BHTD: torch.Tensor,
     ktilde_BGTD: torch.Tensor,
@@ -528,6 +465,72 @@ def dmc_attention(
     return out_BHTF[..., :value_dim] + self_weight_BHT1 * local_out_BHTD
 
 
+def _causal_sdpa(
+    q_BHTE: torch.Tensor, k_BGSE: torch.Tensor, v_BGSF: torch.Tensor, scale: float, group: int
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q_BHTE, k_BGSE, v_BGSF, is_causal=True, scale=scale, enable_gqa=group > 1
+    )
+
+
+# from megatron_dmc.ops.window
+# Legend: B batch, H query heads, G KV heads, R = H / G, T time, D head dim, W merge delay, N
+# blocks of W queries, K = 2W keys a block of queries can see.
+def _pad_time(x_BGTD: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    return F.pad(x_BGTD, (0, 0, front, back))
+
+
+def _key_blocks(x_BGTD: torch.Tensor, window: int, blocks: int) -> torch.Tensor:
+    """[B, G, N, 2W, D]: for query block n, positions (n-1)W .. (n+1)W - 1 (zeros outside)."""
+    b, g, t, d = x_BGTD.shape
+    padded = _pad_time(x_BGTD, window, blocks * window - t).view(b, g, blocks + 1, window, d)
+    return torch.cat([padded[:, :, :-1], padded[:, :, 1:]], dim=3)
+
+
+def _band_mask(window: int, blocks: int, device: torch.device) -> torch.Tensor:
+    """[N, W, 2W]: query a of block n sees key c iff a < c <= a + W and (n-1)W + c >= 0."""
+    a_W1 = torch.arange(window, device=device)[:, None]
+    c_1K = torch.arange(2 * window, device=device)[None, :]
+    band_WK = (c_1K > a_W1) & (c_1K <= a_W1 + window)
+    first_NWK = torch.arange(blocks, device=device)[:, None, None] > 0
+    return band_WK[None] & (first_NWK | (c_1K >= window)[None])
+
+
+def local_attention(
+    q_BHTD: torch.Tensor,
+    ktilde_BGTD: torch.Tensor,
+    vtilde_BGTD: torch.Tensor,
+    k_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    merge_delay: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-normaliser [B, H, T], output [B, H, T, Dv]) of the softmax over the local set."""
+    b, h, t, d = q_BHTD.shape
+    g, w = k_BGTD.shape[1], merge_delay
+    n = -(-t // w)
+    q_BGRNWD = _pad_time(q_BHTD, 0, n * w - t).view(b, g, h // g, n, w, d)
+    scores_BGRNWK = torch.einsum("bgrnwd,bgnkd->bgrnwk", q_BGRNWD, _key_blocks(k_BGTD, w, n))
+    scores_BGRNWK = (scores_BGRNWK * scale).masked_fill(
+        ~_band_mask(w, n, q_BHTD.device), float("-inf")
+    )
+    open_k_BGTD = _pad_time(ktilde_BGTD, w, 0)[:, :, :t]
+    open_BHT = (q_BHTD * open_k_BGTD.repeat_interleave(h // g, dim=1)).sum(-1) * scale
+    visible_T = torch.arange(t, device=q_BHTD.device) >= w
+    open_BHT = open_BHT.masked_fill(~visible_T, float("-inf"))
+    open_BGRNW1 = F.pad(open_BHT, (0, n * w - t)).view(b, g, h // g, n, w, 1)
+    all_BGRNWL = torch.cat([scores_BGRNWK, open_BGRNW1], dim=-1)
+    lse_BGRNW1 = torch.logsumexp(all_BGRNWL, dim=-1, keepdim=True)
+    probs_BGRNWL = torch.exp(all_BGRNWL - lse_BGRNW1)
+    band_BGRNWD = torch.einsum(
+        "bgrnwk,bgnkd->bgrnwd", probs_BGRNWL[..., :-1], _key_blocks(v_BGTD, w, n)
+    )
+    out_BHTD = band_BGRNWD.reshape(b, h, n * w, -1)[:, :, :t]
+    open_v_BHTD = _pad_time(vtilde_BGTD, w, 0)[:, :, :t].repeat_interleave(h // g, dim=1)
+    out_BHTD = out_BHTD + probs_BGRNWL[..., -1:].reshape(b, h, n * w, 1)[:, :, :t] * open_v_BHTD
+    return lse_BGRNW1.reshape(b, h, n * w)[:, :, :t], out_BHTD
+
+
 # from megatron_dmc.ops.config
 DECISION_SOURCES = ("channel", "heads")
 
@@ -573,18 +576,8 @@ class DMCConfig:
         return self.decision_source == "channel"
 
 
-# from megatron_dmc.ops.decisions
-def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x with channel D-1 set to 0 (differentiable, out of place)."""
-    return torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
-
-
 # from megatron_dmc.ops.forward
-def key_for_accumulation(k_BGTD: torch.Tensor, config: DMCConfig) -> torch.Tensor:
-    """Pre-RoPE keys as they enter the slots: channel D-1 zeroed in channel mode only."""
-    return zero_decision_channel(k_BGTD) if config.uses_channel else k_BGTD
-
-
+# Legend: B batch, H query heads, G KV heads, T time, D head dim.
 @dataclass
 class DMCDecisions:
     alpha_BGT: torch.Tensor
@@ -597,7 +590,95 @@ class DMCDecisions:
     """Importance weights of each token."""
 
 
+def make_decisions(
+    q_BHTD: torch.Tensor,
+    k_BGTD: torch.Tensor,
+    config: DMCConfig,
+    training: bool,
+    generator: torch.Generator | None = None,
+    noise_BGT: torch.Tensor | None = None,
+    logits: DecisionLogits | None = None,
+) -> DMCDecisions:
+    """Alpha (Gumbel-sigmoid in training, hard in eval; first token appends) and omega.
+
+    `logits` are required in heads mode (`decision_head_logits`); in channel mode they
+    default to `channel_decision_logits(q, k)`. `noise_BGT` (Logistic(0, 1), training only)
+    replaces the draw from `generator`.
+    """
+    logits = resolve_decision_logits(q_BHTD, k_BGTD, config, logits)
+    omega_BGT = importance_from_logits(logits.omega_BGT)
+    if training:
+        alpha_BGT = force_first_append(
+            gumbel_sigmoid(logits.alpha_BGT, config.temperature, generator, noise_BGT)
+        )
+        return DMCDecisions(alpha_BGT, straight_through(alpha_BGT), omega_BGT)
+    alpha_BGT = force_first_append(eval_decisions(logits.alpha_BGT))
+    return DMCDecisions(alpha_BGT, alpha_BGT, omega_BGT)
+
+
+def resolve_decision_logits(
+    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
+) -> DecisionLogits:
+    if logits is None:
+        if not config.uses_channel:
+            raise ValueError(
+                "decision_source='heads' needs the head logits: pass "
+                "logits=decision_head_logits(x, weight, config.init_value)"
+            )
+        return channel_decision_logits(q_BHTD, k_BGTD, config.init_value)
+    if logits.alpha_BGT.shape != k_BGTD.shape[:3] or logits.omega_BGT.shape != k_BGTD.shape[:3]:
+        raise ValueError(
+            f"logits must be [batch, kv_heads, time] = {tuple(k_BGTD.shape[:3])}; got "
+            f"{tuple(logits.alpha_BGT.shape)} and {tuple(logits.omega_BGT.shape)}"
+        )
+    return logits
+
+
+def key_for_accumulation(k_BGTD: torch.Tensor, config: DMCConfig) -> torch.Tensor:
+    """Pre-RoPE keys as they enter the slots: channel D-1 zeroed in channel mode only."""
+    return zero_decision_channel(k_BGTD) if config.uses_channel else k_BGTD
+
+
+def rope_for_attention(
+    x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, config: DMCConfig
+) -> torch.Tensor:
+    """RoPE of q or of a key: without channel D-1 in channel mode, plain in heads mode."""
+    if config.uses_channel:
+        return rope_without_decision_channel(x_BHTD, cos_TD, sin_TD)
+    return apply_rope(x_BHTD, cos_TD, sin_TD)
+
+
+# from megatron_dmc.ops.decisions
+# Legend: B batch, H query heads, G KV heads, T time, D head dim. See spec section 1: alpha logit
+# = k[D-1] - c; omega = sigmoid(mean_group(q[D-1]) + c) + eps.
+def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x with channel D-1 set to 0 (differentiable, out of place)."""
+    return torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
+
+
+def rope_without_decision_channel(
+    x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
+) -> torch.Tensor:
+    """Zero channel D-1, rotate-half RoPE, zero channel D-1 again (exactly as the release).
+
+    Channel D/2-1 is rotated against a zero partner, so it becomes x[D/2-1] * cos.
+    """
+    return zero_decision_channel(apply_rope(zero_decision_channel(x_BHTD), cos_TD, sin_TD))
+
+
+def force_first_append(alpha_BGT: torch.Tensor) -> torch.Tensor:
+    """The first token of a sequence always opens a slot: alpha_0 = 0."""
+    return torch.cat([torch.zeros_like(alpha_BGT[..., :1]), alpha_BGT[..., 1:]], dim=-1)
+
+
 # from megatron_dmc.ops.heads
+# Legend: B batch, H query heads, G KV heads, T time, D head dim, C attention input width, N = 2G
+# rows of the decision-head weight.
+HEAD_LOGIT_SCALE = 100.0
+"""Multiplier of the decision heads' output (DMS uses 100): ordinary learning rates move
+the logits at a useful speed from a zero initialisation."""
+
+
 class DecisionLogits(NamedTuple):
     alpha_BGT: torch.Tensor
     """Merge logit: hard alpha = 1 (accumulate) iff > 0."""
@@ -606,16 +687,41 @@ class DecisionLogits(NamedTuple):
     """Importance logit: omega = sigmoid(logit) + eps."""
 
 
-# from megatron_dmc.ops.relaxation
-def eval_decisions(logits: torch.Tensor) -> torch.Tensor:
-    """Eval mode: no noise, hard threshold (sigmoid(l) > 0.5 <=> l > 0)."""
-    return (logits > 0).to(logits.dtype)
+def channel_decision_logits(
+    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, init_value: float
+) -> DecisionLogits:
+    """The paper's logits from channel D-1 (query heads grouped contiguously per KV head)."""
+    check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
+    check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
+    b, h, t, _ = q_BHTD.shape
+    g = k_BGTD.shape[1]
+    check_groups(h, g)
+    qbar_BGT = q_BHTD[..., -1].reshape(b, g, h // g, t).mean(dim=2)
+    return DecisionLogits(k_BGTD[..., -1] - init_value, qbar_BGT + init_value)
 
 
-# from megatron_dmc.ops.decisions
-def force_first_append(alpha_BGT: torch.Tensor) -> torch.Tensor:
-    """The first token of a sequence always opens a slot: alpha_0 = 0."""
-    return torch.cat([torch.zeros_like(alpha_BGT[..., :1]), alpha_BGT[..., 1:]], dim=-1)
+def decision_head_logits(
+    x_BTC: torch.Tensor,
+    weight_NC: torch.Tensor,
+    init_value: float,
+    scale: float = HEAD_LOGIT_SCALE,
+) -> DecisionLogits:
+    """Logits from the decision heads: alpha = scale * W[:G] x - c, omega = scale * W[G:] x + c."""
+    check_rank("x", x_BTC, 3, "[batch, time, hidden]")
+    check_rank("weight", weight_NC, 2, "[2 * kv_heads, hidden]")
+    if weight_NC.shape[0] % 2 or weight_NC.shape[1] != x_BTC.shape[-1]:
+        raise ValueError(
+            f"decision-head weight must be [2 * kv_heads, hidden={x_BTC.shape[-1]}]; "
+            f"got {tuple(weight_NC.shape)}"
+        )
+    y_BNT = (x_BTC @ weight_NC.t()).transpose(1, 2) * scale
+    alpha_BGT, omega_BGT = y_BNT.chunk(2, dim=1)
+    return DecisionLogits(alpha_BGT - init_value, omega_BGT + init_value)
+
+
+def importance_from_logits(omega_logits_BGT: torch.Tensor) -> torch.Tensor:
+    """omega = sigmoid(logit) + eps (the release's guard against zero weights)."""
+    return torch.sigmoid(omega_logits_BGT) + torch.finfo(omega_logits_BGT.dtype).eps
 
 
 # from megatron_dmc.ops.relaxation
@@ -648,45 +754,6 @@ def gumbel_sigmoid(
     return torch.sigmoid((logits + noise) / temperature)
 
 
-# from megatron_dmc.ops.heads
-def importance_from_logits(omega_logits_BGT: torch.Tensor) -> torch.Tensor:
-    """omega = sigmoid(logit) + eps (the release's guard against zero weights)."""
-    return torch.sigmoid(omega_logits_BGT) + torch.finfo(omega_logits_BGT.dtype).eps
-
-
-def channel_decision_logits(
-    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, init_value: float
-) -> DecisionLogits:
-    """The paper's logits from channel D-1 (query heads grouped contiguously per KV head)."""
-    check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
-    check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
-    b, h, t, _ = q_BHTD.shape
-    g = k_BGTD.shape[1]
-    check_groups(h, g)
-    qbar_BGT = q_BHTD[..., -1].reshape(b, g, h // g, t).mean(dim=2)
-    return DecisionLogits(k_BGTD[..., -1] - init_value, qbar_BGT + init_value)
-
-
-# from megatron_dmc.ops.forward
-def resolve_decision_logits(
-    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
-) -> DecisionLogits:
-    if logits is None:
-        if not config.uses_channel:
-            raise ValueError(
-                "decision_source='heads' needs the head logits: pass "
-                "logits=decision_head_logits(x, weight, config.init_value)"
-            )
-        return channel_decision_logits(q_BHTD, k_BGTD, config.init_value)
-    if logits.alpha_BGT.shape != k_BGTD.shape[:3] or logits.omega_BGT.shape != k_BGTD.shape[:3]:
-        raise ValueError(
-            f"logits must be [batch, kv_heads, time] = {tuple(k_BGTD.shape[:3])}; got "
-            f"{tuple(logits.alpha_BGT.shape)} and {tuple(logits.omega_BGT.shape)}"
-        )
-    return logits
-
-
-# from megatron_dmc.ops.relaxation
 def hard_decisions(alpha: torch.Tensor) -> torch.Tensor:
     """1[alpha > 0.5] in alpha's dtype (no gradient)."""
     return (alpha > 0.5).to(alpha.dtype)
@@ -697,34 +764,13 @@ def straight_through(alpha: torch.Tensor) -> torch.Tensor:
     return hard_decisions(alpha) + (alpha - alpha.detach())
 
 
-# from megatron_dmc.ops.forward
-def make_decisions(
-    q_BHTD: torch.Tensor,
-    k_BGTD: torch.Tensor,
-    config: DMCConfig,
-    training: bool,
-    generator: torch.Generator | None = None,
-    noise_BGT: torch.Tensor | None = None,
-    logits: DecisionLogits | None = None,
-) -> DMCDecisions:
-    """Alpha (Gumbel-sigmoid in training, hard in eval; first token appends) and omega.
-
-    `logits` are required in heads mode (`decision_head_logits`); in channel mode they
-    default to `channel_decision_logits(q, k)`. `noise_BGT` (Logistic(0, 1), training only)
-    replaces the draw from `generator`.
-    """
-    logits = resolve_decision_logits(q_BHTD, k_BGTD, config, logits)
-    omega_BGT = importance_from_logits(logits.omega_BGT)
-    if training:
-        alpha_BGT = force_first_append(
-            gumbel_sigmoid(logits.alpha_BGT, config.temperature, generator, noise_BGT)
-        )
-        return DMCDecisions(alpha_BGT, straight_through(alpha_BGT), omega_BGT)
-    alpha_BGT = force_first_append(eval_decisions(logits.alpha_BGT))
-    return DMCDecisions(alpha_BGT, alpha_BGT, omega_BGT)
+def eval_decisions(logits: torch.Tensor) -> torch.Tensor:
+    """Eval mode: no noise, hard threshold (sigmoid(l) > 0.5 <=> l > 0)."""
+    return (logits > 0).to(logits.dtype)
 
 
 # from megatron_dmc.ops.rope
+# Legend: B batch, H heads, T time, D head dim.
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -733,56 +779,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
     """x*cos + rotate_half(x)*sin; cos/sin broadcast against x (e.g. [T,D] or [B,1,T,D])."""
     return x_BHTD * cos_TD + rotate_half(x_BHTD) * sin_TD
-
-
-# from megatron_dmc.ops.decisions
-def rope_without_decision_channel(
-    x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
-) -> torch.Tensor:
-    """Zero channel D-1, rotate-half RoPE, zero channel D-1 again (exactly as the release).
-
-    Channel D/2-1 is rotated against a zero partner, so it becomes x[D/2-1] * cos.
-    """
-    return zero_decision_channel(apply_rope(zero_decision_channel(x_BHTD), cos_TD, sin_TD))
-
-
-# from megatron_dmc.ops.forward
-def rope_for_attention(
-    x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, config: DMCConfig
-) -> torch.Tensor:
-    """RoPE of q or of a key: without channel D-1 in channel mode, plain in heads mode."""
-    if config.uses_channel:
-        return rope_without_decision_channel(x_BHTD, cos_TD, sin_TD)
-    return apply_rope(x_BHTD, cos_TD, sin_TD)
-
-
-# from megatron_dmc.ops.heads
-HEAD_LOGIT_SCALE = 100.0
-"""Multiplier of the decision heads' output (DMS uses 100): ordinary learning rates move
-the logits at a useful speed from a zero initialisation."""
-
-
-def decision_head_logits(
-    x_BTC: torch.Tensor,
-    weight_NC: torch.Tensor,
-    init_value: float,
-    scale: float = HEAD_LOGIT_SCALE,
-) -> DecisionLogits:
-    """Logits from the decision heads: alpha = scale * W[:G] x - c, omega = scale * W[G:] x + c."""
-    check_rank("x", x_BTC, 3, "[batch, time, hidden]")
-    check_rank("weight", weight_NC, 2, "[2 * kv_heads, hidden]")
-    if weight_NC.shape[0] % 2 or weight_NC.shape[1] != x_BTC.shape[-1]:
-        raise ValueError(
-            f"decision-head weight must be [2 * kv_heads, hidden={x_BTC.shape[-1]}]; "
-            f"got {tuple(weight_NC.shape)}"
-        )
-    y_BNT = (x_BTC @ weight_NC.t()).transpose(1, 2) * scale
-    alpha_BGT, omega_BGT = y_BNT.chunk(2, dim=1)
-    return DecisionLogits(alpha_BGT - init_value, omega_BGT + init_value)
-
-
-PAGE_GROWTH = 1.25
-"""A layer's page pool grows to at least this multiple of its old capacity when full."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,11 +882,10 @@ def _storage_bytes(*tensors: torch.Tensor) -> int:
 class PagedSlots:
     """The kept K/V slots of one layer: U rows (streams: sequence, KV head) of different lengths.
 
-    Slots live in pages of `page_size` from one `PagePool` per layer; row n owns
-    ceil(length_K / page_size) pages, listed in its block-table row. The first write (prefill)
-    sizes the pool exactly; later, when rows need pages and the pool is full, it is
-    reallocated to at least PAGE_GROWTH times its capacity. Rows never shrink (a merge
-    overwrites the last slot).
+    Slots live in pages of `page_size` from one growable `PagePool` per layer; a row owns
+    ceil(its length / page_size) pages, listed in its block-table row. The first write
+    (prefill) sizes the pool exactly; later, when rows need pages and the pool is full, the
+    pool grows (doubles) in place. Rows never shrink (a merge overwrites the last slot).
     """
 
     def __init__(self, rows: int, head_dim: int, page_size: int, like: torch.Tensor) -> None:
@@ -941,27 +936,16 @@ class PagedSlots:
         missing_columns = int((old_pages_U + count_U).max()) - self.pages_UM.shape[1]
         if missing_columns > 0:
             self.pages_UM = F.pad(self.pages_UM, (0, missing_columns), value=-1)
-        self._grow_pool(self.used_pages + count)
+        if self.pool is None:
+            like = self.like
+            self.pool = PagePool(
+                count, self.page_size, self.head_dim, like.dtype, like.device, growable=True
+            )
         rows_K = torch.repeat_interleave(torch.arange(len(count_U), device=count_U.device), count_U)
         new_K = torch.arange(count, device=count_U.device)
         first_new_U = count_U.cumsum(0) - count_U
         columns_K = old_pages_U[rows_K] + new_K - first_new_U[rows_K]
         self.pages_UM[rows_K, columns_K] = self.pool.allocate(count, "the DMC cache")
-
-    def _grow_pool(self, needed: int) -> None:
-        """A larger pool holding the same pages under the same ids (nothing is ever released,
-        so the used ids are 0 .. used-1 and a fresh pool hands out exactly those first)."""
-        capacity = 0 if self.pool is None else self.pool.num_pages
-        if needed <= capacity:
-            return
-        size = needed if self.pool is None else max(needed, int(capacity * PAGE_GROWTH) + 1)
-        like = self.like
-        grown = PagePool(size, self.page_size, self.head_dim, like.dtype, like.device)
-        if self.pool is not None:
-            grown.allocate(self.pool.pages_in_use)
-            grown.k_pages_PND[:capacity] = self.pool.k_pages_PND
-            grown.v_pages_PND[:capacity] = self.pool.v_pages_PND
-        self.pool = grown
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [U, S, D], values [U, S, D] and validity [U, S], padded to the longest row."""

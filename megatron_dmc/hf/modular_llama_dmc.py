@@ -59,10 +59,6 @@ from megatron_dmc.ops.relaxation import eval_decisions
 
 from .configuration_llama_dmc import LlamaDMCConfig
 
-PAGE_GROWTH = 1.25
-"""A layer's page pool grows to at least this multiple of its old capacity when full."""
-
-
 # ----------------------------------------------------------------------------------------------
 # The parallel form: megatron_dmc.ops, plus left padding (each row's first real token appends,
 # padding keys are masked)
@@ -164,11 +160,10 @@ def _storage_bytes(*tensors: torch.Tensor) -> int:
 class PagedSlots:
     """The kept K/V slots of one layer: U rows (streams: sequence, KV head) of different lengths.
 
-    Slots live in pages of `page_size` from one `PagePool` per layer; row n owns
-    ceil(length_K / page_size) pages, listed in its block-table row. The first write (prefill)
-    sizes the pool exactly; later, when rows need pages and the pool is full, it is
-    reallocated to at least PAGE_GROWTH times its capacity. Rows never shrink (a merge
-    overwrites the last slot).
+    Slots live in pages of `page_size` from one growable `PagePool` per layer; a row owns
+    ceil(its length / page_size) pages, listed in its block-table row. The first write
+    (prefill) sizes the pool exactly; later, when rows need pages and the pool is full, the
+    pool grows (doubles) in place. Rows never shrink (a merge overwrites the last slot).
     """
 
     def __init__(self, rows: int, head_dim: int, page_size: int, like: torch.Tensor) -> None:
@@ -219,27 +214,16 @@ class PagedSlots:
         missing_columns = int((old_pages_U + count_U).max()) - self.pages_UM.shape[1]
         if missing_columns > 0:
             self.pages_UM = F.pad(self.pages_UM, (0, missing_columns), value=-1)
-        self._grow_pool(self.used_pages + count)
+        if self.pool is None:
+            like = self.like
+            self.pool = PagePool(
+                count, self.page_size, self.head_dim, like.dtype, like.device, growable=True
+            )
         rows_K = torch.repeat_interleave(torch.arange(len(count_U), device=count_U.device), count_U)
         new_K = torch.arange(count, device=count_U.device)
         first_new_U = count_U.cumsum(0) - count_U
         columns_K = old_pages_U[rows_K] + new_K - first_new_U[rows_K]
         self.pages_UM[rows_K, columns_K] = self.pool.allocate(count, "the DMC cache")
-
-    def _grow_pool(self, needed: int) -> None:
-        """A larger pool holding the same pages under the same ids (nothing is ever released,
-        so the used ids are 0 .. used-1 and a fresh pool hands out exactly those first)."""
-        capacity = 0 if self.pool is None else self.pool.num_pages
-        if needed <= capacity:
-            return
-        size = needed if self.pool is None else max(needed, int(capacity * PAGE_GROWTH) + 1)
-        like = self.like
-        grown = PagePool(size, self.page_size, self.head_dim, like.dtype, like.device)
-        if self.pool is not None:
-            grown.allocate(self.pool.pages_in_use)
-            grown.k_pages_PND[:capacity] = self.pool.k_pages_PND
-            grown.v_pages_PND[:capacity] = self.pool.v_pages_PND
-        self.pool = grown
 
     def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys [U, S, D], values [U, S, D] and validity [U, S], padded to the longest row."""

@@ -319,17 +319,35 @@ class PagedKVCache:
             return
         assert not bool(self.seen_LB[layer, seq_ids_B].any()), "delayed: first chunk only"
         left_B = (chunk.lengths_B - delay).clamp_min(0)
-        self._write_slots(layer, seq_ids_B, dataclasses.replace(chunk, lengths_B=left_B))
+        leaving = dataclasses.replace(chunk, lengths_B=left_B)
+        self.write_delayed(layer, seq_ids_B, leaving, chunk, torch.zeros_like(left_B))
+
+    def write_delayed(
+        self,
+        layer: int,
+        seq_ids_B: torch.Tensor,
+        leaving: ChunkKV,
+        recent: ChunkKV,
+        offset_B: torch.Tensor,
+    ) -> None:
+        """With a merge delay: `leaving` (the tokens that left the exact ring, in parallel
+        form) goes to the paged slots; the ring is refilled from the raw tokens of `recent`
+        (the old ring entries followed by the new tokens, index 0 at position offset_B)."""
+        seen_B = self.seen_LB[layer, seq_ids_B].clone()
+        if leaving.k_BGTD.shape[2]:
+            self._write_slots(layer, seq_ids_B, leaving)
         self.exact.fill(
             layer,
             seq_ids_B,
-            chunk.k_BGTD.to(self.config.dtype),
-            chunk.v_BGTD.to(self.config.dtype),
-            chunk.alpha_BGT.bool(),
-            chunk.omega_BGT,
-            chunk.lengths_B,
+            recent.k_BGTD.to(self.config.dtype),
+            recent.v_BGTD.to(self.config.dtype),
+            recent.alpha_BGT.bool(),
+            recent.omega_BGT,
+            recent.lengths_B,
+            offset_B,
         )
-        self.seen_LB[layer, seq_ids_B] += chunk.lengths_B - left_B
+        self.seen_LB[layer, seq_ids_B] = offset_B + recent.lengths_B
+        assert bool((self.seen_LB[layer, seq_ids_B] >= seen_B).all())
 
     def _write_slots(self, layer: int, seq_ids_B: torch.Tensor, chunk: ChunkKV) -> None:
         """The paged part of `write_chunk`.

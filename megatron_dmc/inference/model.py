@@ -11,7 +11,8 @@ scoring, as evaluation needs). dmc None runs plain Llama attention (vanilla) thr
 same engine. With decision heads (`decision_source="heads"`) each layer also has
 `self_attn.dmc_decision_proj` ([2G, E], HF name
 `model.layers.N.self_attn.dmc_decision_proj.weight`). With a merge delay W the first chunk
-of a prefill is parallel and later tokens run as decode steps (`_stepwise`).
+of a prefill is parallel (`prefill` runs one chunk) and `extend` continues in parallel
+(delayed_prefill.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.delay import DecodeStep
+from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
 from megatron_dmc.inference.kv_cache import CacheConfig, PagedKVCache
 from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import (
@@ -236,9 +238,8 @@ class LlamaForInference(nn.Module):
                 f"tokens {start}..{start + length} must be a non-empty chunk within "
                 f"max_position_embeddings={self.shape.max_position_embeddings}"
             )
-        if length == 1 or (self._delayed and start > 0):
-            steps = [self.decode(tokens_BT[:, t], cache, seq_ids_B, backend) for t in range(length)]
-            return torch.stack(steps, dim=1)
+        if length == 1:
+            return self.decode(tokens_BT[:, 0], cache, seq_ids_B, backend)[:, None]
         lengths_B = torch.full_like(seq_ids_B, length)
         return self.lm_head(self._prefill_chunk(tokens_BT, start, lengths_B, cache, seq_ids_B))
 
@@ -255,6 +256,22 @@ class LlamaForInference(nn.Module):
 
         def attend_for_layer(layer: int):
             def attend(q, k, v, logits):
+                if self._delayed and start > 0:
+                    return delayed_chunk_attention(
+                        q,
+                        k,
+                        v,
+                        start,
+                        cos_BTD[0],
+                        sin_BTD[0],
+                        self._rope,
+                        cache,
+                        layer,
+                        seq_ids_B,
+                        self.dmc,
+                        self.forced,
+                        logits,
+                    )
                 return prefill_attention(
                     q,
                     k,

@@ -120,14 +120,14 @@ def _dmc_chunk(
             k0_BGTD, v_BGTD, alpha_BGT.to(k_BGTD.dtype), omega_BGT, dmc.window
         )
     else:
-        ktilde_BGTD, vtilde_BGTD = _accumulate_after_context(
+        ktilde_BGTD, vtilde_BGTD = accumulate_after_context(
             k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, cache, layer, seq_ids_B, dmc.window
         )
     keys_BGTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, dmc)
     return ChunkKV(keys_BGTD, vtilde_BGTD, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, lengths_B)
 
 
-def _accumulate_after_context(
+def accumulate_after_context(
     k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, cache, layer, seq_ids_B, window
 ):
     """Partial accumulations of a chunk whose first run may continue the cached open run.

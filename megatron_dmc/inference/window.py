@@ -9,6 +9,18 @@ are recomputed from the ring at every merge (W adds per channel) instead of bein
 by subtraction, so they never drift over long runs. Keys are pre-RoPE, channel D-1 zeroed.
 Raw k and v are stored in the cache dtype (they are exact there); w and the sums are in at
 least float32.
+
+Pure torch (no package import). API:
+
+- `WindowState(k_BGWD, v_BGWD, w_BGW, run_len_BG)`, `.sums()`.
+- `merge_step(state, k_BGD, v_BGD, w_BG, merge_BG) -> (state, slot_k_BGD, slot_v_BGD)`:
+  one token of Algorithm 1.
+- `state_after_chunk(state, k_BGTD, v_BGTD, w_BGT, append_BGT, lengths_B) -> state`: the
+  state after a chunk, in one pass.
+- `chronological(state) -> state`: the ring rotated oldest-first (to continue a chunk).
+- `ExactRing(shape_LBG, delay, head_dim, dtype, state_dtype, device)`: delayed merging's
+  W most recent tokens per stream; `push`, `fill`, `chronological`, `read`, `clear`,
+  `nbytes`.
 """
 
 from __future__ import annotations
@@ -181,12 +193,16 @@ class ExactRing:
             ring[layer, seq_ids_B, :, index_B] = new.to(ring.dtype)
         return old
 
-    def fill(self, layer, seq_ids_B, k_BGTD, v_BGTD, alpha_BGT, omega_BGT, lengths_B) -> None:
-        """Store the last min(W, length) tokens of a first chunk (positions 0 .. length-1)."""
+    def fill(
+        self, layer, seq_ids_B, k_BGTD, v_BGTD, alpha_BGT, omega_BGT, lengths_B, offset_B=None
+    ) -> None:
+        """Refill the ring with the last min(W, length) tokens of a run of tokens whose index
+        0 sits at position offset_B (default 0); the ring then holds exactly those."""
         window = self.delay
         t_BW = lengths_B[:, None] - window + torch.arange(window, device=lengths_B.device)
         valid_BW = t_BW >= 0
-        index_BW = torch.remainder(t_BW, window)
+        offset_B1 = 0 if offset_B is None else offset_B[:, None]
+        index_BW = torch.remainder(t_BW + offset_B1, window)
         source_BW = t_BW.clamp_min(0)
         for tensor, chunk in zip(
             (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW),
@@ -195,6 +211,19 @@ class ExactRing:
             tensor[layer, seq_ids_B] = _ring_from_chunk(chunk, source_BW, valid_BW, index_BW).to(
                 tensor.dtype
             )
+
+    def chronological(self, layer, seq_ids_B, seen_B) -> tuple[torch.Tensor, ...]:
+        """(k, v, alpha, omega) [B, G, W, ...], oldest first, after `seen_B` tokens: entry w
+        is the token at position seen - W + w (zeros where that position is negative)."""
+        w_W = torch.arange(self.delay, device=seen_B.device)
+        index_BW = torch.remainder(seen_B[:, None] - self.delay + w_W, self.delay)
+        out = []
+        for ring in (self.k_LBGWD, self.v_LBGWD, self.alpha_LBGW, self.omega_LBGW):
+            rows_BGW_ = ring[layer, seq_ids_B]
+            extra = rows_BGW_.shape[3:]
+            index = index_BW[:, None].reshape(*index_BW.shape[:1], 1, -1, *[1] * len(extra))
+            out.append(rows_BGW_.gather(2, index.expand(-1, rows_BGW_.shape[1], -1, *extra)))
+        return tuple(out)
 
     def read(self, layer, seq_ids_B, seen_B) -> tuple[torch.Tensor, ...]:
         """(k [B,G,W,D], v [B,G,W,D], positions [B,W], valid [B,W]) after `seen_B` tokens."""

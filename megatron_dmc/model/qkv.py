@@ -31,13 +31,22 @@ def zero_decision_rows(model: torch.nn.Module) -> int:
 
 
 def decision_row_selectors(model: torch.nn.Module) -> list[RowSelector]:
-    """Per attention layer: linear_qkv.weight and a view of its channel D-1 rows of every
-    query and key head ([G, R-1, I]), applicable to the weight or to optimizer state."""
-    return [
-        (attention.linear_qkv.weight, _row_view(attention))
-        for attention in model.modules()
-        if isinstance(attention, SelfAttention)
-    ]
+    """Per attention layer, the weights that produce the decision and importance logits:
+    linear_qkv.weight and a view of its channel D-1 rows of every query and key head
+    ([G, R-1, I]); in a layer with decision heads, the whole `dmc_decision_proj.weight`.
+    Applicable to the weight or to optimizer state."""
+    selectors = []
+    for attention in model.modules():
+        heads = getattr(attention, "dmc_decision_proj", None)
+        if heads is not None:
+            selectors.append((heads.weight, _whole))
+        elif isinstance(attention, SelfAttention):
+            selectors.append((attention.linear_qkv.weight, _row_view(attention)))
+    return selectors
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _shape(attention: SelfAttention) -> tuple[int, int, int]:

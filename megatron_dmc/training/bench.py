@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-transformers", action="store_true",
         help="skip the plain transformers LlamaForCausalLM fwd+bwd+AdamW baseline",
     )  # fmt: skip
+    parser.add_argument(
+        "--overheads", action="store_true",
+        help="also time a trainer launch and a checkpoint save/load (training/overheads.py)",
+    )  # fmt: skip
     return parser
 
 
@@ -328,6 +332,15 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
     return lines, {**result, "median_s": medians}
 
 
+def _overheads(args: argparse.Namespace, cfg, contenders: list[Contender]) -> dict | None:
+    if not args.overheads:
+        return None
+    from megatron_dmc.training.overheads import checkpoint_cpu_s, launch_cpu_s
+
+    dmc = next(c for c in contenders if c.name == "dmc")
+    return {"launch_cpu_s": launch_cpu_s(), **checkpoint_cpu_s(dmc.model, dmc.optimizer, cfg)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     from megatron_dmc.compat import cuda_available
     from megatron_dmc.distributed import destroy_distributed, initialize_distributed
@@ -343,9 +356,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         contenders = _contenders(args, cfg, shape)
         measure(args, contenders, _batch(args, shape.vocab_size, device), device)
+        overheads = _overheads(args, cfg, contenders)
     finally:
         destroy_distributed()
     lines, result = report(args, shape, contenders, device)
+    if overheads:
+        from megatron_dmc.training.overheads import lines as overhead_lines
+
+        tokens = args.seq_length * args.micro_batch_size * args.num_microbatches
+        dmc_s = result["median_s"]["dmc"]
+        lines += overhead_lines(overheads, tokens, dmc_s / tokens)
+        result["overheads"] = overheads
     print("\n".join(lines), flush=True)
     return result
 

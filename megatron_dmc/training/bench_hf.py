@@ -30,7 +30,7 @@ class PlainStep:
             logits_BTV = self.model(input_ids=batch["tokens"]).logits
             loss = F.cross_entropy(logits_BTV.flatten(0, 1), batch["labels"].flatten())
             (loss / self.num_microbatches).backward()
-            total += float(loss) / self.num_microbatches
+            total += float(loss.detach()) / self.num_microbatches
         if self.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.optimizer.step()

@@ -25,6 +25,8 @@ DMC_ONLY_FIELDS = (
     "dmc_window_size",
     "dmc_temperature",
     "dmc_init_val",
+    "dmc_decision_source",
+    "dmc_merge_delay",
 )
 """DMCArgs fields that mean nothing to --dmc-stage plain."""
 
@@ -273,6 +275,17 @@ class DMCArgs:
     dmc_init_val: float = 5.0
     """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
 
+    dmc_decision_source: str = field(default="channel", metadata={"choices": ("channel", "heads")})
+    """Where decisions come from: "channel" (the paper: channel D-1 of q/k, repurposed after
+    the zero_out stage) or "heads" (a zero-initialised projection of the attention input;
+    the model starts exactly as the original, no channel is zeroed, so there is no zero_out
+    stage: --dmc-stage all runs retrofit then finetune, --dmc-stage zero_out is refused)."""
+
+    dmc_merge_delay: int = 0
+    """W: the most recent W tokens of every head stay exact; a token's merge decision takes
+    effect when it leaves that window (0 = the paper). The window counts as kept slots, so
+    the CR reachable at --seq-length S is at most S / (W + 1)."""
+
     dmc_cr_loss_weight: float = 1.0
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
     unweighted CR loss."""
@@ -307,10 +320,22 @@ class DMCArgs:
         _positive("dmc_window_size", self.dmc_window_size)
         _positive("dmc_temperature", self.dmc_temperature)
         _positive("dmc_cr_loss_weight", self.dmc_cr_loss_weight)
+        self._check_decision_source()
         if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
             raise ValueError(
                 "--dmc-zero-out-anneal-iters must be <= --dmc-zero-out-iters (the channel must "
                 "reach zero before its weight rows are zeroed)"
+            )
+
+    def _check_decision_source(self) -> None:
+        if self.dmc_merge_delay < 0:
+            raise ValueError(
+                f"--dmc-merge-delay must be >= 0 (0 = the paper); got {self.dmc_merge_delay}"
+            )
+        if self.dmc_decision_source == "heads" and self.dmc_stage == "zero_out":
+            raise ValueError(
+                "--dmc-stage zero_out does not apply to --dmc-decision-source heads: no channel "
+                "is repurposed, so there is nothing to zero; run --dmc-stage retrofit (or all)"
             )
 
     def _check_plain(self) -> None:
@@ -333,14 +358,21 @@ class DMCArgs:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return STAGES if self.dmc_stage == "all" else (self.dmc_stage,)
+        return self.schedule_stages if self.dmc_stage == "all" else (self.dmc_stage,)
+
+    @property
+    def schedule_stages(self) -> tuple[str, ...]:
+        """The stages of the whole schedule: the three DMC stages (without zero_out when the
+        decisions come from heads), or plain."""
+        if self.dmc_stage == PLAIN:
+            return (PLAIN,)
+        return STAGES[1:] if self.dmc_decision_source == "heads" else STAGES
 
     @property
     def schedule_iters(self) -> int:
-        """Steps of the whole schedule this launch belongs to: all three DMC stages (whichever
-        of them it runs), or the plain stage."""
-        names = (PLAIN,) if self.dmc_stage == PLAIN else STAGES
-        return sum(self.stage_iters(s) for s in names)
+        """Steps of the whole schedule this launch belongs to (whichever of its stages it
+        runs)."""
+        return sum(self.stage_iters(s) for s in self.schedule_stages)
 
     def stage_iters(self, stage: str) -> int:
         lengths = {

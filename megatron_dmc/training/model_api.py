@@ -24,7 +24,7 @@ from megatron_dmc.model.lora import LORA_KEY
 from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig
-from megatron_dmc.training.config import TrainConfig
+from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import Stage
 from megatron_dmc.training.trainable import apply_trainable
 
@@ -49,7 +49,13 @@ def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
 
 
 def dmc_config(cfg: TrainConfig) -> DMCConfig:
-    return DMCConfig(cfg.dmc.dmc_window_size, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
+    return DMCConfig(
+        cfg.dmc.dmc_window_size,
+        cfg.dmc.dmc_init_val,
+        cfg.dmc.dmc_temperature,
+        decision_source=cfg.dmc.dmc_decision_source,
+        merge_delay=cfg.dmc.dmc_merge_delay,
+    )
 
 
 def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
@@ -156,8 +162,12 @@ def export_metadata(
             "init_val": cfg.dmc.dmc_init_val,
             "compression_ratio": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
+            "decision_source": cfg.dmc.dmc_decision_source,
+            "merge_delay": cfg.dmc.dmc_merge_delay,
         }
-    metadata = checkpoint_metadata(shape_from_model_config(model_config), dmc=dmc)
+    heads = cfg.dmc.dmc_decision_source == "heads" and cfg.dmc.dmc_stage != PLAIN
+    shape = shape_from_model_config(model_config, decision_heads=heads)
+    metadata = checkpoint_metadata(shape, dmc=dmc)
     if cfg.retrofit.dmc_trainable == "lora":
         metadata[LORA_KEY] = lora_metadata(cfg.retrofit)
     return {METADATA_KEY: metadata}

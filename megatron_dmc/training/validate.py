@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from megatron_dmc.compat import cuda_available
+from megatron_dmc.convert.megatron_io import read_metadata
 from megatron_dmc.data.gpt_dataset import check_data_prefix
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.training.checkpoint import has_checkpoint
@@ -95,6 +96,43 @@ def _check_warmup(cfg: TrainConfig) -> None:
         )
 
 
+def _check_merge_delay(cfg: TrainConfig) -> None:
+    """With W tokens always exact, a sequence of S tokens keeps at least W + 1 slots."""
+    delay, length, target = cfg.dmc.dmc_merge_delay, cfg.batch.seq_length, cfg.dmc.dmc_target_cr
+    if cfg.dmc.dmc_stage != PLAIN and (delay + 1) * target > length:
+        raise ValueError(
+            f"--dmc-merge-delay {delay} keeps {delay} of the --seq-length {length} tokens "
+            f"exact, so no sequence can reach --dmc-target-cr {target:g} (at most "
+            f"{length / (delay + 1):.3g}x); use a delay below {length / target - 1:.0f} or "
+            "longer sequences"
+        )
+
+
+def _check_decision_source(cfg: TrainConfig) -> None:
+    """The checkpoint at --load must carry decisions where this run looks for them."""
+    if cfg.checkpoint.load is None or cfg.dmc.dmc_stage == PLAIN:
+        return
+    try:
+        metadata = read_metadata(cfg.checkpoint.load)
+    except ValueError:
+        return  # no megatron_dmc metadata: a vanilla Megatron checkpoint
+    has_heads = bool(metadata["llama"].get("dmc_decision_heads", False))
+    heads = cfg.dmc.dmc_decision_source == "heads"
+    trained_channel = metadata.get("dmc") is not None and not has_heads
+    if heads and trained_channel:
+        raise ValueError(
+            f"--load {cfg.checkpoint.load} is a channel-mode DMC model (e.g. an imported "
+            "release): its decisions live in channel D-1 of q and k, which it no longer uses "
+            "for attention; --dmc-decision-source heads starts from the original model "
+            "instead, or continue this one with --dmc-decision-source channel"
+        )
+    if has_heads and not heads:
+        raise ValueError(
+            f"--load {cfg.checkpoint.load} has DMC decision heads; continue it with "
+            "--dmc-decision-source heads"
+        )
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
     """All checks; fills in the default global batch size. Returns the model shape."""
     world_size = world_size_from_env() if world_size is None else world_size
@@ -115,5 +153,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
     _check_device(cfg)
     _check_recompute(cfg)
     _check_warmup(cfg)
+    _check_merge_delay(cfg)
     _check_files(cfg)
+    _check_decision_source(cfg)
     return model

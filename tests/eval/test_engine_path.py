@@ -9,6 +9,7 @@ from megatron_dmc.eval.caches import EngineCache, NativeCache, PagedEngine
 from megatron_dmc.eval.methods import build_method
 from megatron_dmc.eval.perplexity import continuation_perplexity, strided_perplexity
 from megatron_dmc.eval.scoring import greedy_generate, prefill, score
+from megatron_dmc.hf import DMCLlamaForCausalLM, LlamaDMCConfig
 from tests.eval.helpers import tiny_llama
 from tests.eval.test_dmc_path import _tiny_dmc
 
@@ -78,3 +79,45 @@ def test_engine_cache_holds_one_sequence():
     cache = PagedEngine("vanilla").make_cache(tiny_llama(), 8)
     with pytest.raises(ValueError, match="one sequence"):
         cache.forward(torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("fields", [dict(dmc_decision_source="heads"), dict(dmc_merge_delay=6)])
+def test_heads_and_delay_models_evaluate_like_the_transformers_cache(fields):
+    torch.manual_seed(0)
+    config = LlamaDMCConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **fields,
+    )
+    model = DMCLlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if "dmc_decision_source" in fields:
+                layer.self_attn.dmc_decision_proj.weight.normal_(0.0, 0.0075)
+            else:
+                layer.self_attn.k_proj.weight.view(2, 16, 64)[:, -1] *= 300
+    ids_T = torch.randint(0, 300, (60,))
+    engine = strided_perplexity(model, PagedEngine("dmc"), ids_T, window=40, stride=20, chunk=9)
+    hf = strided_perplexity(model, NativeCache("dmc"), ids_T, window=40, stride=20, chunk=9)
+    assert engine.nll == pytest.approx(hf.nll, rel=1e-5)
+    cache = prefill(model, PagedEngine("dmc"), ids_T[:40], chunk=11).cache
+    hf_cache = prefill(model, NativeCache("dmc"), ids_T[:40], chunk=11).cache
+    assert torch.equal(cache.slot_counts(), hf_cache.slot_counts())
+    assert int(cache.slot_counts().sum()) < 0.9 * 40 * 2 * 2  # decisions really merged
+
+
+def test_matched_streaming_through_the_engine():
+    from megatron_dmc.eval.matched import stream
+
+    model, ids_T = _tiny_dmc(), torch.randint(0, 300, (48,))
+    caches = []
+    run = stream(model, PagedEngine("dmc"), ids_T, 16, lambda c, s: caches.append(c))
+    hf = stream(model, NativeCache("dmc"), ids_T, 16)
+    torch.testing.assert_close(run.logprobs_T, hf.logprobs_T, rtol=1e-5, atol=1e-5)
+    assert run.slots == pytest.approx(hf.slots)
+    assert 1.0 < 48 / run.slots == pytest.approx(caches[-1].compression_ratio())

@@ -80,3 +80,20 @@ def test_completion_is_greedy_through_the_cache(method):
         assert not any(stop in completion for stop in humaneval.STOP_SEQUENCES)
         if method == "vanilla":  # CR 1 evictions keep everything; vanilla is the reference
             assert completion == _reference_completion(model, tokenizer, problem["prompt"], 12)
+
+
+def test_dmc_completion_equals_greedy_full_forward():
+    from tests.eval.test_dmc_path import _tiny_dmc
+
+    model, tokenizer = _tiny_dmc(), tiny_tokenizer()
+    settings = HumanEvalSettings(max_new_tokens=10, stop=("\n\n\n\n",))
+    lm = CompressedCacheLM(model, tokenizer, build_method("dmc"), progress=False)
+    prompt = LOCAL[0]["prompt"]
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    for _ in range(10):  # the eval-mode forward without a cache, one more token each time
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits
+        ids.append(int(logits[0, -1].argmax()))
+    prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
+    expected = tokenizer.decode(ids[prompt_len:], skip_special_tokens=True).split("\n\n\n\n")[0]
+    assert humaneval.complete(lm, prompt, settings) == expected

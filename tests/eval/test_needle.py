@@ -86,3 +86,12 @@ def test_run_needle_grid(method, cr):
     assert out["acc"] == pytest.approx(mean)
     with pytest.raises(ValueError, match="limit"):
         run_needle(model, tokenizer, build_method(method, cr), NeedleSettings(lengths=(1024,)))
+
+
+def test_run_needle_through_the_dmc_cache():
+    from tests.eval.test_dmc_path import _tiny_dmc
+
+    settings = NeedleSettings(tasks=("passkey",), lengths=(300,), depths=(0.5,), prefill_chunk=64)
+    samples = make_samples(tiny_tokenizer(), settings, SENTENCES)
+    out = run_needle(_tiny_dmc(), tiny_tokenizer(), build_method("dmc"), settings, samples, False)
+    assert len(out["samples"]) == 1 and 0.0 <= out["acc"] <= 1.0

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from megatron_dmc.hf import DMCCache
-from megatron_dmc.hf.modeling_llama_dmc import PAGE_GROWTH
 from tests.hf.helpers import dmc_model, fire_decisions, reference_llama
 
 IDS = torch.randint(3, 101, (2, 48), generator=torch.Generator().manual_seed(6))
@@ -61,7 +60,7 @@ def test_decode_and_chunks_grow_pages_on_demand_only(call_length):
         used = sum(math.ceil(n / 4) for n in lengths_U.tolist())
         capacity = slots.pool.num_pages
         assert slots.used_pages == used
-        assert used <= capacity <= int(used * PAGE_GROWTH) + 1
+        assert used <= capacity <= 2 * used  # the shared pool doubles when it runs out
         assert slots.pages_UM.shape[1] == math.ceil(int(lengths_U.max()) / 4)
         predicted += predicted_layer_bytes(
             lengths_U, capacity, slots.pages_UM.shape[1], model.config, 4, 2

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from megatron_dmc.hf import DMCCache, modular_llama_dmc
+from tests.hf.helpers import dmc_model, fire_heads
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location(
@@ -61,3 +65,21 @@ def test_generator_refuses_what_it_cannot_inline(tmp_path, line, message):
     modular.write_text(f'"""A modular file."""\n\nfrom __future__ import annotations\n\n{line}\n')
     with pytest.raises(ValueError, match=message):
         generator.generate(modular)
+
+
+def test_modular_source_runs_the_same_model():
+    """The modular file imports the package and runs as it is; the generated one is the same
+    model, so both give the same logits bitwise (heads and a delay exercise every import)."""
+    model = fire_heads(dmc_model(dmc_decision_source="heads", dmc_merge_delay=2))
+    modular = modular_llama_dmc.DMCLlamaForCausalLM(model.config).eval()
+    modular.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 101, (2, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(modular(ids).logits, model(ids).logits)
+        decoded = []
+        for each, cache_class in ((modular, modular_llama_dmc.DMCCache), (model, DMCCache)):
+            cache = cache_class(model.config)
+            each(ids[:, :9], cache=cache)
+            steps = [each(ids[:, t : t + 1], cache=cache).logits for t in range(9, 17)]
+            decoded.append(torch.cat(steps, 1))
+        assert torch.equal(*decoded)

@@ -6,6 +6,7 @@ import torch
 
 from megatron_dmc.inference import CacheConfig, PagedKVCache
 from megatron_dmc.inference.delay import DecodeStep
+from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
 from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import DMCConfig, rope_cos_sin
 
@@ -98,6 +99,23 @@ def run_layer(
         pos = torch.arange(start, end).expand(batch, -1)
         n = (prompt - start).clamp(0, end - start)
         sl = slice(start, end)
+        if dmc is not None and dmc.merge_delay and start > 0:
+            out[:, :, sl] = delayed_chunk_attention(
+                q[:, :, sl],
+                k[:, :, sl],
+                v[:, :, sl],
+                start,
+                cos[sl],
+                sin[sl],
+                lambda p: (cos[p], sin[p]),
+                cache,
+                0,
+                seq,
+                dmc,
+                forced,
+                _slice(logits, slice(None), sl),
+            )
+            continue
         out[:, :, sl] = prefill_attention(
             q[:, :, sl],
             k[:, :, sl],

@@ -33,6 +33,10 @@ CASES = [
     ("channel", 5, 3, None),
     ("heads", 4, 12, None),
     ("channel", 16, 40, None),
+    ("channel", 5, 30, 7),
+    ("heads", 6, 33, 4),
+    ("channel", 16, 40, 3),
+    ("heads", 3, 40, 1),
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -33,14 +35,16 @@ def test_decode_logits_equal_full_forward(name):
     assert 1.2 < stats.compression_ratio < 4, "decisions should merge some tokens"
 
 
+@pytest.mark.parametrize("cuts", [(13, 14), (3, 10), (1, 2, 7, 20)])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_extend_in_chunks_equals_full_forward(name):
+def test_extend_in_chunks_equals_full_forward(name, cuts):
     model = tiny_model(CONFIGS[name], heads=4, groups=2, seed=2)
     tokens = torch.randint(0, 97, (1, 36), generator=torch.Generator().manual_seed(2))
     full = model(tokens)
     cache = PagedKVCache(model.cache_config(8, 1, 64, page_size=4, growable=True))
     seq = cache.add_sequences(1)
-    pieces = [model.extend(tokens[:, a:b], cache, seq) for a, b in ((0, 13), (13, 14), (14, 36))]
+    bounds = (0, *cuts, 36)
+    pieces = [model.extend(tokens[:, a:b], cache, seq) for a, b in itertools.pairwise(bounds)]
     assert _rel_err(torch.cat(pieces, dim=1), full) <= 1e-5
 
 

@@ -103,3 +103,16 @@ def test_heads_weight_is_a_layer_parameter_and_trains():
     (loss_BS.mean() + sums.alpha_sum_B.sum()).backward()
     grad = model.decoder.layers[0].self_attention.dmc_decision_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_delayed_decision_sums_count_only_tokens_that_left_the_window():
+    """All merge (alpha logit +5): per sequence L * G * (T - 1 - W) counted merges of L * G * T."""
+    config = DMCConfig(decision_source="heads", merge_delay=3, init_value=-5.0)
+    model = _build("tiny_gqa", "dmc", config).eval()
+    tokens_BS = batch_BS(1)
+    positions_BS = torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS)
+    with torch.no_grad():
+        _, sums = model(tokens_BS, positions_BS, None)
+    layers, groups, length = 4, 2, tokens_BS.shape[1]
+    assert sums.count == layers * groups * length
+    assert sums.alpha_sum_B.tolist() == [layers * groups * (length - 1 - 3)] * tokens_BS.shape[0]

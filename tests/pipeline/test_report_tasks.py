@@ -62,3 +62,26 @@ def test_extend_report_without_the_task_step_changes_nothing(tmp_path):
     layout.report.write_text("# report\n")
     extend_report(layout)
     assert layout.report.read_text() == "# report\n" and layout.summary.read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_task_step_writes_one_row_per_job_and_resumes(tmp_path, monkeypatch):
+    from megatron_dmc.pipeline import eval_tasks
+    from megatron_dmc.pipeline.evaluation import EvalJob
+    from tests.eval.helpers import tiny_llama, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    jobs = [
+        EvalJob("vanilla", str(model_dir), "vanilla", 1.0),
+        EvalJob("h2o_2x", str(model_dir), "h2o", 2.0),
+    ]
+    tasks = PaperTasks(humaneval_limit=1, humaneval_max_new_tokens=4, needle_lengths=[300],
+                       needle_depths=[0.5], needle_tasks=["passkey"], needle_prefill_chunk=64)  # fmt: skip
+    rows = eval_tasks.run_task_evaluation(jobs, tasks, tmp_path / TASKS_DIR)
+    assert [r.method for r in rows] == ["vanilla", "h2o"]
+    assert all(set(r.tasks) == {"humaneval", "needle"} for r in rows)
+    assert rows[1].task_details["humaneval"]["problems"] == 1
+    monkeypatch.setattr("megatron_dmc.eval.methods.load_model", lambda p: pytest.fail("rerun"))
+    assert len(eval_tasks.run_task_evaluation(jobs, tasks, tmp_path / TASKS_DIR)) == 2

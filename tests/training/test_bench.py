@@ -12,7 +12,9 @@ pytestmark = [pytest.mark.slow]
 
 def test_bench_times_all_models_from_the_same_weights(capsys) -> None:
     argv = ["--model", "tiny_gqa", "--num-layers", "2", "--seq-length", "64"]
-    result = bench.main([*argv, "--warmup", "0", "--reps", "2", "--num-microbatches", "1"])
+    result = bench.main(
+        [*argv, "--warmup", "0", "--reps", "2", "--num-microbatches", "1", "--overheads"]
+    )
     assert set(result["median_s"]) == {"vanilla", "vanilla_sdpa", "dmc", "transformers"}
     assert result["baseline"] == "vanilla_sdpa" and result["ratio"] > 0
     loss = result["first_lm_loss"]
@@ -21,6 +23,9 @@ def test_bench_times_all_models_from_the_same_weights(capsys) -> None:
     out = capsys.readouterr().out
     assert "goal DMC / vanilla_sdpa <= 1.15x" in out
     assert "DMC / transformers" in out and "CPU-s per token" in out
+    overheads = result["overheads"]
+    assert overheads["launch_cpu_s"] > 0 and overheads["checkpoint_mb"] > 0
+    assert "overheads: launch" in out
 
 
 def test_bench_refuses_bad_settings_before_any_work() -> None:

@@ -1,0 +1,84 @@
+"""--dmc-decision-source and --dmc-merge-delay: parsed, wired to the model, refused early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_dmc.convert.commands import import_hf
+from megatron_dmc.training.arguments import parse_args
+from megatron_dmc.training.model_api import dmc_config, export_metadata
+from megatron_dmc.training.stages import plan
+from megatron_dmc.training.validate import validate
+from tests.convert.helpers import edit_config, write_tiny_llama
+
+BASE = ["--model", "tiny_gqa", "--mock-data", "--seq-length", "32"]
+
+
+def test_flags_reach_the_layer_config_and_the_export_metadata() -> None:
+    cfg = parse_args([*BASE, "--dmc-decision-source", "heads", "--dmc-merge-delay", "3"])
+    config = dmc_config(cfg)
+    assert (config.decision_source, config.merge_delay) == ("heads", 3)
+    assert dmc_config(parse_args(BASE)).decision_source == "channel"
+    model_config = validate(cfg, world_size=1)
+    metadata = export_metadata(model_config, cfg, [[2.0, 2.0]] * 4)["megatron_dmc"]
+    assert metadata["llama"]["dmc_decision_heads"] is True
+    assert (metadata["dmc"]["decision_source"], metadata["dmc"]["merge_delay"]) == ("heads", 3)
+
+
+def test_heads_mode_has_no_zero_out_stage() -> None:
+    cfg = parse_args([*BASE, "--dmc-decision-source", "heads"])
+    assert [s.name for s in plan(cfg.dmc)] == ["retrofit", "finetune"]
+    assert cfg.dmc.schedule_iters == cfg.dmc.dmc_retrofit_iters + cfg.dmc.dmc_finetune_iters
+    assert [s.name for s in plan(parse_args(BASE).dmc)] == ["zero_out", "retrofit", "finetune"]
+    with pytest.raises(ValueError, match="nothing to zero"):
+        parse_args([*BASE, "--dmc-decision-source", "heads", "--dmc-stage", "zero_out"])
+
+
+def test_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="must be >= 0"):
+        parse_args([*BASE, "--dmc-merge-delay", "-1"])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*BASE, "--dmc-decision-source", "query"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_delay_that_cannot_reach_the_target_cr_is_refused() -> None:
+    ok = parse_args([*BASE, "--dmc-target-cr", "4", "--dmc-merge-delay", "7"])
+    validate(ok, world_size=1)  # 32 / (7 + 1) = 4: reachable
+    too_long = parse_args([*BASE, "--dmc-target-cr", "4", "--dmc-merge-delay", "8"])
+    with pytest.raises(ValueError, match="no sequence can reach"):
+        validate(too_long, world_size=1)
+
+
+def test_heads_mode_refuses_a_channel_dmc_checkpoint(tmp_path: Path) -> None:
+    hf = write_tiny_llama(tmp_path / "hf")
+    vanilla = import_hf(hf, tmp_path / "vanilla")
+    edit_config(hf, model_type="llama_dmc")
+    channel = import_hf(hf, tmp_path / "channel")
+    heads = ["--dmc-decision-source", "heads", "--dmc-stage", "retrofit"]
+    validate(parse_args([*BASE, *heads, "--load", str(vanilla)]), world_size=1)
+    with pytest.raises(ValueError, match="channel-mode DMC model"):
+        validate(parse_args([*BASE, *heads, "--load", str(channel)]), world_size=1)
+
+
+@pytest.mark.slow
+def test_heads_with_delay_trains_saves_and_exports(tmp_path: Path) -> None:
+    from megatron_dmc.convert.commands import export_hf
+    from megatron_dmc.convert.hf_io import HFCheckpoint
+    from tests.training.helpers import TINY_SHARED, metrics, train
+
+    save = tmp_path / "run"
+    flags = ["--dmc-decision-source", "heads", "--dmc-merge-delay", "4", "--dmc-target-cr", "2"]
+    lengths = ["--dmc-ramp-iters", "2", "--dmc-finetune-iters", "1"]
+    train([*TINY_SHARED, *flags, *lengths, "--save", str(save)])
+    records = metrics(save)
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert all(r["achieved_cr"] >= 1.0 for r in records)
+    assert [r["cr_loss"] > 0 for r in records] == [False, True, True]  # target 1 at step 0
+    out = export_hf(save, tmp_path / "hf")
+    config = (out / "config.json").read_text()
+    assert '"dmc_decision_source": "heads"' in config and '"dmc_merge_delay": 4' in config
+    names = HFCheckpoint(out).files
+    assert "model.layers.3.self_attn.dmc_decision_proj.weight" in names
