@@ -111,10 +111,13 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     for protocol in protocols:
         cost = {r["run"]: r["cpu_s"] for r in rows if r["protocol"] == protocol}
-        print(
-            f"{protocol}: dmc/engine over vanilla/engine {cost['dmc/engine'] / cost['vanilla/engine']:.2f}x, "
-            f"over vanilla/transformers {cost['dmc/engine'] / cost['vanilla/transformers']:.2f}x"
-        )
+        for label in [name for name in cost if name.startswith("dmc")]:
+            over_engine = cost[label] / cost["vanilla/engine"]
+            over_transformers = cost[label] / cost["vanilla/transformers"]
+            print(
+                f"{protocol}: {label} over vanilla/engine {over_engine:.2f}x, "
+                f"over vanilla/transformers {over_transformers:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def reshard(
     pipeline_parallel: int = 1,
 ) -> Path:
     """Megatron checkpoint -> the same model saved from a TP x PP world (Megatron's loader)."""
+    checked_iteration_dir(load_dir)
     metadata = read_metadata(load_dir)
     shape = LlamaShape.from_dict(metadata["llama"])
     check_parallel_sizes(shape, tensor_parallel, pipeline_parallel)

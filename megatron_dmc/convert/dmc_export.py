@@ -1,7 +1,7 @@
 """The DMC side of an HF export: config fields and the modeling code shipped alongside.
 
 Field names follow the reference release's flags (dmc_window_size, dmc_init_val, ...);
-dmc_decision_source and dmc_merge_delay are DMCConfig's fields with the dmc_ prefix;
+dmc_decision_source, dmc_merge_delay and dmc_kv_method ("dmc" | "dms") are DMCConfig's fields with the dmc_ prefix;
 the transformers classes live in megatron_dmc/hf/ and are copied into the export so that
 `from_pretrained(dir, trust_remote_code=True)` works offline.
 """
@@ -26,6 +26,7 @@ DMC_DEFAULTS: dict[str, Any] = {
     "layer_head_cr": None,
     "decision_source": "channel",
     "merge_delay": 0,
+    "kv_method": "dmc",
 }
 """Metadata fields (checkpoint_metadata(dmc=...)) and their release defaults."""
 
@@ -58,6 +59,7 @@ def dmc_hf_config(plain_config: dict[str, Any], dmc: dict[str, Any] | None) -> d
         dmc_compression_ratio=fields["compression_ratio"],
         dmc_decision_source=fields["decision_source"],
         dmc_merge_delay=fields["merge_delay"],
+        dmc_kv_method=fields["kv_method"],
         auto_map={
             "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_MODULE}.{DMC_ARCHITECTURE}",

@@ -45,6 +45,11 @@ class LlamaDMCConfig(LlamaConfig):
     """The most recent dmc_merge_delay tokens of every KV head are attended exactly; a
     token's merge decision takes effect when it leaves that window. 0 is the paper."""
 
+    dmc_kv_method: str = "dmc"
+    """"dmc": merging (the paper). "dms": learned delayed eviction (one token per slot; the
+    decision read at token t evicts token t-1 once it is more than dmc_merge_delay tokens
+    behind); needs dmc_window_size 1 and dmc_decision_source "heads"."""
+
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
         # a plain Llama config.json loaded into this class must not keep "llama"
@@ -74,6 +79,15 @@ def _check_dmc_fields(config: LlamaDMCConfig) -> None:
     if not isinstance(config.dmc_merge_delay, int) or config.dmc_merge_delay < 0:
         raise ValueError(
             f"dmc_merge_delay must be an integer >= 0 (0 = the paper); got {config.dmc_merge_delay!r}"
+        )
+    if config.dmc_kv_method not in ("dmc", "dms"):
+        raise ValueError(f"dmc_kv_method must be 'dmc' or 'dms'; got {config.dmc_kv_method!r}")
+    if config.dmc_kv_method == "dms" and (
+        config.dmc_window_size != 1 or config.dmc_decision_source != "heads"
+    ):
+        raise ValueError(
+            "dmc_kv_method 'dms' needs dmc_window_size 1 and dmc_decision_source 'heads'; got "
+            f"{config.dmc_window_size} and {config.dmc_decision_source!r}"
         )
     if config.head_dim < 2:
         raise ValueError(f"DMC needs head_dim >= 2 to repurpose one channel; got {config.head_dim}")

@@ -535,6 +535,9 @@ def local_attention(
 DECISION_SOURCES = ("channel", "heads")
 
 
+KV_METHODS = ("dmc", "dms")
+
+
 @dataclass(frozen=True)
 class DMCConfig:
     window: int = 12
@@ -555,6 +558,12 @@ class DMCConfig:
     """W: the most recent W tokens of every head are always attended exactly; a token's
     merge decision takes effect when it leaves that window. 0 is the paper."""
 
+    kv_method: str = "dmc"
+    """"dmc": merging (the paper). "dms": learned delayed eviction (DMS, `ops.dms`): the
+    decision read at token t evicts token t-1 once it leaves the window of W exact tokens.
+    That is DMC with slots of one token (a merge replaces the previous slot), so "dms"
+    needs window=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
+
     def __post_init__(self) -> None:
         check_window(self.window)
         if not self.temperature > 0:
@@ -569,6 +578,22 @@ class DMCConfig:
             raise ValueError(
                 f"merge_delay must be an integer >= 0 (0 = the paper); got {self.merge_delay!r}"
             )
+        self._check_kv_method()
+
+    def _check_kv_method(self) -> None:
+        if self.kv_method not in KV_METHODS:
+            raise ValueError(f"kv_method must be one of {KV_METHODS}; got {self.kv_method!r}")
+        if self.kv_method == "dms" and (self.window != 1 or self.decision_source != "heads"):
+            raise ValueError(
+                "kv_method='dms' evicts single tokens: it needs window=1 and "
+                f"decision_source='heads' (got window={self.window}, decision_source="
+                f"{self.decision_source!r}); build it with ops.dms.dms_config(merge_delay)"
+            )
+
+    @property
+    def evicts(self) -> bool:
+        """True for DMS: a slot holds one token, a decision drops the previous token."""
+        return self.kv_method == "dms"
 
     @property
     def uses_channel(self) -> bool:
@@ -637,6 +662,20 @@ def resolve_decision_logits(
 def key_for_accumulation(k_BGTD: torch.Tensor, config: DMCConfig) -> torch.Tensor:
     """Pre-RoPE keys as they enter the slots: channel D-1 zeroed in channel mode only."""
     return zero_decision_channel(k_BGTD) if config.uses_channel else k_BGTD
+
+
+def slot_keys_values(
+    k_in_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    alpha_BGT: torch.Tensor,
+    omega_BGT: torch.Tensor,
+    config: DMCConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What slot j holds: DMC's partial accumulations; DMS's token j itself (no merging:
+    a decision only hides the previous token through the bias)."""
+    if config.evicts:
+        return k_in_BGTD, v_BGTD
+    return windowed_partial_accumulation(k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window)
 
 
 def rope_for_attention(
@@ -795,6 +834,7 @@ def ops_config(config: LlamaDMCConfig) -> DMCConfig:
         temperature=float(config.dmc_temperature),
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
+        kv_method=config.dmc_kv_method,
     )
 
 
@@ -849,8 +889,8 @@ def dmc_parallel_attention(
     time_T = torch.arange(length, device=q_BHTD.device)
     alpha_BGT = decisions.alpha_BGT.masked_fill(time_T == first_B[:, None, None], 0.0)
     k_in_BGTD = key_for_accumulation(k_BGTD, dmc)
-    ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-        k_in_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc.window
+    ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+        k_in_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc
     )
     k_rot_BGTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, dmc)
     bias_BGT = attention_bias(alpha_BGT, hard=not training).masked_fill(

@@ -53,6 +53,7 @@ from megatron_dmc.ops.forward import (
     make_decisions,
     resolve_decision_logits,
     rope_for_attention,
+    slot_keys_values,
 )
 from megatron_dmc.ops.heads import DecisionLogits, decision_head_logits, importance_from_logits
 from megatron_dmc.ops.relaxation import eval_decisions
@@ -73,6 +74,7 @@ def ops_config(config: LlamaDMCConfig) -> DMCConfig:
         temperature=float(config.dmc_temperature),
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
+        kv_method=config.dmc_kv_method,
     )
 
 
@@ -127,8 +129,8 @@ def dmc_parallel_attention(
     time_T = torch.arange(length, device=q_BHTD.device)
     alpha_BGT = decisions.alpha_BGT.masked_fill(time_T == first_B[:, None, None], 0.0)
     k_in_BGTD = key_for_accumulation(k_BGTD, dmc)
-    ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-        k_in_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc.window
+    ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+        k_in_BGTD, v_BGTD, alpha_BGT, decisions.omega_BGT, dmc
     )
     k_rot_BGTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, dmc)
     bias_BGT = attention_bias(alpha_BGT, hard=not training).masked_fill(

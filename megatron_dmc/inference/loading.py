@@ -3,8 +3,8 @@
 config.json + *.safetensors (single file or sharded with an index). A DMC export carries
 `dmc_window_size` and `dmc_init_val` (model_type "llama_dmc"), and optionally
 `dmc_decision_source` ("channel" | "heads": then each layer has
-`self_attn.dmc_decision_proj.weight` [2G, hidden]) and `dmc_merge_delay`; a plain Llama
-runs vanilla.
+`self_attn.dmc_decision_proj.weight` [2G, hidden]), `dmc_merge_delay` and `dmc_kv_method`
+("dmc" | "dms": DMS exports carry dmc_window_size 1); a plain Llama runs vanilla.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
         init_value=float(config["dmc_init_val"]),
         decision_source=str(config.get("dmc_decision_source", "channel")),
         merge_delay=int(config.get("dmc_merge_delay", 0)),
+        kv_method=str(config.get("dmc_kv_method", "dmc")),
     )
 
 

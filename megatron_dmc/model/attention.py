@@ -23,6 +23,10 @@ layer's `dmc_decision_proj` on the normed attention input; channel D-1 is then l
 as G more key heads ([S, B, 2G, D], rotated by Megatron like the rest) and the exact values
 beside vtilde in the value tensor ([vtilde, v, bias]).
 
+DMS (`kv_method="dms"`, `ops.dms`): the same path with one token per slot (no
+accumulation); the bias log(1 - alpha_{j+1}) then evicts token j once it is more than W
+behind the query.
+
 `compression_off = True` turns the layer into plain causal attention of the same weights
 (nothing zeroed, merged or recorded): the distillation teacher.
 """
@@ -36,7 +40,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import get_pg_rank
 
-from megatron_dmc.model.heads import DecisionHeads
+from megatron_dmc.model.heads import DecisionHeads, attention_input, check_fused_norm
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import (
     DecisionLogits,
@@ -48,7 +52,7 @@ from megatron_dmc.ops import (
     key_for_accumulation,
     logistic_from_uniform,
     make_decisions,
-    windowed_partial_accumulation,
+    slot_keys_values,
     zero_decision_channel,
 )
 
@@ -80,6 +84,8 @@ class DMCSelfAttention(SelfAttention):
         self.collector = None
         self._head_logits: DecisionLogits | None = None
         if not self.dmc_config.uses_channel:
+            if hasattr(self.linear_qkv, "layer_norm_weight"):
+                check_fused_norm(self.config)
             self.dmc_decision_proj = DecisionHeads(
                 self.config,
                 self.num_query_groups_per_partition,
@@ -99,7 +105,8 @@ class DMCSelfAttention(SelfAttention):
     def get_query_key_value_tensors(self, hidden_states, *args, **kwargs):
         self._head_logits = None
         if not self.dmc_config.uses_channel and not self.compression_off:
-            self._head_logits = self.dmc_decision_proj(hidden_states)
+            x_SBC = attention_input(hidden_states, self.linear_qkv, self.config)
+            self._head_logits = self.dmc_decision_proj(x_SBC)
         return super().get_query_key_value_tensors(hidden_states, *args, **kwargs)
 
     def _adjust_key_value_for_inference(
@@ -119,12 +126,8 @@ class DMCSelfAttention(SelfAttention):
         q_BHTD, k_BGTD, v_BGTD = to_bhtd(query), to_bhtd(key), to_bhtd(value)
         decisions = self._decisions(q_BHTD, k_BGTD)
         k_in_BGTD = key_for_accumulation(k_BGTD, self.dmc_config)
-        ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-            k_in_BGTD,
-            v_BGTD,
-            decisions.alpha_BGT,
-            decisions.omega_BGT,
-            self.dmc_config.window,
+        ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+            k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, self.dmc_config
         )
         bias_BGT = attention_bias(decisions.alpha_BGT, hard=not self.training)
         if self.collector is not None:

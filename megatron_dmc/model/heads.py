@@ -19,7 +19,32 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer import MegatronModule, TransformerConfig
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
+from megatron_dmc.model.lora import drop_absent_params
 from megatron_dmc.ops import DecisionLogits, decision_head_logits
+
+
+def attention_input(
+    hidden_SBC: torch.Tensor, linear_qkv: torch.nn.Module, config: TransformerConfig
+) -> torch.Tensor:
+    """The attention input after the input norm. The local spec norms before the attention;
+    the Transformer-Engine spec fuses the norm into `linear_qkv` (`layer_norm_weight`), so
+    the heads apply the same RMSNorm themselves (in fp32, as TE does)."""
+    weight_C = getattr(linear_qkv, "layer_norm_weight", None)
+    if weight_C is None:
+        return hidden_SBC
+    check_fused_norm(config)
+    gamma_C = weight_C + 1.0 if config.layernorm_zero_centered_gamma else weight_C
+    x_SBC = hidden_SBC.float()
+    rms_SB1 = torch.rsqrt(x_SBC.pow(2).mean(-1, keepdim=True) + config.layernorm_epsilon)
+    return (x_SBC * rms_SB1 * gamma_C.float()).to(hidden_SBC.dtype)
+
+
+def check_fused_norm(config: TransformerConfig) -> None:
+    if config.normalization != "RMSNorm":
+        raise ValueError(
+            f"decision heads under a fused input norm support RMSNorm (Llama) only; got "
+            f"{config.normalization}"
+        )
 
 
 class DecisionHeads(MegatronModule):
@@ -59,3 +84,15 @@ class DecisionHeads(MegatronModule):
             self.weight, key, tp_axis=1, prepend_offsets=sharded_offsets, **groups
         )
         return {key: tensor}
+
+
+def is_decision_head_key(key: str) -> bool:
+    """A state-dict or checkpoint key of a decision-head weight."""
+    return key.endswith("dmc_decision_proj.weight")
+
+
+def drop_absent_heads(sharded: dict, directory) -> list[str]:
+    """Remove from a load request the decision heads that the checkpoint at `directory`
+    lacks (the vanilla model a heads-mode retrofit starts from): they keep their zero
+    initialisation. Returns their state-dict keys."""
+    return drop_absent_params(sharded, directory, is_decision_head_key)

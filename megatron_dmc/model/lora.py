@@ -24,7 +24,7 @@ sliced to this rank, so every TP/PP layout starts from the same adapters.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -193,18 +193,22 @@ def merge_adapters(model: torch.nn.Module) -> int:
 def drop_absent_adapters(sharded: dict, directory) -> list[str]:
     """Remove from a load request the adapters that the checkpoint at `directory` lacks (a
     model without adapters: they keep their fresh values); returns their state-dict keys."""
+    return drop_absent_params(sharded, directory, is_adapter_key)
+
+
+def drop_absent_params(sharded: dict, directory, selected: Callable[[str], bool]) -> list[str]:
+    """Remove from a load request the `selected` parameters that the checkpoint at
+    `directory` lacks (they keep their fresh values); returns their state-dict keys."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    adapters = [
-        key
-        for key, value in sharded.items()
-        if is_adapter_key(key) and isinstance(value, ShardedBase)
+    wanted = [
+        key for key, value in sharded.items() if selected(key) and isinstance(value, ShardedBase)
     ]
-    if not adapters:
+    if not wanted:
         return []
     saved = dist_checkpointing.load_tensors_metadata(str(directory))
-    absent = [key for key in adapters if _checkpoint_key(sharded[key]) not in saved]
+    absent = [key for key in wanted if _checkpoint_key(sharded[key]) not in saved]
     for key in absent:
         del sharded[key]
     return absent

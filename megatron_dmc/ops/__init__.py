@@ -7,7 +7,7 @@ from megatron_dmc.ops.attention import (
     dmc_attention,
     dmc_attention_reference,
 )
-from megatron_dmc.ops.config import DECISION_SOURCES, DMCConfig
+from megatron_dmc.ops.config import DECISION_SOURCES, KV_METHODS, DMCConfig
 from megatron_dmc.ops.decisions import (
     decision_logits,
     force_first_append,
@@ -15,6 +15,7 @@ from megatron_dmc.ops.decisions import (
     rope_without_decision_channel,
     zero_decision_channel,
 )
+from megatron_dmc.ops.dms import DEFAULT_DMS_WINDOW, dms_config, dms_sequential_reference
 from megatron_dmc.ops.forward import (
     DMCDecisions,
     dmc_self_attention,
@@ -22,6 +23,7 @@ from megatron_dmc.ops.forward import (
     make_decisions,
     resolve_decision_logits,
     rope_for_attention,
+    slot_keys_values,
 )
 from megatron_dmc.ops.heads import (
     HEAD_LOGIT_SCALE,
@@ -49,8 +51,10 @@ from megatron_dmc.ops.window import counted_decisions, local_attention
 
 __all__ = [
     "DECISION_SOURCES",
+    "DEFAULT_DMS_WINDOW",
     "HARD_MASK_VALUE",
     "HEAD_LOGIT_SCALE",
+    "KV_METHODS",
     "CRSchedule",
     "DMCConfig",
     "DMCDecisions",
@@ -68,6 +72,8 @@ __all__ = [
     "dmc_attention_reference",
     "dmc_self_attention",
     "dmc_sequential_reference",
+    "dms_config",
+    "dms_sequential_reference",
     "eval_decisions",
     "force_first_append",
     "gumbel_sigmoid",
@@ -83,6 +89,7 @@ __all__ = [
     "rope_for_attention",
     "rope_without_decision_channel",
     "rotate_half",
+    "slot_keys_values",
     "straight_through",
     "windowed_partial_accumulation",
     "zero_decision_channel",

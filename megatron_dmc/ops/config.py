@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from megatron_dmc.ops._checks import check_window
 
 DECISION_SOURCES = ("channel", "heads")
+KV_METHODS = ("dmc", "dms")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class DMCConfig:
     """W: the most recent W tokens of every head are always attended exactly; a token's
     merge decision takes effect when it leaves that window. 0 is the paper."""
 
+    kv_method: str = "dmc"
+    """"dmc": merging (the paper). "dms": learned delayed eviction (DMS, `ops.dms`): the
+    decision read at token t evicts token t-1 once it leaves the window of W exact tokens.
+    That is DMC with slots of one token (a merge replaces the previous slot), so "dms"
+    needs window=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
+
     def __post_init__(self) -> None:
         check_window(self.window)
         if not self.temperature > 0:
@@ -43,6 +50,22 @@ class DMCConfig:
             raise ValueError(
                 f"merge_delay must be an integer >= 0 (0 = the paper); got {self.merge_delay!r}"
             )
+        self._check_kv_method()
+
+    def _check_kv_method(self) -> None:
+        if self.kv_method not in KV_METHODS:
+            raise ValueError(f"kv_method must be one of {KV_METHODS}; got {self.kv_method!r}")
+        if self.kv_method == "dms" and (self.window != 1 or self.decision_source != "heads"):
+            raise ValueError(
+                "kv_method='dms' evicts single tokens: it needs window=1 and "
+                f"decision_source='heads' (got window={self.window}, decision_source="
+                f"{self.decision_source!r}); build it with ops.dms.dms_config(merge_delay)"
+            )
+
+    @property
+    def evicts(self) -> bool:
+        """True for DMS: a slot holds one token, a decision drops the previous token."""
+        return self.kv_method == "dms"
 
     @property
     def uses_channel(self) -> bool:

@@ -88,6 +88,20 @@ def key_for_accumulation(k_BGTD: torch.Tensor, config: DMCConfig) -> torch.Tenso
     return zero_decision_channel(k_BGTD) if config.uses_channel else k_BGTD
 
 
+def slot_keys_values(
+    k_in_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    alpha_BGT: torch.Tensor,
+    omega_BGT: torch.Tensor,
+    config: DMCConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What slot j holds: DMC's partial accumulations; DMS's token j itself (no merging:
+    a decision only hides the previous token through the bias)."""
+    if config.evicts:
+        return k_in_BGTD, v_BGTD
+    return windowed_partial_accumulation(k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window)
+
+
 def rope_for_attention(
     x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, config: DMCConfig
 ) -> torch.Tensor:
@@ -108,15 +122,15 @@ def dmc_self_attention(
     generator: torch.Generator | None = None,
     logits: DecisionLogits | None = None,
 ) -> tuple[torch.Tensor, DMCDecisions]:
-    """Decisions, channel zeroing (channel mode), windowed accumulation, RoPE at each slot's
+    """Decisions, channel zeroing (channel mode), windowed accumulation (DMS: none), RoPE at each slot's
     newest token, then attention with the DMC bias (and, with a merge delay, the exact
     window). Returns ([B, H, T, D], decisions); the decisions are those of every token,
     `counted_decisions` gives the ones that have taken effect."""
     check_qkv(q_BHTD, k_BGTD, v_BGTD)
     decisions = make_decisions(q_BHTD, k_BGTD, config, training, generator, logits=logits)
     k_in_BGTD = key_for_accumulation(k_BGTD, config)
-    ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-        k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, config.window
+    ktilde_BGTD, vtilde_BGTD = slot_keys_values(
+        k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, config
     )
     q_rot_BHTD = rope_for_attention(q_BHTD, cos_TD, sin_TD, config)
     k_rot_BGTD = rope_for_attention(ktilde_BGTD, cos_TD, sin_TD, config)

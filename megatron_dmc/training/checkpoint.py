@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_dmc.convert.layout import LATEST_FILE, METADATA_KEY
+from megatron_dmc.model.heads import drop_absent_heads
 from megatron_dmc.model.lora import drop_absent_adapters
 from megatron_dmc.training.damage import (
     DamagedCheckpointError,
@@ -203,6 +204,7 @@ def load_checkpoint(
     if not (ours and load_rng and common.get("parallel_layout") == _layout()):
         request.pop("rng_state")
     absent = drop_absent_adapters(request["model"], directory)
+    absent += drop_absent_heads(request["model"], directory)
     with _reading(directory, directory):
         loaded = dist_checkpointing.load(request, str(directory))
     own = _unwrap(model).state_dict(keep_vars=True)

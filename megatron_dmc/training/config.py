@@ -27,6 +27,7 @@ DMC_ONLY_FIELDS = (
     "dmc_init_val",
     "dmc_decision_source",
     "dmc_merge_delay",
+    "kv_method",
 )
 """DMCArgs fields that mean nothing to --dmc-stage plain."""
 
@@ -286,6 +287,12 @@ class DMCArgs:
     effect when it leaves that window (0 = the paper). The window counts as kept slots, so
     the CR reachable at --seq-length S is at most S / (W + 1)."""
 
+    kv_method: str = field(default="dmc", metadata={"choices": ("dmc", "dms")})
+    """KV compression method: "dmc" (merging, the paper) or "dms" (learned delayed
+    eviction: one token per slot, a token more than --dmc-merge-delay positions behind the
+    query is dropped if its decision says so; needs --dmc-decision-source heads, ignores
+    --dmc-window-size). The stages, schedule, CR loss and distillation are shared."""
+
     dmc_cr_loss_weight: float = 1.0
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
     unweighted CR loss."""
@@ -331,6 +338,11 @@ class DMCArgs:
         if self.dmc_merge_delay < 0:
             raise ValueError(
                 f"--dmc-merge-delay must be >= 0 (0 = the paper); got {self.dmc_merge_delay}"
+            )
+        if self.kv_method == "dms" and self.dmc_decision_source != "heads":
+            raise ValueError(
+                "--kv-method dms reads its eviction decisions from the decision heads: add "
+                "--dmc-decision-source heads"
             )
         if self.dmc_decision_source == "heads" and self.dmc_stage == "zero_out":
             raise ValueError(

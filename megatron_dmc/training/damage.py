@@ -92,7 +92,7 @@ def checked_iteration_dir(path: str | Path, step: int | None = None) -> Path:
         directory, root = root, root.parent
     else:
         raise ValueError(
-            f"{root} is neither a checkpoint directory nor contains {LATEST_FILE}; "
+            f"{root} is not a distributed checkpoint (no {LATEST_FILE}, no {REQUIRED[0]}); "
             f"{alternatives(root) if root.is_dir() else 'it does not exist'}"
         )
     problem = iteration_problem(directory)

@@ -236,15 +236,14 @@ def _setup(cfg: TrainConfig) -> tuple[Run, list[Stage], int]:
     )
     stages = plan(cfg.dmc)
     source, own = _resume_source(cfg)
+    common = None if source is None else ckpt.read_common(source, cfg.checkpoint.ckpt_step)
     progress = ckpt.Progress()
-    if source is not None and not (cfg.checkpoint.finetune and not own):
-        common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
+    if common is not None and not (cfg.checkpoint.finetune and not own):
         progress = ckpt.Progress(**common.get("dmc_progress", {}))
     position = start_position(stages, progress.stage, progress.stage_step, progress.stage_done)
-    if source is not None:
+    if common is not None:
         weights_only = cfg.checkpoint.finetune and not own
         load_optim = not (weights_only or cfg.checkpoint.no_load_optim)
-        common = ckpt.read_common(source, cfg.checkpoint.ckpt_step)
         check_checkpoint(cfg.retrofit, common, load_optim)
     first = stages[min(position.stage_index, len(stages) - 1)]
     model = model_api.build(model_config, cfg, first.attention)

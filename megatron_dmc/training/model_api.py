@@ -23,7 +23,7 @@ from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
 from megatron_dmc.model.lora import LORA_KEY
 from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
-from megatron_dmc.ops import DMCConfig
+from megatron_dmc.ops import DMCConfig, dms_config
 from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import Stage
 from megatron_dmc.training.trainable import apply_trainable
@@ -49,6 +49,8 @@ def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
 
 
 def dmc_config(cfg: TrainConfig) -> DMCConfig:
+    if cfg.dmc.kv_method == "dms":
+        return dms_config(cfg.dmc.dmc_merge_delay, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
     return DMCConfig(
         cfg.dmc.dmc_window_size,
         cfg.dmc.dmc_init_val,
@@ -158,12 +160,13 @@ def export_metadata(
     dmc = None
     if layer_head_cr is not None:
         dmc = {
-            "window_size": cfg.dmc.dmc_window_size,
+            "window_size": dmc_config(cfg).window,
             "init_val": cfg.dmc.dmc_init_val,
             "compression_ratio": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
             "decision_source": cfg.dmc.dmc_decision_source,
             "merge_delay": cfg.dmc.dmc_merge_delay,
+            "kv_method": cfg.dmc.kv_method,
         }
     heads = cfg.dmc.dmc_decision_source == "heads" and cfg.dmc.dmc_stage != PLAIN
     shape = shape_from_model_config(model_config, decision_heads=heads)

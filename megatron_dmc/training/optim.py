@@ -195,8 +195,9 @@ def first_non_finite_grad(model: torch.nn.Module) -> str | None:
     """Collective over all ranks: None when every gradient (DP-reduced `main_grad`) is
     finite, else where the first non-finite one is (the same answer on every rank)."""
     grads = _ordered_grads(model)
-    norms = torch._foreach_norm([g for _, _, g in grads]) if grads else []
-    bad = [(place, text) for (place, text, _), n in zip(grads, norms) if not torch.isfinite(n)]
+    norms = [n.float() for n in torch._foreach_norm([g for _, _, g in grads])] if grads else []
+    finite = torch.isfinite(torch.stack(norms)).tolist() if norms else []  # one device sync
+    bad = [(place, text) for (place, text, _), ok in zip(grads, finite) if not ok]
     first = min(bad, key=_place, default=(math.inf, ""))
     flag = torch.tensor([float(first[0])], dtype=torch.float64)
     if dist.get_backend() == "nccl":

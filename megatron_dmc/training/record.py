@@ -74,6 +74,7 @@ class StepRecorder:
             return None
         step = f"iteration {iteration} (stage {stage})"
         if result.finite:
+            watch.reset()
             return f"non-finite gradient at {step} with a finite loss; first in {result.bad_grad}"
         layer = watch.first_bad_layer()
         watch.reset()

@@ -70,9 +70,11 @@ def _loss(loss_mask_BS, alpha_sum_B, settings, loss_BS):
 def _distill_loss(batch, alpha_sum_B, settings, teacher_bsV, scale, module, logits_bsV):
     """Cross-entropy as the model computes it with labels, plus the KL to the teacher; the
     loss is scaled by `scale` (the chunk's share of the step's micro-batches)."""
-    logits_sbV = logits_bsV.transpose(0, 1).contiguous()
-    ce_bs = module.compute_language_model_loss(batch["labels"], logits_sbV)
     kl_bs = vocab_parallel_kl(logits_bsV, teacher_bsV)
+    # Megatron's vocab-parallel cross-entropy works in place on its logits; the copy keeps
+    # the student's logits intact (with b == 1 the transpose alone would share storage).
+    logits_sbV = logits_bsV.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+    ce_bs = module.compute_language_model_loss(batch["labels"], logits_sbV)
     loss, stats = micro_batch_loss(ce_bs, batch["loss_mask"], alpha_sum_B, settings, kl_bs)
     return loss * scale if scale != 1.0 else loss, {"stats": stats}
 

@@ -131,6 +131,13 @@ def _check_decision_source(cfg: TrainConfig) -> None:
             f"--load {cfg.checkpoint.load} has DMC decision heads; continue it with "
             "--dmc-decision-source heads"
         )
+    trained = (metadata.get("dmc") or {}).get("kv_method")
+    if trained is not None and trained != cfg.dmc.kv_method:
+        raise ValueError(
+            f"--load {cfg.checkpoint.load} was trained with --kv-method {trained}: its "
+            f"decision heads mean something else under --kv-method {cfg.dmc.kv_method}; "
+            f"continue it with --kv-method {trained}, or start from the original model"
+        )
 
 
 def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:

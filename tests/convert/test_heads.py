@@ -96,3 +96,40 @@ def test_heads_tp2_import_reshard_export_is_bitwise(tmp_path: Path) -> None:
     for ckpt in (tp2, tp1):
         out = export_hf(ckpt, tmp_path / f"out_{ckpt.name}")
         assert len(compare_hf_dirs(hf, out)) == 23
+
+
+def test_megatron_heads_model_matches_the_exported_hf_model(tmp_path: Path) -> None:
+    """The same checkpoint through the Megatron layer and the transformers DMC model:
+    decision heads with random weights (mixed decisions) and a merge delay, eval mode."""
+    from megatron_dmc.convert._model import model_config_from_shape
+    from megatron_dmc.convert.llama_config import LlamaShape
+    from megatron_dmc.convert.megatron_io import load_into_model
+    from megatron_dmc.distributed import destroy_distributed, initialize_distributed
+    from megatron_dmc.hf import DMCLlamaForCausalLM
+    from megatron_dmc.model import build_model
+    from megatron_dmc.ops import DMCConfig
+
+    hf = write_heads_llama(tmp_path / "hf", seed=2, merge_delay=3)
+    tensors = load_file(hf / "model.safetensors")  # heads scaled for mixed decisions
+    tensors = {k: v * 0.1 if "decision" in k else v for k, v in tensors.items()}
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    meg = import_hf(hf, tmp_path / "meg")
+    tokens_BT = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+    initialize_distributed(1, 1)
+    try:
+        shape = LlamaShape.from_dict(read_metadata(meg)["llama"])
+        config = DMCConfig(decision_source="heads", merge_delay=3)
+        model = build_model(model_config_from_shape(shape), "dmc", config).eval()
+        load_into_model(model, meg)
+        positions_BT = torch.arange(tokens_BT.shape[1]).expand_as(tokens_BT)
+        with torch.no_grad():
+            megatron_BTV, sums = model(tokens_BT, positions_BT, None)
+    finally:
+        destroy_distributed()
+    merged = sums.alpha_sum_B / sums.count
+    assert bool(((merged > 0.1) & (merged < 0.9)).all()), f"need mixed decisions, got {merged}"
+    reference = DMCLlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_BTV = reference(tokens_BT).logits
+    error = (megatron_BTV - hf_BTV).abs().max() / hf_BTV.abs().max()
+    assert error <= 1e-5, f"relative error {error:.2e}"

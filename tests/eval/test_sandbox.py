@@ -82,7 +82,7 @@ def test_no_network():
     if sandbox_mode(FAST)["unshare"]:  # a namespace without interfaces: even loopback is down
         limits = SandboxLimits(timeout_s=5.0, cpu_s=1, memory_mb=256, audit_hook=False)
         result = run_program(program, limits)
-        assert not result.passed and "Error" in result.detail
+        assert not result.passed and "Network is unreachable" in result.detail
 
 
 def test_temporary_directory_is_removed():

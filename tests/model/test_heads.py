@@ -5,6 +5,7 @@ import torch
 
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
 from megatron_dmc.model import DecisionCollector, DMCSelfAttention, ModelConfig, build_model
+from megatron_dmc.model.heads import attention_input
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import DMCConfig, decision_head_logits, dmc_self_attention, rope_cos_sin
 from tests.model.helpers import batch_BS, relative_error
@@ -116,3 +117,18 @@ def test_delayed_decision_sums_count_only_tokens_that_left_the_window():
     layers, groups, length = 4, 2, tokens_BS.shape[1]
     assert sums.count == layers * groups * length
     assert sums.alpha_sum_B.tolist() == [layers * groups * (length - 1 - 3)] * tokens_BS.shape[0]
+
+
+def test_fused_norm_input_equals_the_separate_input_norm():
+    """Transformer Engine fuses the input norm into linear_qkv; the heads then norm the raw
+    hidden states themselves, exactly as the local spec's separate norm does."""
+    model = _build("tiny_gqa", "vanilla")
+    layer = model.decoder.layers[1]
+    with torch.no_grad():
+        layer.input_layernorm.weight.normal_(1.0, 0.3)
+    hidden_SBC = 3.0 * torch.randn(7, 2, 64)
+    fused = torch.nn.Module()
+    fused.layer_norm_weight = layer.input_layernorm.weight
+    expected_SBC = layer.input_layernorm(hidden_SBC)
+    assert relative_error(attention_input(hidden_SBC, fused, model.config), expected_SBC) <= 1e-6
+    assert attention_input(hidden_SBC, layer.self_attention.linear_qkv, model.config) is hidden_SBC

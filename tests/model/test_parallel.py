@@ -12,7 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed
 from megatron_dmc.model import ModelConfig, build_model
-from megatron_dmc.ops import DMCConfig
+from megatron_dmc.ops import DMCConfig, dms_config
 from tests.dist_utils import run_distributed
 from tests.model.helpers import (
     batch_BS,
@@ -31,6 +31,9 @@ HEADS = DMCConfig(decision_source="heads", merge_delay=3, temperature=1.0)
 """Temperature 1: at 0.1 the Gumbel-sigmoid slope (1/tau) times the heads' scale (100)
 turns the layouts' different fp32 summation orders into gradient differences of 1-4e-5,
 which says nothing about the parallel plumbing this test checks."""
+
+DMS = dms_config(merge_delay=3, temperature=1.0)
+"""DMS (one-token slots, eviction) through the same layer; temperature 1 as above."""
 
 
 def _reference(dmc_config: DMCConfig | None = None) -> dict:
@@ -107,7 +110,9 @@ def _all_layouts(reference: dict) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("dmc_config", [None, HEADS], ids=["channel", "heads-delay3"])
+@pytest.mark.parametrize(
+    "dmc_config", [None, HEADS, DMS], ids=["channel", "heads-delay3", "dms-delay3"]
+)
 def test_tp2_pp2_dp2_match_one_process(dmc_config):
     reference = _reference(dmc_config)
     assert all(s.sum() > 0 for s in reference["alpha_sum"]), "test needs some merges"

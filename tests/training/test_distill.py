@@ -104,3 +104,34 @@ def test_vocab_parallel_kl_at_tp2_equals_one_process():
             assert (kl_bs - want_kl).abs().max() <= tolerance * want_kl.abs().max(), dtype
         grad_bsV = torch.cat([out[dtype][1] for out in results], dim=-1)
         assert (grad_bsV - want_grad).abs().max() <= tolerance * want_grad.abs().max(), dtype
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_distill_loss_reads_the_student_logits_before_the_in_place_cross_entropy(
+    world_of_one, batch: int
+):
+    """Megatron's vocab-parallel cross-entropy overwrites its logits; with one sequence per
+    micro-batch the [b, s] -> [s, b] transpose shares their storage, so the KL must not
+    read them afterwards (it did: KL ~8 nats at step 0 on SmolLM2)."""
+    from types import SimpleNamespace
+
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_dmc.training.loss import STATS, LossSettings
+    from megatron_dmc.training.step import _distill_loss
+
+    g = torch.Generator().manual_seed(batch)
+    student_bsV = torch.randn(batch, 6, VOCAB, generator=g)
+    teacher_bsV = student_bsV + 0.1 * torch.randn(batch, 6, VOCAB, generator=g)
+    labels_bs = torch.randint(0, VOCAB, (batch, 6), generator=g)
+    want_kl = float(_plain_kl(student_bsV.double(), teacher_bsV.double()).sum())
+
+    def cross_entropy(labels_bs, logits_sbV):
+        return vocab_parallel_cross_entropy(logits_sbV, labels_bs.T.contiguous()).transpose(0, 1)
+
+    module = SimpleNamespace(compute_language_model_loss=cross_entropy)
+    batch_dict = {"labels": labels_bs, "loss_mask": torch.ones(batch, 6)}
+    settings = LossSettings(None, 1, distill_weight=1.0)
+    _, out = _distill_loss(batch_dict, None, settings, teacher_bsV, 1.0, module, student_bsV)
+    got_kl = float(out["stats"][STATS.index("kl_sum")])
+    assert got_kl == pytest.approx(want_kl, rel=1e-4)

@@ -82,3 +82,45 @@ def test_heads_with_delay_trains_saves_and_exports(tmp_path: Path) -> None:
     assert '"dmc_decision_source": "heads"' in config and '"dmc_merge_delay": 4' in config
     names = HFCheckpoint(out).files
     assert "model.layers.3.self_attn.dmc_decision_proj.weight" in names
+
+
+HEADS_RUN = [
+    "--dmc-decision-source", "heads", "--dmc-merge-delay", "4", "--dmc-target-cr", "2",
+    "--dmc-ramp-iters", "2", "--dmc-finetune-iters", "2",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_heads_run_from_a_vanilla_checkpoint_resumes_bitwise(initial, tmp_path: Path) -> None:
+    """Starts from the converted vanilla model (the heads start at zero: that checkpoint has
+    none), and a launch stopped mid-retrofit continues exactly as the uninterrupted run."""
+    from tests.training.helpers import KEYS, TINY_SHARED, curves, train
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train([*TINY_SHARED, *HEADS_RUN, "--save", str(whole), "--load", str(initial)])
+    base = [*TINY_SHARED, *HEADS_RUN, "--save", str(halves), "--load", str(initial)]
+    train([*base, "--train-iters", "1"])
+    train(base)
+    want, got = curves(whole), curves(halves)
+    assert want["iteration"] == [1, 2, 3, 4] and got["iteration"][-3:] == [2, 3, 4]
+    for key in KEYS:
+        assert got[key][-3:] == want[key][-3:], key
+
+
+def test_kv_method_dms_reaches_the_layer_config_and_the_export_metadata() -> None:
+    flags = ["--kv-method", "dms", "--dmc-decision-source", "heads", "--dmc-merge-delay", "3"]
+    cfg = parse_args([*BASE, *flags])
+    config = dmc_config(cfg)
+    assert (config.kv_method, config.window, config.merge_delay) == ("dms", 1, 3)
+    assert dmc_config(parse_args(BASE)).kv_method == "dmc"
+    model_config = validate(cfg, world_size=1)
+    metadata = export_metadata(model_config, cfg, [[2.0, 2.0]] * 4)["megatron_dmc"]
+    assert (metadata["dmc"]["kv_method"], metadata["dmc"]["window_size"]) == ("dms", 1)
+
+
+def test_kv_method_dms_needs_decision_heads(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="--dmc-decision-source heads"):
+        parse_args([*BASE, "--kv-method", "dms"])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*BASE, "--kv-method", "h2o"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""The CPU optimizer: live param groups, per-row update scaling, moment restarts."""
+"""The CPU optimizer: live param groups, per-row update scaling, moment restarts, and
+non-finite gradients (not applied; the first one located)."""
+
+import math
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from megatron_dmc.training.arguments import parse_args
 from megatron_dmc.training.config import OptimizerArgs
 from megatron_dmc.training.optim import (
     CpuAdamW,
+    first_non_finite_grad,
     restart_decision_moments,
     set_decision_lr_mult,
     stage_lr_scheduler,
@@ -145,3 +149,26 @@ def test_warmup_must_fit_in_the_opening_stage(tmp_path):
         validate_module.validate(parse_args([*plain, "--lr-warmup-iters", "4"]), world_size=1)
     with pytest.raises(ValueError, match="must be >= 0"):
         parse_args([*args, "--lr-warmup-iters", "-1"])
+
+
+def test_non_finite_gradient_is_not_applied():
+    model, optimizer = _model_and_optimizer()
+    before = _snapshot(model)
+    for i, param in enumerate(model.parameters()):
+        param.main_grad = torch.full_like(param, float("nan") if i == 3 else 0.5)
+    applied, norm, _ = optimizer.step()
+    assert not applied and math.isnan(norm)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not optimizer.optimizer.state  # AdamW's moments untouched too
+
+
+def test_first_non_finite_grad_names_the_front_most_place():
+    model, _ = _model_and_optimizer()
+    for param in model.parameters():
+        param.main_grad = torch.zeros_like(param)
+    assert first_non_finite_grad(model) is None
+    model.decoder.layers[3].mlp.linear_fc2.weight.main_grad[0, 0] = float("inf")
+    model.decoder.layers[1].self_attention.linear_qkv.weight.main_grad[0, 0] = float("nan")
+    assert first_non_finite_grad(model) == "layer 1 (self_attention.linear_qkv.weight)"
+    model.embedding.word_embeddings.weight.main_grad[0, 0] = float("nan")
+    assert first_non_finite_grad(model) == "embedding.word_embeddings.weight"
