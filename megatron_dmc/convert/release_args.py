@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from megatron_dmc.convert.llama_config import DTYPES, LlamaShape
+from megatron_dmc.schema.llama import DTYPES, LlamaShape
 
 _REQUIRED_LLAMA_FLAGS: tuple[tuple[str, Any, Any], ...] = (
     # (args attribute, Megatron-LM default, value a Llama needs)

@@ -16,10 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from megatron_dmc.convert.llama_config import llama_shape_from_hf, read_hf_config
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.model import LlamaForInference
 from megatron_dmc.ops import DMCConfig
+from megatron_dmc.schema.llama import llama_shape_from_hf, read_hf_config
 
 MODES = ("auto", "dmc", "vanilla")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -131,20 +131,3 @@ def from_transformers(hf_model: torch.nn.Module, mode: str = "auto") -> LlamaFor
     if shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-def load_megatron_checkpoint(
-    load_dir: str | Path,
-    mode: str = "auto",
-    forced_cr: float | None = None,
-    dtype: torch.dtype | None = None,
-    device: str = "cpu",
-) -> LlamaForInference:
-    """A Megatron checkpoint (any TP/PP) via megatron_dmc.convert's HF export to a temp dir."""
-    import tempfile
-
-    from megatron_dmc.convert.commands import export_hf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = export_hf(load_dir, Path(tmp) / "hf")
-        return load_model(hf_dir, mode, forced_cr, dtype, device)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.delay import DecodeStep
 from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
@@ -35,6 +34,7 @@ from megatron_dmc.ops import (
     dmc_self_attention,
     rope_cos_sin,
 )
+from megatron_dmc.schema.llama import LlamaShape
 
 
 class RMSNorm(nn.Module):

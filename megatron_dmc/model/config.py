@@ -18,6 +18,7 @@ import yaml
 from megatron.core.transformer import TransformerConfig
 
 from megatron_dmc.compat import cuda_available
+from megatron_dmc.schema.llama import LlamaShape
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -92,6 +93,41 @@ class ModelConfig:
         if missing:
             raise ValueError(f"model config is missing required keys {missing}")
         return cls(**values)
+
+    @classmethod
+    def from_shape(cls, shape: LlamaShape) -> ModelConfig:
+        """The Megatron-side view of an HF config.json shape."""
+        return cls(
+            num_layers=shape.num_hidden_layers,
+            hidden_size=shape.hidden_size,
+            num_attention_heads=shape.num_attention_heads,
+            num_query_groups=shape.num_key_value_heads,
+            ffn_hidden_size=shape.intermediate_size,
+            vocab_size=shape.vocab_size,
+            max_position_embeddings=shape.max_position_embeddings,
+            rotary_base=shape.rope_theta,
+            norm_epsilon=shape.rms_norm_eps,
+            tie_embeddings=shape.tie_word_embeddings,
+            head_dim=shape.head_dim,
+        )
+
+    def to_shape(self, dtype: str = "float32", decision_heads: bool = False) -> LlamaShape:
+        """The HF config.json view of this model (checkpoint metadata, exports)."""
+        return LlamaShape(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups,
+            head_dim=self.kv_channels,
+            rms_norm_eps=self.norm_epsilon,
+            rope_theta=self.rotary_base,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_embeddings,
+            dtype=dtype,
+            dmc_decision_heads=decision_heads,
+        )
 
     def check_parallel(self, tp: int, pp: int, sequence_parallel: bool = False) -> None:
         """Reject layouts this model cannot be split into, before any work is done."""

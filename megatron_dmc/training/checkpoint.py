@@ -28,9 +28,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_dmc.convert.layout import LATEST_FILE, METADATA_KEY
 from megatron_dmc.model.heads import drop_absent_heads
 from megatron_dmc.model.lora import drop_absent_adapters
+from megatron_dmc.schema.checkpoint import LATEST_FILE, METADATA_KEY
 from megatron_dmc.training.damage import (
     DamagedCheckpointError,
     alternatives,

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from megatron_dmc.convert.cli import main
 from megatron_dmc.convert.commands import compare_hf_dirs, export_hf, import_release
-from megatron_dmc.convert.megatron_io import read_metadata
+from megatron_dmc.schema.checkpoint import read_metadata
 from tests.convert.helpers import write_tiny_llama
 from tests.convert.release_writer import write_release
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_dmc.convert.llama_config import hf_config_from_shape
 from megatron_dmc.inference.loading import load_model
+from megatron_dmc.schema.llama import hf_config_from_shape
 from tests.inference.model_helpers import tiny_model
 
 DMC_FIELDS = {"dmc_window_size": 12, "dmc_init_val": 5.0}
