@@ -48,8 +48,8 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
             "only dmc_decision_channel=-1 (the last channel of each head) is supported"
         )
     return DMCConfig(
-        window=int(config["dmc_window_size"]),
-        init_value=float(config["dmc_init_val"]),
+        window_size=int(config["dmc_window_size"]),
+        init_val=float(config["dmc_init_val"]),
         decision_source=str(config.get("dmc_decision_source", "channel")),
         merge_delay=int(config.get("dmc_merge_delay", 0)),
         kv_method=str(config.get("dmc_kv_method", "dmc")),

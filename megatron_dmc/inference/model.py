@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(shape.hidden_size, groups * dim, bias=False)
         self.o_proj = nn.Linear(heads * dim, shape.hidden_size, bias=False)
         self.heads, self.groups, self.dim = heads, groups, dim
-        self.init_value = dmc.init_value if dmc else 0.0
+        self.init_value = dmc.init_val if dmc else 0.0
         if dmc is not None and not dmc.uses_channel:
             self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
             """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
@@ -148,7 +148,7 @@ class LlamaForInference(nn.Module):
             num_pages=num_pages,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
-            window=self.dmc.window if self.dmc else 12,
+            window=self.dmc.window_size if self.dmc else 12,
             compress=self.dmc is not None,
             decision_channel=self.dmc.uses_channel if self.dmc else True,
             merge_delay=self.dmc.merge_delay if self.dmc else 0,

@@ -51,9 +51,9 @@ def dmc_config(cfg: TrainConfig) -> DMCConfig:
     if cfg.dmc.kv_method == "dms":
         return dms_config(cfg.dmc.dmc_merge_delay, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
     return DMCConfig(
-        cfg.dmc.dmc_window_size,
-        cfg.dmc.dmc_init_val,
-        cfg.dmc.dmc_temperature,
+        window_size=cfg.dmc.dmc_window_size,
+        init_val=cfg.dmc.dmc_init_val,
+        temperature=cfg.dmc.dmc_temperature,
         decision_source=cfg.dmc.dmc_decision_source,
         merge_delay=cfg.dmc.dmc_merge_delay,
     )
@@ -159,7 +159,7 @@ def export_metadata(
     dmc = None
     if layer_head_cr is not None:
         dmc = {
-            "window_size": dmc_config(cfg).window,
+            "window_size": dmc_config(cfg).window_size,
             "init_val": cfg.dmc.dmc_init_val,
             "compression_ratio": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,

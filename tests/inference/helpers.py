@@ -11,7 +11,7 @@ from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import DMCConfig, rope_cos_sin
 
 INIT_VALUE = 5.0
-DMC = DMCConfig(window=12, init_value=INIT_VALUE)
+DMC = DMCConfig(window_size=12, init_val=INIT_VALUE)
 
 
 def random_qkv(batch, heads, groups, length, head_dim, merge_prob=0.6, seed=0, dtype=torch.float64):
@@ -85,7 +85,7 @@ def run_layer(
         page_size,
         dmc is not None,
         q.dtype,
-        window=dmc.window if dmc else 12,
+        window=dmc.window_size if dmc else 12,
         decision_channel=dmc.uses_channel if dmc else True,
         merge_delay=dmc.merge_delay if dmc else 0,
     )

@@ -99,7 +99,7 @@ def test_importance_averages_over_the_query_group():
     [
         (lambda: CRSchedule(0.5, 10), "target_cr must be >= 1.0"),
         (lambda: compression_loss(torch.zeros(2), 1, 0.9), "target_cr must be >= 1.0"),
-        (lambda: DMCConfig(window=0), "window must be an integer >= 1"),
+        (lambda: DMCConfig(window_size=0), "window must be an integer >= 1"),
         (lambda: DMCConfig(temperature=0.0), "temperature must be > 0"),
         (lambda: ZeroOutSchedule(0), "anneal_iters must be >= 1"),
     ],
