@@ -32,6 +32,7 @@ from megatron_dmc.schema.checkpoint import (
     publish,
     resolve_iteration_dir,
     staging_path,
+    upgraded_metadata,
 )
 from megatron_dmc.schema.llama import LlamaShape
 
@@ -198,7 +199,7 @@ class MegatronCheckpoint:
                 "inside a multi-rank job use load_into_model"
             )
         common = dist_checkpointing.load_common_state_dict(str(self.dir))
-        self.metadata: dict[str, Any] = common.get(METADATA_KEY) or {}
+        self.metadata: dict[str, Any] = upgraded_metadata(common.get(METADATA_KEY) or {})
         if shape is None and "llama" not in self.metadata:
             raise ValueError(
                 f"{self.dir} has no '{METADATA_KEY}' metadata; pass the model shape "

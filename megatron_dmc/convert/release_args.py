@@ -87,6 +87,6 @@ def dmc_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     return {
         "window_size": getattr(args, "dmc_window_size", 12),
         "init_val": float(getattr(args, "dmc_init_val", 5.0)),
-        "compression_ratio": getattr(args, "dmc_cr", None),
+        "target_cr": getattr(args, "dmc_cr", None),
         "layer_head_cr": None,
     }

@@ -25,7 +25,8 @@ ASSETS_DIR = "hf_assets"
 METADATA_KEY = "megatron_dmc"
 COMMON_FILE = "common.pt"
 """The non-sharded part of a torch_dist checkpoint (Megatron-Core's COMMON_STATE_FNAME)."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the DMC target CR is stored as `target_cr` (1 called it `compression_ratio`)."""
 
 
 def checkpoint_metadata(
@@ -36,7 +37,7 @@ def checkpoint_metadata(
     """What export needs besides the tensors; store it under METADATA_KEY in common.pt.
 
     `dmc` (None for a vanilla model) holds the DMC export fields: window_size, init_val,
-    compression_ratio and optionally layer_head_cr ([layers][kv_heads] trained ratios).
+    target_cr and optionally layer_head_cr ([layers][kv_heads] trained ratios).
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -72,6 +73,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"{path} has no '{METADATA_KEY}' metadata (was it written by megatron_dmc?); "
             "pass the model shape explicitly"
         )
+    return upgraded_metadata(metadata)
+
+
+def upgraded_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """METADATA_KEY contents of any FORMAT_VERSION, in the current field names."""
+    dmc = metadata.get("dmc")
+    if metadata.get("format_version", FORMAT_VERSION) < 2 and dmc and "compression_ratio" in dmc:
+        dmc = {k: v for k, v in dmc.items() if k != "compression_ratio"}
+        dmc["target_cr"] = metadata["dmc"]["compression_ratio"]
+        metadata = {**metadata, "dmc": dmc, "format_version": FORMAT_VERSION}
     return metadata
 
 

@@ -161,7 +161,7 @@ def export_metadata(
         dmc = {
             "window_size": dmc_config(cfg).window_size,
             "init_val": cfg.dmc.dmc_init_val,
-            "compression_ratio": cfg.dmc.dmc_target_cr,
+            "target_cr": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
             "decision_source": cfg.dmc.dmc_decision_source,
             "merge_delay": cfg.dmc.dmc_merge_delay,
