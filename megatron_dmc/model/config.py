@@ -49,9 +49,19 @@ class ModelConfig:
     """Std of the normal init of fresh weights."""
     head_dim: int | None = None
     """Channels per head; None means hidden_size / num_attention_heads."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron's --make-vocab-size-divisible-by: when the tensor parallel size does not
+    divide vocab_size, the embedding and output layer get zero rows up to a multiple of
+    this times the tensor parallel size (`padded_vocab_size`); export strips them."""
 
     def __post_init__(self) -> None:
-        for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups"):
+        for field in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "make_vocab_size_divisible_by",
+        ):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
         if self.num_attention_heads % self.num_query_groups != 0:
@@ -64,6 +74,13 @@ class ModelConfig:
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); set head_dim explicitly"
             )
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Embedding rows of the Megatron model at tensor parallel size `tp`."""
+        if self.vocab_size % tp == 0:
+            return self.vocab_size
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def kv_channels(self) -> int:
@@ -134,7 +151,6 @@ class ModelConfig:
         _check_divides("num_attention_heads", self.num_attention_heads, "tensor", tp)
         _check_divides("num_query_groups", self.num_query_groups, "tensor", tp)
         _check_divides("ffn_hidden_size", self.ffn_hidden_size, "tensor", tp)
-        _check_divides("vocab_size", self.vocab_size, "tensor", tp)
         _check_divides("num_layers", self.num_layers, "pipeline", pp)
         if sequence_parallel and not cuda_available():
             raise ValueError(
