@@ -86,8 +86,8 @@ class DMCDecisionProjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(2 * num_kv_heads, hidden_size))
 
-    def forward(self, x_BTC: torch.Tensor, init_value: float) -> DecisionLogits:
-        return decision_head_logits(x_BTC, self.weight, init_value)
+    def forward(self, x_BTC: torch.Tensor, init_val: float) -> DecisionLogits:
+        return decision_head_logits(x_BTC, self.weight, init_val)
 
 
 @dataclass

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(shape.hidden_size, groups * dim, bias=False)
         self.o_proj = nn.Linear(heads * dim, shape.hidden_size, bias=False)
         self.heads, self.groups, self.dim = heads, groups, dim
-        self.init_value = dmc.init_val if dmc else 0.0
+        self.init_val = dmc.init_val if dmc else 0.0
         if dmc is not None and not dmc.uses_channel:
             self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
             """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         """Decision-head logits [B, G, T] of the (normed) attention input; None in channel mode."""
         if not hasattr(self, "dmc_decision_proj"):
             return None
-        return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_value)
+        return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_val)
 
     def qkv(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw pre-RoPE q [B,H,T,D], k [B,G,T,D], v [B,G,T,D]."""
