@@ -33,7 +33,7 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
     if config.get("model_type") == "llama_dmc" and not has_fields:
         raise ValueError(
             "config.json says model_type 'llama_dmc' but lacks dmc_window_size / dmc_init_val; "
-            "re-export the checkpoint with megatron_dmc.convert"
+            "re-export the checkpoint with tools/convert_checkpoint.py export-hf"
         )
     if mode == "vanilla" or (mode == "auto" and not has_fields):
         return None
