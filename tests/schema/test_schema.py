@@ -1,9 +1,12 @@
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import megatron_dmc
 from megatron_dmc.schema.checkpoint import (
     COMMON_FILE,
     FORMAT_VERSION,
@@ -55,3 +58,29 @@ def test_format_1_metadata_reads_with_the_current_names(tmp_path):
 def test_a_directory_without_metadata_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a torch_dist checkpoint"):
         read_metadata(tmp_path)
+
+
+CONVERT_IMPORTERS = ("convert/", "pipeline/", "generate.py")
+"""Who may import megatron_dmc.convert: itself, the main job and the command lines."""
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_only_the_pipeline_and_command_lines_import_the_converters():
+    root = Path(megatron_dmc.__file__).parent
+    offenders = [
+        str(path.relative_to(root))
+        for path in sorted(root.rglob("*.py"))
+        if not str(path.relative_to(root)).startswith(CONVERT_IMPORTERS)
+        and any(m.startswith("megatron_dmc.convert") for m in _imported_modules(path))
+    ]
+    assert offenders == []
