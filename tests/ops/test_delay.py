@@ -161,6 +161,6 @@ def test_config_validates_the_new_fields():
     assert DMCConfig().decision_source == "channel" and DMCConfig().merge_delay == 0
 
 
-def test_init_value_is_the_heads_offset():
+def test_init_val_is_the_heads_offset():
     logits = decision_head_logits(torch.ones(1, 2, 3), torch.zeros(2, 3), INIT_VALUE)
     assert torch.all(logits.alpha_BGT == -INIT_VALUE) and torch.all(logits.omega_BGT == INIT_VALUE)
