@@ -1,13 +1,14 @@
 """The `paged` decode backend: a small C++ kernel that reads each stream's pages in place.
 
 Legend: B sequences, H query heads, G KV heads, N query heads per KV head, M pages per
-stream, R streams (B * G), D head dim.
+stream, R streams (B * G), D head dim, W merge delay.
 
 The kernel (csrc/paged_decode.cpp) is compiled once at install time by
 `python -m megatron_dmc.inference.paged_cpu --build` (scripts/setup.sh runs it) into the
 asset cache, and loaded from there without a compiler. Where it was not built (or cannot
 be), the backend says so once and runs `paged_attention_blocked`, the torch path with the
-same page-blocked online softmax.
+same page-blocked online softmax. With a merge delay the exact ring (a `RingBlock`) is one
+more block of each stream's softmax inside the kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from types import ModuleType
 import torch
 from torch.profiler import record_function
 
-from megatron_dmc.inference.attention import paged_attention_blocked
+from megatron_dmc.inference.attention import RingBlock, paged_attention_blocked
 from megatron_dmc.inference.decode import register_backend
 from megatron_dmc.inference.kv_cache import PagedKVCache
 
@@ -85,23 +86,36 @@ def extension() -> ModuleType | None:
 
 
 def paged_attention_inplace(
-    q_BHD: torch.Tensor, cache: PagedKVCache, layer: int, seq_ids_B: torch.Tensor
+    q_BHD: torch.Tensor,
+    cache: PagedKVCache,
+    layer: int,
+    seq_ids_B: torch.Tensor,
+    ring: RingBlock | None = None,
 ) -> torch.Tensor:
     """Same contract as paged_attention_reference; CPU tensors. Falls back to the torch
     blocked path where the kernel is not built."""
     kernel = extension()
     if kernel is None or q_BHD.device.type != "cpu":
-        return paged_attention_blocked(q_BHD, cache, layer, seq_ids_B)
+        return paged_attention_blocked(q_BHD, cache, layer, seq_ids_B, ring=ring)
     batch, num_heads, head_dim = q_BHD.shape
     num_groups = cache.config.num_kv_heads
+    streams = batch * num_groups
     table_RM = cache.block_table_LBGM[layer, seq_ids_B].flatten(0, 1)
     lengths_R = cache.lengths_LBG[layer, seq_ids_B].flatten()
-    q_RND = q_BHD.reshape(batch * num_groups, num_heads // num_groups, head_dim)
+    q_RND = q_BHD.reshape(streams, num_heads // num_groups, head_dim)
     pool = cache.pool
+    dtype = pool.k_pages_PND.dtype
+    if ring is None:
+        ring_k_RWD = ring_v_RWD = q_RND.new_empty(streams, 0, head_dim, dtype=dtype)
+        ring_lengths_R = lengths_R.new_zeros(streams)
+    else:
+        ring_k_RWD = ring.k_BGWD.flatten(0, 1).to(dtype)
+        ring_v_RWD = ring.v_BGWD.flatten(0, 1).to(dtype)
+        ring_lengths_R = ring.lengths_B.repeat_interleave(num_groups)
     with record_function("kernel.paged_decode"):
         out_RND = kernel.paged_decode(
-            q_RND.to(pool.k_pages_PND.dtype), pool.k_pages_PND, pool.v_pages_PND, table_RM,
-            lengths_R, 1.0 / math.sqrt(head_dim),
+            q_RND.to(dtype), pool.k_pages_PND, pool.v_pages_PND, table_RM, lengths_R,
+            ring_k_RWD, ring_v_RWD, ring_lengths_R, 1.0 / math.sqrt(head_dim),
         )  # fmt: skip
     return out_RND.view(batch, num_heads, head_dim).to(q_BHD.dtype)
 
