@@ -19,6 +19,7 @@ import importlib.machinery
 import importlib.util
 import math
 import platform
+import subprocess
 import sys
 import warnings
 from functools import cache
@@ -130,7 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.build:
         print(f"kernel {'built' if extension() else 'NOT built'}: {build_dir()}")
         return
-    build(verbose=False)
+    try:
+        build(verbose=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        last = str(error).strip().splitlines()[-1:] or [type(error).__name__]
+        print(f"error: the paged decode kernel did not build ({last[0]})", file=sys.stderr)
+        sys.exit(2)
     print(f"built the paged decode kernel in {build_dir()}")
 
 
