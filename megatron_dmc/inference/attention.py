@@ -19,22 +19,39 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dmc.inference.kv_cache import PagedKVCache
+from megatron_dmc.ops import apply_rope
 
 
 @dataclass
 class RingBlock:
-    """The exact ring of one layer for a batch: the W newest tokens of every stream,
-    keys already rotated at their own positions. Valid entries are a prefix: index w
-    holds a token iff w < length (the ring is full once W tokens were seen)."""
+    """The exact ring of one layer for a batch: the W newest tokens of every stream, read
+    in place from the ring's layer slab (pre-RoPE keys), with the RoPE tables of each ring
+    index. Valid entries are a prefix: index w holds a token iff w < lengths_B[b].
 
-    k_BGWD: torch.Tensor
-    v_BGWD: torch.Tensor
+    The keys get plain RoPE: in channel mode the stored key's channel D-1 is zero and so is
+    the query's, so that equals the cache's rotation in every dot product.
+    """
+
+    k_XGWD: torch.Tensor
+    """Pre-RoPE keys of every batch row of the cache (X = max_batch rows), this layer."""
+    v_XGWD: torch.Tensor
+    seq_ids_B: torch.Tensor
+    cos_BWD: torch.Tensor
+    """RoPE tables at the position each ring index holds (any value where invalid)."""
+    sin_BWD: torch.Tensor
     lengths_B: torch.Tensor
     """Valid ring entries per sequence: min(tokens seen, W) (int64)."""
 
     def valid_BW(self) -> torch.Tensor:
-        w_W = torch.arange(self.k_BGWD.shape[2], device=self.lengths_B.device)
+        w_W = torch.arange(self.k_XGWD.shape[2], device=self.lengths_B.device)
         return w_W < self.lengths_B[:, None]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rotated keys, values) [B, G, W, D]: a copy of the batch's rings (torch backends)."""
+        k_BGWD = apply_rope(
+            self.k_XGWD[self.seq_ids_B], self.cos_BWD[:, None], self.sin_BWD[:, None]
+        )
+        return k_BGWD, self.v_XGWD[self.seq_ids_B]
 
 
 def paged_attention_reference(
@@ -49,6 +66,7 @@ def paged_attention_reference(
     batch, num_heads, head_dim = q_BHD.shape
     group = num_heads // cache.config.num_kv_heads
     rows_BGS, valid_BGS = cache.slot_rows(layer, seq_ids_B)
+    ring_k_BGWD, ring_v_BGWD = ring.keys_values() if ring is not None else (None, None)
     out_BHD = torch.empty_like(q_BHD)
     for b in range(batch):
         for g in range(cache.config.num_kv_heads):
@@ -57,8 +75,8 @@ def paged_attention_reference(
             values_SD = cache.pool.v_flat[rows_S].to(q_BHD.dtype)
             if ring is not None:
                 kept = int(ring.lengths_B[b])
-                keys_SD = torch.cat([keys_SD, ring.k_BGWD[b, g, :kept].to(q_BHD.dtype)])
-                values_SD = torch.cat([values_SD, ring.v_BGWD[b, g, :kept].to(q_BHD.dtype)])
+                keys_SD = torch.cat([keys_SD, ring_k_BGWD[b, g, :kept].to(q_BHD.dtype)])
+                values_SD = torch.cat([values_SD, ring_v_BGWD[b, g, :kept].to(q_BHD.dtype)])
             heads = slice(g * group, (g + 1) * group)
             scores_NS = q_BHD[b, heads] @ keys_SD.T / math.sqrt(head_dim)
             out_BHD[b, heads] = torch.softmax(scores_NS, dim=-1) @ values_SD
@@ -79,8 +97,9 @@ def paged_attention_padded(
     keys_BGSD, values_BGSD, valid_BGS = cache.gather(layer, seq_ids_B)
     keys_BGSD, values_BGSD = keys_BGSD.to(q_BHD.dtype), values_BGSD.to(q_BHD.dtype)
     if ring is not None:
-        keys_BGSD = torch.cat([keys_BGSD, ring.k_BGWD.to(q_BHD.dtype)], dim=2)
-        values_BGSD = torch.cat([values_BGSD, ring.v_BGWD.to(q_BHD.dtype)], dim=2)
+        ring_k_BGWD, ring_v_BGWD = ring.keys_values()
+        keys_BGSD = torch.cat([keys_BGSD, ring_k_BGWD.to(q_BHD.dtype)], dim=2)
+        values_BGSD = torch.cat([values_BGSD, ring_v_BGWD.to(q_BHD.dtype)], dim=2)
         ring_valid_BGW = ring.valid_BW()[:, None].expand(-1, num_groups, -1)
         valid_BGS = torch.cat([valid_BGS, ring_valid_BGW], dim=-1)
     q_BGND = q_BHD.view(batch, num_groups, num_heads // num_groups, head_dim)
@@ -125,7 +144,8 @@ def paged_attention_blocked(
         )
     if ring is not None:
         valid_RW = ring.valid_BW().repeat_interleave(num_groups, dim=0)
-        state.add(ring.k_BGWD.flatten(0, 1), ring.v_BGWD.flatten(0, 1), valid_RW)
+        ring_k_BGWD, ring_v_BGWD = ring.keys_values()
+        state.add(ring_k_BGWD.flatten(0, 1), ring_v_BGWD.flatten(0, 1), valid_RW)
     return state.result().view(batch, num_heads, head_dim)
 
 

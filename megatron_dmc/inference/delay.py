@@ -110,9 +110,10 @@ class DecodeStep:
         return self._tables[which]
 
     def _ring_block(self, cache: PagedKVCache, layer, seq_ids_B) -> RingBlock:
-        """The exact ring after this step's push, keys rotated at their own positions."""
-        seen_B = self.positions_B + 1
-        ring_k_BGWD, ring_v_BGWD, _, _ = cache.exact.read(layer, seq_ids_B, seen_B)
+        """The exact ring after this step's push, read in place, with its RoPE tables."""
+        exact = cache.exact
         cos_BWD, sin_BWD = self._table("ring")
-        ring_k_BGWD = cache.rotate(ring_k_BGWD, cos_BWD[:, None], sin_BWD[:, None])
-        return RingBlock(ring_k_BGWD, ring_v_BGWD, seen_B.clamp_max(self.dmc.merge_delay))
+        dtype = exact.k_LBGWD.dtype
+        lengths_B = (self.positions_B + 1).clamp_max(self.dmc.merge_delay)
+        return RingBlock(exact.k_LBGWD[layer], exact.v_LBGWD[layer], seq_ids_B,
+                         cos_BWD.to(dtype), sin_BWD.to(dtype), lengths_B)  # fmt: skip

@@ -106,19 +106,28 @@ def paged_attention_inplace(
     q_RND = q_BHD.reshape(streams, num_heads // num_groups, head_dim)
     pool = cache.pool
     dtype = pool.k_pages_PND.dtype
-    if ring is None:
-        ring_k_RWD = ring_v_RWD = q_RND.new_empty(streams, 0, head_dim, dtype=dtype)
-        ring_lengths_R = lengths_R.new_zeros(streams)
-    else:
-        ring_k_RWD = ring.k_BGWD.flatten(0, 1).to(dtype)
-        ring_v_RWD = ring.v_BGWD.flatten(0, 1).to(dtype)
-        ring_lengths_R = ring.lengths_B.repeat_interleave(num_groups)
     with record_function("kernel.paged_decode"):
         out_RND = kernel.paged_decode(
             q_RND.to(dtype), pool.k_pages_PND, pool.v_pages_PND, table_RM, lengths_R,
-            ring_k_RWD, ring_v_RWD, ring_lengths_R, 1.0 / math.sqrt(head_dim),
+            *_ring_arguments(ring, batch, num_groups, head_dim, dtype), 1.0 / math.sqrt(head_dim),
         )  # fmt: skip
     return out_RND.view(batch, num_heads, head_dim).to(q_BHD.dtype)
+
+
+def _ring_arguments(ring: RingBlock | None, batch: int, groups: int, head_dim: int, dtype):
+    """The kernel's ring arguments: slabs [X*G, W, D], rows [R], cos / sin [B, W, D] and
+    lengths [R]; an empty ring (W = 0) without a delay."""
+    streams = batch * groups
+    if ring is None:
+        empty = torch.zeros(1, 0, head_dim, dtype=dtype)
+        zeros_R = torch.zeros(streams, dtype=torch.long)
+        table = torch.zeros(batch, 0, head_dim, dtype=dtype)
+        return empty, empty, zeros_R, table, table, zeros_R
+    slab_k, slab_v = (x.flatten(0, 1) for x in (ring.k_XGWD, ring.v_XGWD))
+    g_G = torch.arange(groups, device=ring.seq_ids_B.device)
+    rows_R = (ring.seq_ids_B[:, None] * groups + g_G).flatten()
+    return (slab_k.to(dtype), slab_v.to(dtype), rows_R, ring.cos_BWD.to(dtype),
+            ring.sin_BWD.to(dtype), ring.lengths_B.repeat_interleave(groups))  # fmt: skip
 
 
 register_backend("paged", paged_attention_inplace)

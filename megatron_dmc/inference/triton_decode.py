@@ -5,7 +5,8 @@ stream, D head dim, PAGE tokens per page, W merge delay.
 
 The program walks its stream's block table page by page with an online softmax, serving
 all N query heads of the group from each loaded page (GQA reads every key once); with a
-merge delay the stream's exact ring is one more block of the same softmax. Runs on GPU, or
+merge delay the stream's exact ring is one more block of the same softmax (its keys rotated
+by `RingBlock.keys_values` before the launch). Runs on GPU, or
 on CPU under TRITON_INTERPRET=1 (how the tests check it against the reference).
 """
 
@@ -99,9 +100,8 @@ def paged_attention_triton(
         ring_lengths_B, window = lengths_BG[:, 0], 0
     else:
         dtype = cache.pool.k_pages_PND.dtype
-        ring_k_BGWD = ring.k_BGWD.to(dtype).contiguous()
-        ring_v_BGWD = ring.v_BGWD.to(dtype).contiguous()
-        ring_lengths_B, window = ring.lengths_B, ring.k_BGWD.shape[2]
+        ring_k_BGWD, ring_v_BGWD = (x.to(dtype).contiguous() for x in ring.keys_values())
+        ring_lengths_B, window = ring.lengths_B, ring_k_BGWD.shape[2]
     ring_lengths_BG = ring_lengths_B[:, None].expand(batch, num_groups).contiguous()
     out_BHD = torch.empty_like(q_BHD)
     _paged_decode_kernel[(batch, num_groups)](

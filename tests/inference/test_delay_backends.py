@@ -11,13 +11,12 @@ import torch
 
 from megatron_dmc.inference import CacheConfig, PagedKVCache, paged_cpu
 from megatron_dmc.inference.attention import (
-    RingBlock,
     paged_attention_blocked,
     paged_attention_padded,
     paged_attention_reference,
 )
 from megatron_dmc.ops import DMCConfig, dms_config
-from tests.inference.helpers import INIT_VALUE, random_qkv, run_layer
+from tests.inference.helpers import INIT_VALUE, random_qkv, random_ring, run_layer
 from tests.inference.model_helpers import tiny_model
 from tests.inference.test_decode_backends import _peak_bytes
 from tests.inference.test_model_parity import _cached_logits, _rel_err
@@ -38,10 +37,7 @@ def _delayed_cache(dtype):
 
 
 def _ring(dtype, seen_B, window=6, groups=2, dim=16):
-    gen = torch.Generator().manual_seed(7)
-    k = torch.randn(len(seen_B), groups, window, dim, generator=gen, dtype=dtype)
-    v = torch.randn(len(seen_B), groups, window, dim, generator=gen, dtype=dtype)
-    return RingBlock(k, v, torch.tensor(seen_B).clamp_max(window))
+    return random_ring(len(seen_B), groups, window, dim, dtype, seen_B)
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
@@ -100,3 +96,21 @@ def test_ring_adds_no_copy_of_the_cache(name):
     cache_bytes = 2 * cache.pool.k_pages_PND.numel() * 4
     ours = _peak_bytes(lambda: BACKENDS[name](query, cache, 0, seq, ring=ring))
     assert ours < cache_bytes / 4, (ours, cache_bytes)
+
+
+def test_kernel_reads_the_ring_in_place(monkeypatch):
+    """The compiled kernel rotates the ring's keys itself: no torch copy of the rings."""
+    if paged_cpu.extension() is None:
+        pytest.skip("compiled kernel not built here")
+    cache = _delayed_cache(torch.float64)
+    seq = torch.tensor([1, 2, 0])
+    ring = _ring(torch.float64, [40, 4, 23])
+    query = torch.randn(3, 6, 16, dtype=torch.float64)
+    expected = paged_attention_reference(query, cache, 0, seq, ring=ring)
+
+    def no_copy(_self):
+        raise AssertionError("the kernel path copied the rings")
+
+    monkeypatch.setattr(type(ring), "keys_values", no_copy)
+    actual = paged_cpu.paged_attention_inplace(query, cache, 0, seq, ring=ring)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)

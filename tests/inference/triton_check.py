@@ -6,10 +6,10 @@ import sys
 
 import torch
 
-from megatron_dmc.inference.attention import RingBlock, paged_attention_reference
+from megatron_dmc.inference.attention import paged_attention_reference
 from megatron_dmc.inference.triton_decode import paged_attention_triton
 from megatron_dmc.ops import DMCConfig
-from tests.inference.helpers import INIT_VALUE, random_qkv, run_layer
+from tests.inference.helpers import INIT_VALUE, random_qkv, random_ring, run_layer
 
 
 def check(heads: int, groups: int, head_dim: int, page_size: int, delay: int = 0) -> float:
@@ -20,8 +20,7 @@ def check(heads: int, groups: int, head_dim: int, page_size: int, delay: int = 0
     query = torch.randn(3, heads, head_dim)
     ring = None
     if delay:
-        shape = (3, groups, delay, head_dim)
-        ring = RingBlock(torch.randn(shape), torch.randn(shape), torch.tensor([delay, 3, delay]))
+        ring = random_ring(3, groups, delay, head_dim, torch.float32, [delay, 3, delay])
     expected = paged_attention_reference(query, cache, 0, seq, ring=ring)
     actual = paged_attention_triton(query, cache, 0, seq, ring=ring)
     return float((actual - expected).abs().max() / expected.abs().max())
