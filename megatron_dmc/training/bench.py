@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--distill",
         action="store_true",
-        help="also time DMC with distillation from a frozen copy (dmc_distill) and LoRA "
-        "adapters with the same teacher (dmc_lora_distill)",
+        help="also time DMC with distillation from a frozen copy (dmc_distill), LoRA adapters "
+        "with the same teacher (dmc_lora_distill), and heads-mode DMC with LoRA distilled from "
+        "itself with compression off (dmc_heads_lora_self)",
     )
     parser.add_argument(
         "--no-transformers", action="store_true",
@@ -178,12 +179,14 @@ def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Conte
     return out
 
 
-DISTILLED = ("dmc_distill", "dmc_lora_distill")
-"""DMC with KL to a frozen copy of the starting weights: all weights train, or LoRA only."""
+DISTILLED = ("dmc_distill", "dmc_lora_distill", "dmc_heads_lora_self")
+"""DMC with KL to a frozen copy of the starting weights (all weights train, or LoRA only),
+and heads-mode DMC with LoRA distilled from itself with compression off (no copy)."""
 
 
 def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> Contender:
-    """DMC (retrofit step, KL weight 1) with a frozen copy of `vanilla`'s weights as teacher."""
+    """DMC (retrofit step, KL weight 1) from `vanilla`'s weights, with a frozen copy of them
+    as teacher, or (heads) the student with compression off."""
     import copy
 
     from megatron_dmc.training import model_api
@@ -193,14 +196,19 @@ def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> 
     from megatron_dmc.training.teacher import Teacher, frozen_copy
 
     cfg = copy.deepcopy(cfg)
-    trainable = "lora" if name == "dmc_lora_distill" else "all"
+    trainable = "all" if name == "dmc_distill" else "lora"
     cfg.retrofit = RetrofitArgs(dmc_distill_weight=1.0, dmc_trainable=trainable)
+    if name == "dmc_heads_lora_self":
+        cfg.dmc.dmc_decision_source = "heads"
     model = model_api.build(shape, cfg, "dmc")
     state = vanilla.model.module.state_dict()
     missing, unexpected = model.module.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith(("lora_A", "lora_B")) for k in missing), missing
-    teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
-    teacher_model.load_state_dict(state, strict=True)
+    fresh = ("lora_A", "lora_B", "dmc_decision_proj.weight")
+    assert not unexpected and all(k.endswith(fresh) for k in missing), missing
+    teacher_model = None
+    if name != "dmc_heads_lora_self":
+        teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
+        teacher_model.load_state_dict(state, strict=True)
     optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
     decisions = shape.num_layers * shape.num_query_groups * args.seq_length
     settings = LossSettings(args.target_cr, decisions, distill_weight=1.0)
@@ -219,7 +227,10 @@ def state_bytes(contender: Contender, tokens: int) -> dict[str, int]:
     moments = ("exp_avg", "exp_avg_sq")
     optimizer = sum(s[k].nbytes for s in state.values() for k in moments if k in s)
     teacher, logits = 0, 0
-    if contender.teacher is not None:
+    if contender.teacher is not None and contender.teacher.copy is None:
+        output = contender.model.module.shared_embedding_or_output_weight()
+        logits = tokens * output.shape[0] * output.element_size()
+    elif contender.teacher is not None:
         copy = contender.teacher.copy
         teacher = sum(p.nbytes for p in copy.parameters())
         output = copy.shared_embedding_or_output_weight()

@@ -535,7 +535,7 @@ class TrainConfig:
                 "--dmc-distill-weight and --dmc-trainable apply to the DMC stages, not to "
                 "--dmc-stage plain; drop them"
             )
-        heads = getattr(self.dmc, "dmc_decision_source", "channel") == "heads"
+        heads = self.dmc.dmc_decision_source == "heads"
         if r.dmc_trainable == "dmc-heads" and not heads:
             raise ValueError(
                 "--dmc-trainable dmc-heads trains only the decision heads, which exist with "

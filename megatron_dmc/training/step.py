@@ -115,7 +115,12 @@ def run_batches(
     """
     if teacher is not None and settings.distill_weight > 0:
         return _distilled_batches(
-            model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, teacher
+            model,
+            data_iterator,
+            (num_microbatches, seq_length, micro_batch_size),
+            settings,
+            teacher,
+            forward_only,
         )
     with cpu_device_mode():
         outputs = get_forward_backward_func()(
@@ -131,12 +136,14 @@ def run_batches(
 
 
 def _distilled_batches(
-    model, data_iterator, num_microbatches, seq_length, micro_batch_size, settings, teacher
+    model, data_iterator, shape: tuple[int, int, int], settings, teacher, forward_only: bool
 ) -> StepResult:
     """Teacher then student over each chunk of `teacher.chunk` micro-batches (0: the whole
     step). Gradients accumulate across chunks; Megatron's gradient finalisation (DP and
     tied-embedding all-reduces) runs after the last one only, and each chunk's losses are
-    scaled by its share of the step, so any chunk size gives the step of one pass."""
+    scaled by its share of the step, so any chunk size gives the step of one pass. `shape`:
+    (micro-batches in the step, schedule sequence length, micro-batch size)."""
+    num_microbatches, seq_length, micro_batch_size = shape
     chunk = teacher.chunk or num_microbatches
     config = model.config
     finalize = config.finalize_model_grads_func
@@ -157,7 +164,7 @@ def _distilled_batches(
                     num_microbatches=size,
                     seq_length=seq_length,
                     micro_batch_size=micro_batch_size,
-                    forward_only=False,
+                    forward_only=forward_only,
                 )
     finally:
         config.finalize_model_grads_func = finalize

@@ -137,7 +137,7 @@ class Teacher:
 def uses_self(cfg: TrainConfig) -> bool:
     """The student with compression off is the original model: a frozen base whose
     attention weights no stage rewrites (the heads decision source)."""
-    heads = getattr(cfg.dmc, "dmc_decision_source", "channel") == "heads"
+    heads = cfg.dmc.dmc_decision_source == "heads"
     return cfg.retrofit.frozen_base and heads
 
 

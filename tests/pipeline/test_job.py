@@ -49,7 +49,7 @@ def job(tmp_path_factory) -> tuple[Path, str]:
 def test_report_tables_parse_with_finite_numbers(job):
     out, _ = job
     tables = markdown_tables((out / "report.md").read_text())
-    assert len(tables) == 6  # training, ppl (today's, matched), tasks, decoding, step times
+    assert len(tables) == 7  # training, ppl (today's, matched), tasks, decoding, headline, steps
     for table in tables:
         assert len(table) >= 2 and all(len(row) == len(table[0]) for row in table)
     numbers = [float(c.rstrip("x%")) for t in tables for r in t[1:] for c in r[1:]
@@ -60,7 +60,8 @@ def test_report_tables_parse_with_finite_numbers(job):
         assert [row[0] for row in today_or_matched[1:]] == methods
         header, *rows = today_or_matched
         assert header.count("real CR") == header.count("peak KV MiB") == 2
-        assert all(float(cell) > 0 for row in rows for cell in row[2:] if cell != "–")
+        values = [row[i] for row in rows for i, h in enumerate(header) if i > 1 and h != "Δ"]
+        assert all(float(cell) > 0 for cell in values if cell != "–")
         real_crs = [float(row[i]) for row in rows for i, h in enumerate(header) if h == "real CR"]
         assert len(real_crs) == 2 * len(methods) and real_crs[:2] == [1.0, 1.0]  # vanilla
 

@@ -39,7 +39,9 @@ def test_bench_refuses_bad_settings_before_any_work() -> None:
 def test_bench_times_distillation_at_the_same_shape(capsys) -> None:
     argv = ["--model", "tiny_gqa", "--num-layers", "2", "--seq-length", "64", "--distill"]
     result = bench.main([*argv, "--warmup", "0", "--reps", "1", "--num-microbatches", "2"])
-    assert {"dmc", "dmc_distill", "dmc_lora_distill"} <= set(result["median_s"])
+    assert {"dmc", "dmc_distill", "dmc_lora_distill", "dmc_heads_lora_self"} <= set(
+        result["median_s"]
+    )
     loss = result["first_lm_loss"]
     assert loss["dmc_distill"] == loss["dmc_lora_distill"] == pytest.approx(loss["dmc"], rel=1e-6)
     held = result["state_bytes"]
@@ -47,4 +49,7 @@ def test_bench_times_distillation_at_the_same_shape(capsys) -> None:
     assert held["dmc_distill"]["teacher_logits"] == 2 * 64 * 8192 * 4
     assert held["dmc_lora_distill"]["optimizer"] == 2 * held["dmc_lora_distill"]["trainable"]
     assert held["dmc_lora_distill"]["trainable"] < held["dmc"]["trainable"] / 10
+    assert loss["dmc_heads_lora_self"] == pytest.approx(loss["vanilla"], rel=1e-2)
+    self_taught = held["dmc_heads_lora_self"]
+    assert self_taught["teacher"] == 0 and self_taught["teacher_logits"] == 2 * 64 * 8192 * 4
     assert "dmc_distill / DMC step time" in capsys.readouterr().out

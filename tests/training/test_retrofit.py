@@ -122,6 +122,29 @@ def test_lora_checkpoint_exports_with_adapters_folded_in(initial, tmp_path):
     assert (got - want[1]).abs().max() <= 1e-6 * want[1].abs().max()
 
 
+HEADS = ["--dmc-decision-source", "heads"]
+
+
+@pytest.mark.parametrize("trainable", ["dmc-heads", "lora"])
+def test_heads_mode_distills_from_itself_with_compression_off(trainable, initial, tmp_path):
+    """A frozen base with decision heads: the teacher is the student with compression off
+    (no --load needed for it), the KL is the only task loss, and only the heads (and the
+    adapters) change."""
+    save = tmp_path / trainable
+    extra = [*HEADS, "--dmc-trainable", trainable, *DISTILL, "--dmc-lm-loss-weight", "0"]
+    run_tiny(save, initial, *extra)
+    records = metrics(save)
+    assert [r["stage"] for r in records] == ["retrofit", "retrofit", "finetune"]
+    assert all(0 < r["kl_loss"] < 0.1 for r in records)
+    before, after = _weights(initial), _weights(save)
+    for key, tensor in before.items():
+        assert torch.equal(after[key], tensor), key
+    trained = {k for k in after if k not in before}
+    assert any("dmc_decision_proj" in k for k in trained)
+    assert _optimizer_params(save) == trained
+    assert any(k.endswith("lora_B") for k in trained) == (trainable == "lora")
+
+
 def _refused(argv: list[str], match: str) -> None:
     from tests.training.helpers import train
 

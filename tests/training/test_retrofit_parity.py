@@ -21,7 +21,12 @@ from tests.training.test_retrofit import DISTILL, _weights
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-RUNS = {"distill": DISTILL, "lora": [*DISTILL, "--dmc-trainable", "lora", "--dmc-lora-mlp"]}
+RUNS = {
+    "distill": DISTILL,
+    "lora": [*DISTILL, "--dmc-trainable", "lora", "--dmc-lora-mlp"],
+    "heads_lora": [*DISTILL, "--dmc-decision-source", "heads", "--dmc-trainable", "lora"],
+}
+"""Frozen-copy teacher (all weights; LoRA in channel mode), and the self teacher (heads)."""
 KEYS = ("lm_loss", "kl_loss", "cr_loss", "achieved_cr", "grad_norm")
 
 
@@ -59,5 +64,5 @@ def test_tp2_pp2_matches_one_process(four_ranks, initial, tmp_path, name: str) -
         # differences up to about lr x 1e-3 (lr = 1e-3) in weights that started equal.
         tolerance = 1e-5 * float(tensor.abs().max()) + 1e-6
         assert float((sharded[key] - tensor).abs().max()) <= tolerance, key
-    assert any(k.endswith("lora_B") for k in single) == (name == "lora")
+    assert any(k.endswith("lora_B") for k in single) == name.endswith("lora")
     assert torch.is_tensor(single["embedding.word_embeddings.weight"])
