@@ -8,9 +8,10 @@ The paper's channel mode without a delay (and vanilla) goes through
 with the heads' decisions and RoPE on every channel, and read it through the same
 backends. With a merge delay W the new token enters the exact ring, the token it displaces
 (position p - W) goes through Algorithm 1 on the paged slots, and the backend attends the
-paged slots in place plus the ring as one more block per stream (one online softmax); the
-ring's W keys per stream are rotated at their positions on every step, the pages are not
-copied.
+paged slots in place plus the ring as one more block per stream (one online softmax): a
+`RingBlock` hands it the ring's layer slab, the rows of the batch and the RoPE tables of
+the ring's positions; the compiled kernel rotates each ring key on the fly, the torch and
+Triton backends rotate a copy of the batch's rings. The pages are never copied.
 """
 
 from __future__ import annotations
