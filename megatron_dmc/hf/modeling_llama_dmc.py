@@ -755,8 +755,14 @@ def decision_head_logits(
             f"decision-head weight must be [2 * kv_heads, hidden={x_BTC.shape[-1]}]; "
             f"got {tuple(weight_NC.shape)}"
         )
-    y_BNT = (x_BTC @ weight_NC.t()).transpose(1, 2) * scale
-    alpha_BGT, omega_BGT = y_BNT.chunk(2, dim=1)
+    return head_logits_from_outputs(x_BTC @ weight_NC.t(), init_val, scale)
+
+
+def head_logits_from_outputs(
+    y_BTN: torch.Tensor, init_val: float, scale: float = HEAD_LOGIT_SCALE
+) -> DecisionLogits:
+    """The logits from the heads' raw outputs W x [B, T, 2G] (e.g. of a fused projection)."""
+    alpha_BGT, omega_BGT = (y_BTN.transpose(1, 2) * scale).chunk(2, dim=1)
     return DecisionLogits(alpha_BGT - init_val, omega_BGT + init_val)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.delay import DecodeStep
 from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
+from megatron_dmc.inference.fused_qkv import FusedProjection
 from megatron_dmc.inference.kv_cache import CacheConfig, PagedKVCache
 from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import (
@@ -59,6 +60,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * dim, shape.hidden_size, bias=False)
         self.heads, self.groups, self.dim = heads, groups, dim
         self.init_val = dmc.init_val if dmc else 0.0
+        self.fused = FusedProjection()
+        """One-token calls (decode): q, k, v and the heads' logits from one matmul."""
         if dmc is not None and not dmc.uses_channel:
             self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
             """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
@@ -105,7 +108,11 @@ class DecoderLayer(nn.Module):
         """attend(q, k, v, logits) -> [B, H, T, D] is the attention of this call (full,
         prefill, decode); logits are the decision heads' (None in channel mode)."""
         h_BTE = self.input_layernorm(x_BTE)
-        o_BHTD = attend(*self.self_attn.qkv(h_BTE), self.self_attn.decisions(h_BTE))
+        attn = self.self_attn
+        if h_BTE.shape[1] == 1:
+            o_BHTD = attend(*attn.fused(attn, h_BTE))
+        else:
+            o_BHTD = attend(*attn.qkv(h_BTE), attn.decisions(h_BTE))
         x_BTE = x_BTE + self.self_attn.out(o_BHTD)
         return x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))
 
