@@ -49,5 +49,5 @@ class FusedProjection:
         q = parts[0].view(b, t, attn.heads, attn.dim).transpose(1, 2)
         k = parts[1].view(b, t, attn.groups, attn.dim).transpose(1, 2)
         v = parts[2].view(b, t, attn.groups, attn.dim).transpose(1, 2)
-        logits = head_logits_from_outputs(parts[3], attn.init_value) if heads else None
+        logits = head_logits_from_outputs(parts[3], attn.init_val) if heads else None
         return q, k, v, logits

@@ -26,7 +26,7 @@ BACKENDS = {
     "paged": paged_cpu.paged_attention_inplace,
 }
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
-DELAYED = DMCConfig(window=4, init_value=INIT_VALUE, merge_delay=6)
+DELAYED = DMCConfig(window_size=4, init_val=INIT_VALUE, merge_delay=6)
 
 
 def _delayed_cache(dtype):

@@ -14,7 +14,7 @@ from tests.inference.helpers import INIT_VALUE, random_qkv, random_ring, run_lay
 
 def check(heads: int, groups: int, head_dim: int, page_size: int, delay: int = 0) -> float:
     q, k, v = random_qkv(3, heads, groups, 30, head_dim, seed=heads + head_dim, dtype=torch.float32)
-    dmc = DMCConfig(window=12, init_value=INIT_VALUE, merge_delay=delay)
+    dmc = DMCConfig(window_size=12, init_val=INIT_VALUE, merge_delay=delay)
     _, cache = run_layer(q, k, v, torch.tensor([30, 17, 5]), 11, page_size=page_size, dmc=dmc)
     seq = torch.arange(3)
     query = torch.randn(3, heads, head_dim)
