@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from megatron_dmc.cli_errors import Parser, run
-from megatron_dmc.convert.llama_config import DTYPES
 from megatron_dmc.finite import check_finite_weights
 from megatron_dmc.inference.decisions import forced_rate_label
 from megatron_dmc.inference.generation import generate
-from megatron_dmc.inference.loading import MODES, load_megatron_checkpoint, load_model
+from megatron_dmc.inference.loading import MODES, load_model
+from megatron_dmc.inference.model import LlamaForInference
 from megatron_dmc.inference.sampling import SamplingConfig
+from megatron_dmc.schema.llama import DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +85,20 @@ def _check(args: argparse.Namespace) -> None:
                 f"--{flag.replace('_', '-')} must be >= 1; got {value}"
                 + (" (omit it for a budget that never runs out)" if flag == "num_pages" else "")
             )
+
+
+def load_megatron_checkpoint(
+    load_dir: str | Path,
+    mode: str = "auto",
+    forced_cr: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> LlamaForInference:
+    """A Megatron checkpoint (any TP/PP), exported to HF format in a temporary directory."""
+    from megatron_dmc.convert.commands import export_hf  # Megatron, only for this source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export_hf(load_dir, Path(tmp) / "hf")
+        return load_model(hf_dir, mode, forced_cr, dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,8 @@ Random weights; DMC decisions are FORCED to each CR (labelled in every output).
 
 --preset smollm2: SmolLM2-135M's real weights at --contexts (default 1024 2048 4096),
 batch --batch: transformers dense vs ours vanilla vs DMC (FORCED --cr, or --model-dir's
-own decisions) at equal batch and equal KV memory, interleaved in one run
+own decisions), DMC with a merge delay and DMS (both FORCED, --delay W exact tokens per
+stream, counted in KV bytes) at equal batch and equal KV memory, interleaved in one run
 (megatron_dmc/bench/smollm2.py).
 """
 
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="smollm2: timed steps per engine")
     p.add_argument("--cr", type=float, nargs="*", default=[4.0], help="smollm2: FORCED CRs")
     p.add_argument("--backend", default="paged", help="smollm2: our decode attention")
+    p.add_argument(
+        "--delay",
+        type=int,
+        default=256,
+        help="smollm2: also rows for DMC with this merge delay and DMS with this window, "
+        "FORCED at each --cr (0: none)",
+    )
     args = p.parse_args(argv)
     if args.preset == "smollm2":
         return _smollm2(p, args)
@@ -92,6 +100,8 @@ def _smollm2(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
 
     if args.batch < 1 or args.steps < 1 or min(args.contexts) < 1 or any(c < 1 for c in args.cr):
         parser.error("--batch, --steps and --contexts must be >= 1 and every --cr >= 1")
+    if args.delay < 0:
+        parser.error("--delay must be >= 0 (0: no delayed DMC / DMS rows)")
     torch.set_num_threads(1)
     return run(args)
 

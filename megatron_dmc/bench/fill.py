@@ -15,7 +15,8 @@ from megatron_dmc.inference.kv_cache import PagedKVCache
 
 
 def replicate_first(cache: PagedKVCache, seq_ids_B: torch.Tensor) -> None:
-    """Copy sequence seq_ids_B[0]'s pages, lengths and window state to seq_ids_B[1:]."""
+    """Copy sequence seq_ids_B[0]'s pages, lengths, window state and exact ring (a merge
+    delay's W newest tokens) to seq_ids_B[1:]; their previous contents are overwritten."""
     source = int(seq_ids_B[0])
     table_LGM = cache.block_table_LBGM[:, source]
     used_LGM = table_LGM >= 0
@@ -28,6 +29,8 @@ def replicate_first(cache: PagedKVCache, seq_ids_B: torch.Tensor) -> None:
         target_LGM = torch.full_like(table_LGM, -1)
         target_LGM[used_LGM] = pages_K
         cache.block_table_LBGM[:, target] = target_LGM
+        exact = cache.exact
         for state in (cache.lengths_LBG, cache.seen_LB, cache.run_len_LBG, cache.ring_k_LBGWD,
-                      cache.ring_v_LBGWD, cache.ring_w_LBGW):  # fmt: skip
+                      cache.ring_v_LBGWD, cache.ring_w_LBGW, exact.k_LBGWD, exact.v_LBGWD,
+                      exact.alpha_LBGW, exact.omega_LBGW):  # fmt: skip
             state[:, target] = state[:, source]

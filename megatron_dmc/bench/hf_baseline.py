@@ -7,8 +7,8 @@ import torch
 from megatron_dmc.bench.presets import Preset
 from megatron_dmc.bench.timing import timed
 from megatron_dmc.bench.workloads import default_dtype
-from megatron_dmc.convert.llama_config import hf_config_from_shape
 from megatron_dmc.inference.model import LlamaForInference
+from megatron_dmc.schema.llama import hf_config_from_shape
 
 
 def hf_model(model: LlamaForInference, preset: Preset):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.schema.llama import LlamaShape
 
 CPU_SHAPE = LlamaShape(
     vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,

@@ -43,7 +43,7 @@ def _sequence_cost(model, preset: Preset, mode, total: int) -> tuple[int, int, i
     page_bytes = 2 * page * shape.head_dim * preset.dtype.itemsize
     streams = shape.num_hidden_layers * shape.num_key_value_heads
     ring_entry = 2 * shape.head_dim * preset.dtype.itemsize + 4
-    ring = 0 if mode is None else streams * DMCConfig().window * ring_entry
+    ring = 0 if mode is None else streams * DMCConfig().window_size * ring_entry
     if mode == MODEL_DECISIONS:
         probe = run_decode(model, preset, mode, 1, preset.memory_context)
         growth = streams * -(-(total - preset.memory_context) // page)

@@ -18,7 +18,7 @@ from megatron_dmc.inference import PagedKVCache, cache_stats
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.generation import default_num_pages
 from megatron_dmc.inference.model import LlamaForInference
-from megatron_dmc.ops import DMCConfig
+from megatron_dmc.ops import DMCConfig, dms_config
 
 
 def random_model(preset: Preset, seed: int = 0) -> LlamaForInference:
@@ -59,6 +59,31 @@ def with_mode(model: LlamaForInference, mode: Mode) -> LlamaForInference:
     if mode == MODEL_DECISIONS and trained is None:
         raise ValueError("the model's own decisions need a DMC checkpoint (--model-dir export)")
     return view
+
+
+def with_delay(model: LlamaForInference, cr: float, delay: int) -> LlamaForInference:
+    """The same weights as DMC (channel decisions) with a merge delay of `delay` exact tokens,
+    decisions FORCED to CR `cr` as tokens leave the exact ring."""
+    view = copy.copy(model)
+    view.dmc = DMCConfig(merge_delay=delay)
+    view.forced = ForcedRate(cr)
+    return view
+
+
+def as_dms(model: LlamaForInference, cr: float, window: int) -> LlamaForInference:
+    """The same weights (shared, not copied) as DMS with a sliding window of `window` tokens
+    and zero-initialised decision heads; evictions FORCED to CR `cr` (ops.dms)."""
+    dms = dms_config(window)
+    with torch.device("meta"):
+        view = LlamaForInference(model.shape, dms, ForcedRate(cr))
+    state = dict(model.state_dict())
+    for name, param in view.state_dict().items():
+        if name.endswith("dmc_decision_proj.weight"):
+            state[name] = torch.zeros(param.shape, dtype=model.lm_head.weight.dtype)
+    view.load_state_dict(state, assign=True)
+    if model.shape.tie_word_embeddings:
+        view.lm_head.weight = view.model.embed_tokens.weight
+    return view.eval()
 
 
 @dataclass

@@ -14,22 +14,22 @@ from megatron_dmc.convert._model import build_gpt_model
 from megatron_dmc.convert.dmc_export import dmc_fields_from_hf
 from megatron_dmc.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, write_hf_model
 from megatron_dmc.convert.hf_io import HFCheckpoint
-from megatron_dmc.convert.layout import (
-    ASSETS_DIR,
-    check_new_directory,
-    checkpoint_metadata,
-    staging_path,
-)
-from megatron_dmc.convert.llama_config import LlamaShape, llama_shape_from_hf, read_hf_config
 from megatron_dmc.convert.megatron_io import (
     MegatronCheckpoint,
     load_into_model,
-    read_metadata,
     save_model,
 )
 from megatron_dmc.convert.release import ReleaseCheckpoint
 from megatron_dmc.convert.writer import check_parallel_sizes, run_on_ranks, write_megatron
 from megatron_dmc.finite import check_finite_weights
+from megatron_dmc.schema.checkpoint import (
+    ASSETS_DIR,
+    check_new_directory,
+    checkpoint_metadata,
+    read_metadata,
+    staging_path,
+)
+from megatron_dmc.schema.llama import LlamaShape, llama_shape_from_hf, read_hf_config
 from megatron_dmc.training.damage import checked_iteration_dir
 
 

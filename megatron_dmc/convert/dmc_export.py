@@ -1,7 +1,8 @@
 """The DMC side of an HF export: config fields and the modeling code shipped alongside.
 
-Field names follow the reference release's flags (dmc_window_size, dmc_init_val, ...);
-dmc_decision_source, dmc_merge_delay and dmc_kv_method ("dmc" | "dms") are DMCConfig's fields with the dmc_ prefix;
+Every config.json field is a metadata field with the dmc_ prefix (dmc_window_size,
+dmc_init_val, dmc_target_cr, dmc_decision_source, dmc_merge_delay, dmc_kv_method), as on
+the command line (--dmc-window-size ...) and in DMCConfig (window_size, init_val, ...);
 the transformers classes live in megatron_dmc/hf/ and are copied into the export so that
 `from_pretrained(dir, trust_remote_code=True)` works offline.
 """
@@ -22,7 +23,7 @@ HF_PACKAGE_DIR = Path(__file__).resolve().parent.parent / "hf"
 DMC_DEFAULTS: dict[str, Any] = {
     "window_size": 12,
     "init_val": 5.0,
-    "compression_ratio": None,
+    "target_cr": None,
     "layer_head_cr": None,
     "decision_source": "channel",
     "merge_delay": 0,
@@ -43,7 +44,10 @@ def dmc_fields_from_hf(config: dict[str, Any]) -> dict[str, Any] | None:
     """The DMC metadata of an exported llama_dmc config.json (None for plain Llama)."""
     if config.get("model_type") != DMC_MODEL_TYPE:
         return None
-    return {field: config.get(f"dmc_{field}", default) for field, default in DMC_DEFAULTS.items()}
+    fields = {field: config.get(f"dmc_{field}", default) for field, default in DMC_DEFAULTS.items()}
+    if "dmc_target_cr" not in config:  # exports before the rename
+        fields["target_cr"] = config.get("dmc_compression_ratio")
+    return fields
 
 
 def dmc_hf_config(plain_config: dict[str, Any], dmc: dict[str, Any] | None) -> dict[str, Any]:
@@ -56,7 +60,7 @@ def dmc_hf_config(plain_config: dict[str, Any], dmc: dict[str, Any] | None) -> d
         dmc_window_size=fields["window_size"],
         dmc_init_val=fields["init_val"],
         dmc_decision_channel=-1,
-        dmc_compression_ratio=fields["compression_ratio"],
+        dmc_target_cr=fields["target_cr"],
         dmc_decision_source=fields["decision_source"],
         dmc_merge_delay=fields["merge_delay"],
         dmc_kv_method=fields["kv_method"],

@@ -16,10 +16,10 @@ from megatron_dmc.convert.hf_io import (
     plan_shards,
     write_json,
 )
-from megatron_dmc.convert.layout import atomic_directory
-from megatron_dmc.convert.llama_config import hf_config_from_shape
 from megatron_dmc.convert.mapping import entries, to_hf
 from megatron_dmc.convert.megatron_io import TensorSource
+from megatron_dmc.schema.checkpoint import atomic_directory
+from megatron_dmc.schema.llama import hf_config_from_shape
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 

@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_dmc.convert.llama_config import (
+from megatron_dmc.convert.mapping import Entry, entries, hf_shapes, to_megatron
+from megatron_dmc.schema.llama import (
     DTYPES,
     LlamaShape,
     llama_shape_from_hf,
     read_hf_config,
 )
-from megatron_dmc.convert.mapping import Entry, entries, hf_shapes, to_megatron
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.schema.llama import LlamaShape
 
 COPY, QKV, GATE_UP, HEADS = "copy", "qkv", "gate_up", "heads"
 

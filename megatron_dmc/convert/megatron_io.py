@@ -16,16 +16,6 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_dmc.convert.hf_io import copy_assets
-from megatron_dmc.convert.layout import (
-    ASSETS_DIR,
-    LATEST_FILE,
-    METADATA_KEY,
-    RELEASE,
-    publish,
-    resolve_iteration_dir,
-    staging_path,
-)
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.convert.mapping import (
     Entry,
     checkpoint_key,
@@ -34,6 +24,17 @@ from megatron_dmc.convert.mapping import (
     megatron_shape,
 )
 from megatron_dmc.model.lora import LORA_KEY, adapter_keys, is_adapter_key, merged_weight
+from megatron_dmc.schema.checkpoint import (
+    ASSETS_DIR,
+    LATEST_FILE,
+    METADATA_KEY,
+    RELEASE,
+    publish,
+    resolve_iteration_dir,
+    staging_path,
+    upgraded_metadata,
+)
+from megatron_dmc.schema.llama import LlamaShape
 
 CHECKPOINT_VERSION = 3.0
 """Megatron-LM's checkpoint_version for mcore dist checkpoints."""
@@ -157,18 +158,6 @@ def load_into_model(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     return state.get(METADATA_KEY) or {}
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The METADATA_KEY dict of a checkpoint (no process group needed)."""
-    common = dist_checkpointing.load_common_state_dict(str(resolve_iteration_dir(path)))
-    metadata = common.get(METADATA_KEY)
-    if not metadata or "llama" not in metadata:
-        raise ValueError(
-            f"{path} has no '{METADATA_KEY}' metadata (was it written by megatron_dmc?); "
-            "pass the model shape explicitly"
-        )
-    return metadata
-
-
 @contextmanager
 def process_group_of_one() -> Iterator[None]:
     """dist_checkpointing needs a process group even to read; make a private one if absent."""
@@ -210,7 +199,7 @@ class MegatronCheckpoint:
                 "inside a multi-rank job use load_into_model"
             )
         common = dist_checkpointing.load_common_state_dict(str(self.dir))
-        self.metadata: dict[str, Any] = common.get(METADATA_KEY) or {}
+        self.metadata: dict[str, Any] = upgraded_metadata(common.get(METADATA_KEY) or {})
         if shape is None and "llama" not in self.metadata:
             raise ValueError(
                 f"{self.dir} has no '{METADATA_KEY}' metadata; pass the model shape "

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from megatron_dmc.convert.layout import resolve_iteration_dir
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.convert.mapping import GATE_UP, Entry, entries, megatron_shape
 from megatron_dmc.convert.release_args import dmc_from_args, shape_from_args
+from megatron_dmc.schema.checkpoint import resolve_iteration_dir
+from megatron_dmc.schema.llama import LlamaShape
 
 MODEL_FILE = "model_optim_rng.pt"
 IGNORED_SUFFIX = "._extra_state"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from megatron_dmc.convert.llama_config import DTYPES, LlamaShape
+from megatron_dmc.schema.llama import DTYPES, LlamaShape
 
 _REQUIRED_LLAMA_FLAGS: tuple[tuple[str, Any, Any], ...] = (
     # (args attribute, Megatron-LM default, value a Llama needs)
@@ -87,6 +87,6 @@ def dmc_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     return {
         "window_size": getattr(args, "dmc_window_size", 12),
         "init_val": float(getattr(args, "dmc_init_val", 5.0)),
-        "compression_ratio": getattr(args, "dmc_cr", None),
+        "target_cr": getattr(args, "dmc_cr", None),
         "layer_head_cr": None,
     }

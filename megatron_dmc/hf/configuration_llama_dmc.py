@@ -30,7 +30,7 @@ class LlamaDMCConfig(LlamaConfig):
     dmc_temperature: int | float = 0.1
     """Gumbel-sigmoid temperature, used only in training mode."""
 
-    dmc_compression_ratio: int | float | None = None
+    dmc_target_cr: int | float | None = None
     """Target compression ratio of the retrofit (informational)."""
 
     dmc_layer_head_cr: list | None = None
@@ -91,10 +91,9 @@ def _check_dmc_fields(config: LlamaDMCConfig) -> None:
         )
     if config.head_dim < 2:
         raise ValueError(f"DMC needs head_dim >= 2 to repurpose one channel; got {config.head_dim}")
-    if config.dmc_compression_ratio is not None and config.dmc_compression_ratio < 1:
+    if config.dmc_target_cr is not None and config.dmc_target_cr < 1:
         raise ValueError(
-            f"dmc_compression_ratio must be >= 1 (1 = no compression) or None; "
-            f"got {config.dmc_compression_ratio}"
+            f"dmc_target_cr must be >= 1 (1 = no compression) or None; got {config.dmc_target_cr}"
         )
     _check_layer_head_cr(config)
 

@@ -540,10 +540,10 @@ KV_METHODS = ("dmc", "dms")
 
 @dataclass(frozen=True)
 class DMCConfig:
-    window: int = 12
+    window_size: int = 12
     """Tokens a merged slot averages at most (the release's ring buffer); training matches."""
 
-    init_value: float = 5.0
+    init_val: float = 5.0
     """c: alpha logit = k[D-1] - c, omega = sigmoid(q[D-1] + c). c = 5 gives alpha ~ 0.0067."""
 
     temperature: float = 0.1
@@ -562,10 +562,10 @@ class DMCConfig:
     """"dmc": merging (the paper). "dms": learned delayed eviction (DMS, `ops.dms`): the
     decision read at token t evicts token t-1 once it leaves the window of W exact tokens.
     That is DMC with slots of one token (a merge replaces the previous slot), so "dms"
-    needs window=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
+    needs window_size=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
 
     def __post_init__(self) -> None:
-        check_window(self.window)
+        check_window(self.window_size)
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 (the paper uses 0.1); got {self.temperature!r}"
@@ -583,10 +583,10 @@ class DMCConfig:
     def _check_kv_method(self) -> None:
         if self.kv_method not in KV_METHODS:
             raise ValueError(f"kv_method must be one of {KV_METHODS}; got {self.kv_method!r}")
-        if self.kv_method == "dms" and (self.window != 1 or self.decision_source != "heads"):
+        if self.kv_method == "dms" and (self.window_size != 1 or self.decision_source != "heads"):
             raise ValueError(
-                "kv_method='dms' evicts single tokens: it needs window=1 and "
-                f"decision_source='heads' (got window={self.window}, decision_source="
+                "kv_method='dms' evicts single tokens: it needs window_size=1 and "
+                f"decision_source='heads' (got window_size={self.window_size}, decision_source="
                 f"{self.decision_source!r}); build it with ops.dms.dms_config(merge_delay)"
             )
 
@@ -648,9 +648,9 @@ def resolve_decision_logits(
         if not config.uses_channel:
             raise ValueError(
                 "decision_source='heads' needs the head logits: pass "
-                "logits=decision_head_logits(x, weight, config.init_value)"
+                "logits=decision_head_logits(x, weight, config.init_val)"
             )
-        return channel_decision_logits(q_BHTD, k_BGTD, config.init_value)
+        return channel_decision_logits(q_BHTD, k_BGTD, config.init_val)
     if logits.alpha_BGT.shape != k_BGTD.shape[:3] or logits.omega_BGT.shape != k_BGTD.shape[:3]:
         raise ValueError(
             f"logits must be [batch, kv_heads, time] = {tuple(k_BGTD.shape[:3])}; got "
@@ -675,7 +675,9 @@ def slot_keys_values(
     a decision only hides the previous token through the bias)."""
     if config.evicts:
         return k_in_BGTD, v_BGTD
-    return windowed_partial_accumulation(k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window)
+    return windowed_partial_accumulation(
+        k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window_size
+    )
 
 
 def rope_for_attention(
@@ -727,7 +729,7 @@ class DecisionLogits(NamedTuple):
 
 
 def channel_decision_logits(
-    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, init_value: float
+    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, init_val: float
 ) -> DecisionLogits:
     """The paper's logits from channel D-1 (query heads grouped contiguously per KV head)."""
     check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
@@ -736,13 +738,13 @@ def channel_decision_logits(
     g = k_BGTD.shape[1]
     check_groups(h, g)
     qbar_BGT = q_BHTD[..., -1].reshape(b, g, h // g, t).mean(dim=2)
-    return DecisionLogits(k_BGTD[..., -1] - init_value, qbar_BGT + init_value)
+    return DecisionLogits(k_BGTD[..., -1] - init_val, qbar_BGT + init_val)
 
 
 def decision_head_logits(
     x_BTC: torch.Tensor,
     weight_NC: torch.Tensor,
-    init_value: float,
+    init_val: float,
     scale: float = HEAD_LOGIT_SCALE,
 ) -> DecisionLogits:
     """Logits from the decision heads: alpha = scale * W[:G] x - c, omega = scale * W[G:] x + c."""
@@ -753,9 +755,15 @@ def decision_head_logits(
             f"decision-head weight must be [2 * kv_heads, hidden={x_BTC.shape[-1]}]; "
             f"got {tuple(weight_NC.shape)}"
         )
-    y_BNT = (x_BTC @ weight_NC.t()).transpose(1, 2) * scale
-    alpha_BGT, omega_BGT = y_BNT.chunk(2, dim=1)
-    return DecisionLogits(alpha_BGT - init_value, omega_BGT + init_value)
+    return head_logits_from_outputs(x_BTC @ weight_NC.t(), init_val, scale)
+
+
+def head_logits_from_outputs(
+    y_BTN: torch.Tensor, init_val: float, scale: float = HEAD_LOGIT_SCALE
+) -> DecisionLogits:
+    """The logits from the heads' raw outputs W x [B, T, 2G] (e.g. of a fused projection)."""
+    alpha_BGT, omega_BGT = (y_BTN.transpose(1, 2) * scale).chunk(2, dim=1)
+    return DecisionLogits(alpha_BGT - init_val, omega_BGT + init_val)
 
 
 def importance_from_logits(omega_logits_BGT: torch.Tensor) -> torch.Tensor:
@@ -829,8 +837,8 @@ def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor)
 def ops_config(config: LlamaDMCConfig) -> DMCConfig:
     """The ops hyper-parameters of a transformers config."""
     return DMCConfig(
-        window=config.dmc_window_size,
-        init_value=float(config.dmc_init_val),
+        window_size=config.dmc_window_size,
+        init_val=float(config.dmc_init_val),
         temperature=float(config.dmc_temperature),
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
@@ -846,8 +854,8 @@ class DMCDecisionProjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(2 * num_kv_heads, hidden_size))
 
-    def forward(self, x_BTC: torch.Tensor, init_value: float) -> DecisionLogits:
-        return decision_head_logits(x_BTC, self.weight, init_value)
+    def forward(self, x_BTC: torch.Tensor, init_val: float) -> DecisionLogits:
+        return decision_head_logits(x_BTC, self.weight, init_val)
 
 
 @dataclass
@@ -1161,7 +1169,7 @@ class DMCCacheLayer(CacheLayerMixin):
         )
         leaving, self.exact = tokens.split(max(length - self.dmc.merge_delay, 0))
         self.slots = PagedSlots(b * g, d, self.page_size, parallel.k_rot_BGTD)
-        self.window = empty_window(b, g, self.dmc.window, parallel.k_BGTD)
+        self.window = empty_window(b, g, self.dmc.window_size, parallel.k_BGTD)
         count = leaving.length
         if count:
             alpha_UT = leaving.alpha_BGT.reshape(b * g, count)

@@ -69,8 +69,8 @@ from .configuration_llama_dmc import LlamaDMCConfig
 def ops_config(config: LlamaDMCConfig) -> DMCConfig:
     """The ops hyper-parameters of a transformers config."""
     return DMCConfig(
-        window=config.dmc_window_size,
-        init_value=float(config.dmc_init_val),
+        window_size=config.dmc_window_size,
+        init_val=float(config.dmc_init_val),
         temperature=float(config.dmc_temperature),
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
@@ -86,8 +86,8 @@ class DMCDecisionProjection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(2 * num_kv_heads, hidden_size))
 
-    def forward(self, x_BTC: torch.Tensor, init_value: float) -> DecisionLogits:
-        return decision_head_logits(x_BTC, self.weight, init_value)
+    def forward(self, x_BTC: torch.Tensor, init_val: float) -> DecisionLogits:
+        return decision_head_logits(x_BTC, self.weight, init_val)
 
 
 @dataclass
@@ -401,7 +401,7 @@ class DMCCacheLayer(CacheLayerMixin):
         )
         leaving, self.exact = tokens.split(max(length - self.dmc.merge_delay, 0))
         self.slots = PagedSlots(b * g, d, self.page_size, parallel.k_rot_BGTD)
-        self.window = empty_window(b, g, self.dmc.window, parallel.k_BGTD)
+        self.window = empty_window(b, g, self.dmc.window_size, parallel.k_BGTD)
         count = leaving.length
         if count:
             alpha_UT = leaving.alpha_BGT.reshape(b * g, count)

@@ -20,7 +20,8 @@ from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
 from megatron_dmc.inference.kv_cache import PagedKVCache
 from megatron_dmc.ops import DMCConfig, apply_rope, rope_without_decision_channel
 
-PagedAttention = Callable[[torch.Tensor, PagedKVCache, int, torch.Tensor], torch.Tensor]
+PagedAttention = Callable[..., torch.Tensor]
+"""(q_rot [B, H, D], cache, layer, seq_ids [B], ring: RingBlock | None = None) -> [B, H, D]."""
 
 BACKENDS: dict[str, PagedAttention] = {
     "reference": paged_attention_reference,
@@ -29,8 +30,14 @@ BACKENDS: dict[str, PagedAttention] = {
 }
 
 
-def register_backend(name: str, fn: PagedAttention) -> None:
+WITHOUT_RING: set[str] = set()
+"""Backends that read only the paged slots (a delayed cache's decode uses `padded` there)."""
+
+
+def register_backend(name: str, fn: PagedAttention, reads_ring: bool = True) -> None:
     BACKENDS[name] = fn
+    if not reads_ring:
+        WITHOUT_RING.add(name)
 
 
 _OPTIONAL_BACKENDS = {

@@ -7,8 +7,11 @@ The paper's channel mode without a delay (and vanilla) goes through
 `decode.decode_attention` and its backends. Decision heads write the cache the same way,
 with the heads' decisions and RoPE on every channel, and read it through the same
 backends. With a merge delay W the new token enters the exact ring, the token it displaces
-(position p - W) goes through Algorithm 1 on the paged slots, and the query attends the
-paged slots plus the ring (gathered and padded, one SDPA call).
+(position p - W) goes through Algorithm 1 on the paged slots, and the backend attends the
+paged slots in place plus the ring as one more block per stream (one online softmax): a
+`RingBlock` hands it the ring's layer slab, the rows of the batch and the RoPE tables of
+the ring's positions; the compiled kernel rotates each ring key on the fly, the torch and
+Triton backends rotate a copy of the batch's rings. The pages are never copied.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from megatron_dmc.inference.attention import RingBlock
 from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
-from megatron_dmc.inference.decode import decode_attention, get_backend
+from megatron_dmc.inference.decode import WITHOUT_RING, decode_attention, get_backend
 from megatron_dmc.inference.kv_cache import PagedKVCache
 from megatron_dmc.ops import DecisionLogits, DMCConfig, rope_for_attention
 
@@ -88,7 +91,9 @@ class DecodeStep:
         cache.append_delayed(
             layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_old_BD, sin_old_BD
         )
-        return self._attend_delayed(q_rot_BHD, cache, layer, seq_ids_B)
+        ring = self._ring_block(cache, layer, seq_ids_B)
+        name = "padded" if backend in WITHOUT_RING else backend
+        return get_backend(name)(q_rot_BHD, cache, layer, seq_ids_B, ring=ring)
 
     def _table(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE of the leaving tokens [B, D] or of the ring after the step [B, W, D]."""
@@ -105,22 +110,11 @@ class DecodeStep:
                 self._tables[which] = (cos.view(shape), sin.view(shape))
         return self._tables[which]
 
-    def _attend_delayed(self, q_rot_BHD, cache: PagedKVCache, layer, seq_ids_B) -> torch.Tensor:
-        batch, num_heads, head_dim = q_rot_BHD.shape
-        groups = cache.config.num_kv_heads
-        keys_BGSD, values_BGSD, valid_BGS = cache.gather(layer, seq_ids_B)
-        ring_k_BGWD, ring_v_BGWD, _, ring_valid_BW = cache.exact.read(
-            layer, seq_ids_B, self.positions_B + 1
-        )
+    def _ring_block(self, cache: PagedKVCache, layer, seq_ids_B) -> RingBlock:
+        """The exact ring after this step's push, read in place, with its RoPE tables."""
+        exact = cache.exact
         cos_BWD, sin_BWD = self._table("ring")
-        ring_k_BGWD = cache.rotate(ring_k_BGWD, cos_BWD[:, None], sin_BWD[:, None])
-        dtype = q_rot_BHD.dtype
-        keys_BGXD = torch.cat([keys_BGSD.to(dtype), ring_k_BGWD.to(dtype)], dim=2)
-        values_BGXD = torch.cat([values_BGSD.to(dtype), ring_v_BGWD.to(dtype)], dim=2)
-        ring_valid_BGW = ring_valid_BW[:, None].expand(-1, groups, -1)
-        valid_BGX = torch.cat([valid_BGS, ring_valid_BGW], dim=-1)
-        q_BGND = q_rot_BHD.view(batch, groups, num_heads // groups, head_dim)
-        out_BGND = F.scaled_dot_product_attention(
-            q_BGND, keys_BGXD, values_BGXD, attn_mask=valid_BGX[:, :, None, :]
-        )
-        return out_BGND.reshape(batch, num_heads, head_dim)
+        dtype = exact.k_LBGWD.dtype
+        lengths_B = (self.positions_B + 1).clamp_max(self.dmc.merge_delay)
+        return RingBlock(exact.k_LBGWD[layer], exact.v_LBGWD[layer], seq_ids_B,
+                         cos_BWD.to(dtype), sin_BWD.to(dtype), lengths_B)  # fmt: skip

@@ -93,7 +93,7 @@ def delayed_continuation(
         cache,
         layer,
         seq_ids_B,
-        dmc.window,
+        dmc.window_size,
     )
     keys_BGMD = rope_for_attention(ktilde_BGMD, cos_XD[:m], sin_XD[:m], dmc)
     exact_BGXD = rope_for_attention(k_BGXD, cos_XD, sin_XD, dmc)

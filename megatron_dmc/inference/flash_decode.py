@@ -6,6 +6,7 @@ stream, D head dim.
 Every (sequence, KV head) is passed to flash-attn as its own batch row with one KV head
 and N query "heads", so each stream keeps its own length (`cache_seqlens`) and block table.
 flash-attn 2 requires pages of a multiple of 256 tokens. Not exercised by the CPU tests.
+It reads no exact ring: a delayed cache decodes through `padded` when it is chosen.
 """
 
 from __future__ import annotations
@@ -35,4 +36,4 @@ def paged_attention_flash(
     return out_R1ND.reshape(batch, num_heads, head_dim)
 
 
-register_backend("flash", paged_attention_flash)
+register_backend("flash", paged_attention_flash, reads_ring=False)

@@ -156,7 +156,7 @@ class PagedKVCache:
             raise ValueError(f"a {mode} cache cannot serve {want} attention; rebuild the cache")
         if dmc is None:
             return
-        want = (dmc.window, dmc.uses_channel, dmc.merge_delay)
+        want = (dmc.window_size, dmc.uses_channel, dmc.merge_delay)
         have = (self.config.window, self.config.decision_channel, self.config.merge_delay)
         if want != have:
             raise ValueError(

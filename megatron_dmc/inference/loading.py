@@ -16,10 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from megatron_dmc.convert.llama_config import llama_shape_from_hf, read_hf_config
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.model import LlamaForInference
 from megatron_dmc.ops import DMCConfig
+from megatron_dmc.schema.llama import llama_shape_from_hf, read_hf_config
 
 MODES = ("auto", "dmc", "vanilla")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -33,7 +33,7 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
     if config.get("model_type") == "llama_dmc" and not has_fields:
         raise ValueError(
             "config.json says model_type 'llama_dmc' but lacks dmc_window_size / dmc_init_val; "
-            "re-export the checkpoint with megatron_dmc.convert"
+            "re-export the checkpoint with tools/convert_checkpoint.py export-hf"
         )
     if mode == "vanilla" or (mode == "auto" and not has_fields):
         return None
@@ -48,8 +48,8 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
             "only dmc_decision_channel=-1 (the last channel of each head) is supported"
         )
     return DMCConfig(
-        window=int(config["dmc_window_size"]),
-        init_value=float(config["dmc_init_val"]),
+        window_size=int(config["dmc_window_size"]),
+        init_val=float(config["dmc_init_val"]),
         decision_source=str(config.get("dmc_decision_source", "channel")),
         merge_delay=int(config.get("dmc_merge_delay", 0)),
         kv_method=str(config.get("dmc_kv_method", "dmc")),
@@ -131,20 +131,3 @@ def from_transformers(hf_model: torch.nn.Module, mode: str = "auto") -> LlamaFor
     if shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-def load_megatron_checkpoint(
-    load_dir: str | Path,
-    mode: str = "auto",
-    forced_cr: float | None = None,
-    dtype: torch.dtype | None = None,
-    device: str = "cpu",
-) -> LlamaForInference:
-    """A Megatron checkpoint (any TP/PP) via megatron_dmc.convert's HF export to a temp dir."""
-    import tempfile
-
-    from megatron_dmc.convert.commands import export_hf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = export_hf(load_dir, Path(tmp) / "hf")
-        return load_model(hf_dir, mode, forced_cr, dtype, device)

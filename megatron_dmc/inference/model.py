@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.inference.decisions import ForcedRate
 from megatron_dmc.inference.delay import DecodeStep
 from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
+from megatron_dmc.inference.fused_qkv import FusedProjection
 from megatron_dmc.inference.kv_cache import CacheConfig, PagedKVCache
 from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import (
@@ -35,6 +35,7 @@ from megatron_dmc.ops import (
     dmc_self_attention,
     rope_cos_sin,
 )
+from megatron_dmc.schema.llama import LlamaShape
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +59,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(shape.hidden_size, groups * dim, bias=False)
         self.o_proj = nn.Linear(heads * dim, shape.hidden_size, bias=False)
         self.heads, self.groups, self.dim = heads, groups, dim
-        self.init_value = dmc.init_value if dmc else 0.0
+        self.init_val = dmc.init_val if dmc else 0.0
+        self.fused = FusedProjection()
+        """One-token calls (decode): q, k, v and the heads' logits from one matmul."""
         if dmc is not None and not dmc.uses_channel:
             self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
             """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
@@ -67,7 +70,7 @@ class Attention(nn.Module):
         """Decision-head logits [B, G, T] of the (normed) attention input; None in channel mode."""
         if not hasattr(self, "dmc_decision_proj"):
             return None
-        return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_value)
+        return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_val)
 
     def qkv(self, x_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw pre-RoPE q [B,H,T,D], k [B,G,T,D], v [B,G,T,D]."""
@@ -105,7 +108,11 @@ class DecoderLayer(nn.Module):
         """attend(q, k, v, logits) -> [B, H, T, D] is the attention of this call (full,
         prefill, decode); logits are the decision heads' (None in channel mode)."""
         h_BTE = self.input_layernorm(x_BTE)
-        o_BHTD = attend(*self.self_attn.qkv(h_BTE), self.self_attn.decisions(h_BTE))
+        attn = self.self_attn
+        if h_BTE.shape[1] == 1:
+            o_BHTD = attend(*attn.fused(attn, h_BTE))
+        else:
+            o_BHTD = attend(*attn.qkv(h_BTE), attn.decisions(h_BTE))
         x_BTE = x_BTE + self.self_attn.out(o_BHTD)
         return x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))
 
@@ -148,7 +155,7 @@ class LlamaForInference(nn.Module):
             num_pages=num_pages,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
-            window=self.dmc.window if self.dmc else 12,
+            window=self.dmc.window_size if self.dmc else 12,
             compress=self.dmc is not None,
             decision_channel=self.dmc.uses_channel if self.dmc else True,
             merge_delay=self.dmc.merge_delay if self.dmc else 0,

@@ -117,11 +117,11 @@ def _dmc_chunk(
     k0_BGTD = key_for_accumulation(k_BGTD, dmc)
     if first:
         ktilde_BGTD, vtilde_BGTD = windowed_partial_accumulation(
-            k0_BGTD, v_BGTD, alpha_BGT.to(k_BGTD.dtype), omega_BGT, dmc.window
+            k0_BGTD, v_BGTD, alpha_BGT.to(k_BGTD.dtype), omega_BGT, dmc.window_size
         )
     else:
         ktilde_BGTD, vtilde_BGTD = accumulate_after_context(
-            k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, cache, layer, seq_ids_B, dmc.window
+            k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, cache, layer, seq_ids_B, dmc.window_size
         )
     keys_BGTD = rope_for_attention(ktilde_BGTD, cos_B1TD, sin_B1TD, dmc)
     return ChunkKV(keys_BGTD, vtilde_BGTD, k0_BGTD, v_BGTD, alpha_BGT, omega_BGT, lengths_B)

@@ -89,7 +89,7 @@ class DMCSelfAttention(SelfAttention):
             self.dmc_decision_proj = DecisionHeads(
                 self.config,
                 self.num_query_groups_per_partition,
-                self.dmc_config.init_value,
+                self.dmc_config.init_val,
                 self.pg_collection.tp,
             )
 

@@ -41,7 +41,7 @@ def build_model(
     kwargs = dict(
         config=config,
         transformer_layer_spec=layer_spec(attention, dmc_config),
-        vocab_size=model_config.vocab_size,
+        vocab_size=model_config.padded_vocab_size(tp),
         max_sequence_length=model_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage()
         if pre_process is None

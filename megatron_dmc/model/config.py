@@ -18,6 +18,7 @@ import yaml
 from megatron.core.transformer import TransformerConfig
 
 from megatron_dmc.compat import cuda_available
+from megatron_dmc.schema.llama import LlamaShape
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -48,9 +49,19 @@ class ModelConfig:
     """Std of the normal init of fresh weights."""
     head_dim: int | None = None
     """Channels per head; None means hidden_size / num_attention_heads."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron's --make-vocab-size-divisible-by: when the tensor parallel size does not
+    divide vocab_size, the embedding and output layer get zero rows up to a multiple of
+    this times the tensor parallel size (`padded_vocab_size`); export strips them."""
 
     def __post_init__(self) -> None:
-        for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups"):
+        for field in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "make_vocab_size_divisible_by",
+        ):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
         if self.num_attention_heads % self.num_query_groups != 0:
@@ -63,6 +74,13 @@ class ModelConfig:
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); set head_dim explicitly"
             )
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Embedding rows of the Megatron model at tensor parallel size `tp`."""
+        if self.vocab_size % tp == 0:
+            return self.vocab_size
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def kv_channels(self) -> int:
@@ -93,12 +111,46 @@ class ModelConfig:
             raise ValueError(f"model config is missing required keys {missing}")
         return cls(**values)
 
+    @classmethod
+    def from_shape(cls, shape: LlamaShape) -> ModelConfig:
+        """The Megatron-side view of an HF config.json shape."""
+        return cls(
+            num_layers=shape.num_hidden_layers,
+            hidden_size=shape.hidden_size,
+            num_attention_heads=shape.num_attention_heads,
+            num_query_groups=shape.num_key_value_heads,
+            ffn_hidden_size=shape.intermediate_size,
+            vocab_size=shape.vocab_size,
+            max_position_embeddings=shape.max_position_embeddings,
+            rotary_base=shape.rope_theta,
+            norm_epsilon=shape.rms_norm_eps,
+            tie_embeddings=shape.tie_word_embeddings,
+            head_dim=shape.head_dim,
+        )
+
+    def to_shape(self, dtype: str = "float32", decision_heads: bool = False) -> LlamaShape:
+        """The HF config.json view of this model (checkpoint metadata, exports)."""
+        return LlamaShape(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups,
+            head_dim=self.kv_channels,
+            rms_norm_eps=self.norm_epsilon,
+            rope_theta=self.rotary_base,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_embeddings,
+            dtype=dtype,
+            dmc_decision_heads=decision_heads,
+        )
+
     def check_parallel(self, tp: int, pp: int, sequence_parallel: bool = False) -> None:
         """Reject layouts this model cannot be split into, before any work is done."""
         _check_divides("num_attention_heads", self.num_attention_heads, "tensor", tp)
         _check_divides("num_query_groups", self.num_query_groups, "tensor", tp)
         _check_divides("ffn_hidden_size", self.ffn_hidden_size, "tensor", tp)
-        _check_divides("vocab_size", self.vocab_size, "tensor", tp)
         _check_divides("num_layers", self.num_layers, "pipeline", pp)
         if sequence_parallel and not cuda_available():
             raise ValueError(

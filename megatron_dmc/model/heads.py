@@ -51,10 +51,10 @@ class DecisionHeads(MegatronModule):
     """Zero-initialised linear map: attention input -> (alpha, omega) logits per KV head."""
 
     def __init__(
-        self, config: TransformerConfig, num_kv_heads: int, init_value: float, tp_group
+        self, config: TransformerConfig, num_kv_heads: int, init_val: float, tp_group
     ) -> None:
         super().__init__(config=config)
-        self.init_value = init_value
+        self.init_val = init_val
         self.tp_group = tp_group
         self.weight = torch.nn.Parameter(
             torch.zeros(2, num_kv_heads, config.hidden_size, dtype=config.params_dtype)
@@ -73,7 +73,7 @@ class DecisionHeads(MegatronModule):
                 hidden_SBC.transpose(0, 1), group=self.tp_group
             )
         weight_NC = self.weight.reshape(-1, self.weight.shape[-1])
-        return decision_head_logits(x_BTC, weight_NC, self.init_value)
+        return decision_head_logits(x_BTC, weight_NC, self.init_val)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         key = f"{prefix}weight"

@@ -30,6 +30,7 @@ from megatron_dmc.ops.heads import (
     DecisionLogits,
     channel_decision_logits,
     decision_head_logits,
+    head_logits_from_outputs,
     importance_from_logits,
 )
 from megatron_dmc.ops.loss import (
@@ -78,6 +79,7 @@ __all__ = [
     "force_first_append",
     "gumbel_sigmoid",
     "hard_decisions",
+    "head_logits_from_outputs",
     "importance_from_logits",
     "importance_weights",
     "key_for_accumulation",

@@ -12,10 +12,10 @@ KV_METHODS = ("dmc", "dms")
 
 @dataclass(frozen=True)
 class DMCConfig:
-    window: int = 12
+    window_size: int = 12
     """Tokens a merged slot averages at most (the release's ring buffer); training matches."""
 
-    init_value: float = 5.0
+    init_val: float = 5.0
     """c: alpha logit = k[D-1] - c, omega = sigmoid(q[D-1] + c). c = 5 gives alpha ~ 0.0067."""
 
     temperature: float = 0.1
@@ -34,10 +34,10 @@ class DMCConfig:
     """"dmc": merging (the paper). "dms": learned delayed eviction (DMS, `ops.dms`): the
     decision read at token t evicts token t-1 once it leaves the window of W exact tokens.
     That is DMC with slots of one token (a merge replaces the previous slot), so "dms"
-    needs window=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
+    needs window_size=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
 
     def __post_init__(self) -> None:
-        check_window(self.window)
+        check_window(self.window_size)
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 (the paper uses 0.1); got {self.temperature!r}"
@@ -55,10 +55,10 @@ class DMCConfig:
     def _check_kv_method(self) -> None:
         if self.kv_method not in KV_METHODS:
             raise ValueError(f"kv_method must be one of {KV_METHODS}; got {self.kv_method!r}")
-        if self.kv_method == "dms" and (self.window != 1 or self.decision_source != "heads"):
+        if self.kv_method == "dms" and (self.window_size != 1 or self.decision_source != "heads"):
             raise ValueError(
-                "kv_method='dms' evicts single tokens: it needs window=1 and "
-                f"decision_source='heads' (got window={self.window}, decision_source="
+                "kv_method='dms' evicts single tokens: it needs window_size=1 and "
+                f"decision_source='heads' (got window_size={self.window_size}, decision_source="
                 f"{self.decision_source!r}); build it with ops.dms.dms_config(merge_delay)"
             )
 

@@ -12,13 +12,13 @@ from megatron_dmc.ops._checks import check_groups, check_rank
 from megatron_dmc.ops.rope import apply_rope
 
 
-def decision_logits(k_BGTD: torch.Tensor, init_value: float) -> torch.Tensor:
+def decision_logits(k_BGTD: torch.Tensor, init_val: float) -> torch.Tensor:
     """l_t = k_t[D-1] - c; alpha_t = 1 (merge) iff l_t > 0. Shape [B, G, T]."""
     check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
-    return k_BGTD[..., -1] - init_value
+    return k_BGTD[..., -1] - init_val
 
 
-def importance_weights(q_BHTD: torch.Tensor, num_kv_heads: int, init_value: float) -> torch.Tensor:
+def importance_weights(q_BHTD: torch.Tensor, num_kv_heads: int, init_val: float) -> torch.Tensor:
     """omega_t = sigmoid(qbar_t[D-1] + c) + eps, qbar averaged over a KV group. Shape [B, G, T].
 
     Query heads are grouped contiguously: KV head g serves query heads
@@ -28,7 +28,7 @@ def importance_weights(q_BHTD: torch.Tensor, num_kv_heads: int, init_value: floa
     b, h, t, _ = q_BHTD.shape
     check_groups(h, num_kv_heads)
     qbar_BGT = q_BHTD[..., -1].reshape(b, num_kv_heads, h // num_kv_heads, t).mean(dim=2)
-    return torch.sigmoid(qbar_BGT + init_value) + torch.finfo(q_BHTD.dtype).eps
+    return torch.sigmoid(qbar_BGT + init_val) + torch.finfo(q_BHTD.dtype).eps
 
 
 def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,12 @@ DEFAULT_DMS_WINDOW = 256
 
 
 def dms_config(
-    merge_delay: int = DEFAULT_DMS_WINDOW, init_value: float = 5.0, temperature: float = 0.1
+    merge_delay: int = DEFAULT_DMS_WINDOW, init_val: float = 5.0, temperature: float = 0.1
 ) -> DMCConfig:
     """DMS settings: one token per slot, decisions from the zero-initialised heads."""
     return DMCConfig(
-        window=1,
-        init_value=init_value,
+        window_size=1,
+        init_val=init_val,
         temperature=temperature,
         decision_source="heads",
         merge_delay=merge_delay,

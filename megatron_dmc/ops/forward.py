@@ -72,9 +72,9 @@ def resolve_decision_logits(
         if not config.uses_channel:
             raise ValueError(
                 "decision_source='heads' needs the head logits: pass "
-                "logits=decision_head_logits(x, weight, config.init_value)"
+                "logits=decision_head_logits(x, weight, config.init_val)"
             )
-        return channel_decision_logits(q_BHTD, k_BGTD, config.init_value)
+        return channel_decision_logits(q_BHTD, k_BGTD, config.init_val)
     if logits.alpha_BGT.shape != k_BGTD.shape[:3] or logits.omega_BGT.shape != k_BGTD.shape[:3]:
         raise ValueError(
             f"logits must be [batch, kv_heads, time] = {tuple(k_BGTD.shape[:3])}; got "
@@ -99,7 +99,9 @@ def slot_keys_values(
     a decision only hides the previous token through the bias)."""
     if config.evicts:
         return k_in_BGTD, v_BGTD
-    return windowed_partial_accumulation(k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window)
+    return windowed_partial_accumulation(
+        k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, config.window_size
+    )
 
 
 def rope_for_attention(

@@ -37,7 +37,7 @@ class DecisionLogits(NamedTuple):
 
 
 def channel_decision_logits(
-    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, init_value: float
+    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, init_val: float
 ) -> DecisionLogits:
     """The paper's logits from channel D-1 (query heads grouped contiguously per KV head)."""
     check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
@@ -46,13 +46,13 @@ def channel_decision_logits(
     g = k_BGTD.shape[1]
     check_groups(h, g)
     qbar_BGT = q_BHTD[..., -1].reshape(b, g, h // g, t).mean(dim=2)
-    return DecisionLogits(k_BGTD[..., -1] - init_value, qbar_BGT + init_value)
+    return DecisionLogits(k_BGTD[..., -1] - init_val, qbar_BGT + init_val)
 
 
 def decision_head_logits(
     x_BTC: torch.Tensor,
     weight_NC: torch.Tensor,
-    init_value: float,
+    init_val: float,
     scale: float = HEAD_LOGIT_SCALE,
 ) -> DecisionLogits:
     """Logits from the decision heads: alpha = scale * W[:G] x - c, omega = scale * W[G:] x + c."""
@@ -63,9 +63,15 @@ def decision_head_logits(
             f"decision-head weight must be [2 * kv_heads, hidden={x_BTC.shape[-1]}]; "
             f"got {tuple(weight_NC.shape)}"
         )
-    y_BNT = (x_BTC @ weight_NC.t()).transpose(1, 2) * scale
-    alpha_BGT, omega_BGT = y_BNT.chunk(2, dim=1)
-    return DecisionLogits(alpha_BGT - init_value, omega_BGT + init_value)
+    return head_logits_from_outputs(x_BTC @ weight_NC.t(), init_val, scale)
+
+
+def head_logits_from_outputs(
+    y_BTN: torch.Tensor, init_val: float, scale: float = HEAD_LOGIT_SCALE
+) -> DecisionLogits:
+    """The logits from the heads' raw outputs W x [B, T, 2G] (e.g. of a fused projection)."""
+    alpha_BGT, omega_BGT = (y_BTN.transpose(1, 2) * scale).chunk(2, dim=1)
+    return DecisionLogits(alpha_BGT - init_val, omega_BGT + init_val)
 
 
 def importance_from_logits(omega_logits_BGT: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ def dmc_sequential_reference(
 
     for b in range(batch):
         for g in range(num_groups):
-            cache, ring = _HeadCache(config.window), deque()
+            cache, ring = _HeadCache(config.window_size), deque()
             for t in range(length):
                 merge = t > 0 and bool(logits.alpha_BGT[b, g, t] > 0)
                 w = importance_from_logits(logits.omega_BGT[b, g, t])

@@ -65,10 +65,10 @@ def write_tiny_model(preset: Preset, tokenizer_dir: Path, out_dir: Path) -> Path
 
 def write_model_yaml(hf_dir: str | Path, path: Path) -> None:
     """The Megatron model shape (`--model PATH`) of an HF Llama directory."""
-    from megatron_dmc.convert import model_config_from_shape
-    from megatron_dmc.convert.llama_config import llama_shape_from_hf, read_hf_config
+    from megatron_dmc.model.config import ModelConfig
+    from megatron_dmc.schema.llama import llama_shape_from_hf, read_hf_config
 
-    config = model_config_from_shape(llama_shape_from_hf(read_hf_config(hf_dir)))
+    config = ModelConfig.from_shape(llama_shape_from_hf(read_hf_config(hf_dir)))
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 

@@ -116,7 +116,7 @@ class Job:
         print(f"   model {assets.hf_dir}\n   corpus {assets.train_prefix}")
 
     def _import(self) -> None:
-        from megatron_dmc.convert import import_hf
+        from megatron_dmc.convert.commands import import_hf
 
         import_hf(self.assets.hf_dir, self.layout.megatron_dir, self.preset.tensor_parallel)
 
@@ -139,7 +139,7 @@ class Job:
         retrofit.run_training(tp, args, lay.train_dir(method, cr), first, t.total_iters(cr))
 
     def _export(self, method: str, cr: float) -> None:
-        from megatron_dmc.convert import export_hf
+        from megatron_dmc.convert.commands import export_hf
 
         out = self.layout.export_dir(method, cr)
         export_hf(self.layout.train_dir(method, cr), out, dmc=True, assets_from=self.assets.hf_dir)
@@ -157,7 +157,7 @@ class Job:
         convert_to_gqa(self.assets.hf_dir, self.layout.gqa_dir, heads)
 
     def _gqa_import(self) -> None:
-        from megatron_dmc.convert import import_hf
+        from megatron_dmc.convert.commands import import_hf
 
         lay = self.layout
         lay.gqa_model_yaml.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ class Job:
         retrofit.run_training(tp, args, lay.gqa_train_dir, 0, t.total_iters(budget))
 
     def _gqa_export(self) -> None:
-        from megatron_dmc.convert import export_hf
+        from megatron_dmc.convert.commands import export_hf
 
         out = self.layout.gqa_export_dir
         export_hf(self.layout.gqa_train_dir, out, dmc=False, assets_from=self.layout.gqa_dir)

@@ -42,10 +42,9 @@ def plain_transformers_step(shape, optim_args, num_microbatches: int, device: st
     """PlainStep for a Megatron ModelConfig `shape` and the trainer's OptimizerArgs."""
     import transformers
 
-    from megatron_dmc.convert._model import shape_from_model_config
-    from megatron_dmc.convert.llama_config import hf_config_from_shape
+    from megatron_dmc.schema.llama import hf_config_from_shape
 
-    config = transformers.LlamaConfig(**hf_config_from_shape(shape_from_model_config(shape)))
+    config = transformers.LlamaConfig(**hf_config_from_shape(shape.to_shape()))
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device).train()

@@ -28,9 +28,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_dmc.convert.layout import LATEST_FILE, METADATA_KEY
 from megatron_dmc.model.heads import drop_absent_heads
 from megatron_dmc.model.lora import drop_absent_adapters
+from megatron_dmc.schema.checkpoint import (
+    COMMON_FILE,
+    LATEST_FILE,
+    METADATA_KEY,
+    iteration_dir_name,
+)
 from megatron_dmc.training.damage import (
     DamagedCheckpointError,
     alternatives,
@@ -68,7 +73,7 @@ class Progress:
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
+    return Path(root) / iteration_dir_name(iteration)
 
 
 def _layout() -> list[int]:
@@ -166,7 +171,7 @@ def read_common(path: str | Path, step: int | None = None) -> dict[str, Any]:
     """common.pt of the newest checkpoint under `path`, or of iteration `step` (no model
     needed); a damaged checkpoint raises DamagedCheckpointError."""
     directory = checked_iteration_dir(path, step)
-    with _reading(directory, directory / "common.pt"):
+    with _reading(directory, directory / COMMON_FILE):
         return dist_checkpointing.load_common_state_dict(str(directory))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
 
-from megatron_dmc.convert.layout import LATEST_FILE, RELEASE, iteration_dir_name
+from megatron_dmc.schema.checkpoint import LATEST_FILE, RELEASE, iteration_dir_name
 
 _ITERATION = re.compile(rf"iter_(\d+)|{RELEASE}")
 

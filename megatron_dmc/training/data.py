@@ -15,8 +15,8 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 
-from megatron_dmc.data import build_tokenizer
 from megatron_dmc.data.gpt_dataset import build_gpt_datasets, build_microbatch_loader
+from megatron_dmc.data.tokenizer import build_tokenizer
 from megatron_dmc.training.config import TrainConfig
 
 

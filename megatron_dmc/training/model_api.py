@@ -14,8 +14,6 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from megatron_dmc.compat import cpu_device_mode
-from megatron_dmc.convert._model import shape_from_model_config
-from megatron_dmc.convert.layout import METADATA_KEY, checkpoint_metadata
 from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
@@ -24,6 +22,7 @@ from megatron_dmc.model.lora import LORA_KEY
 from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig, dms_config
+from megatron_dmc.schema.checkpoint import METADATA_KEY, checkpoint_metadata
 from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import Stage
 from megatron_dmc.training.trainable import apply_trainable
@@ -52,9 +51,9 @@ def dmc_config(cfg: TrainConfig) -> DMCConfig:
     if cfg.dmc.kv_method == "dms":
         return dms_config(cfg.dmc.dmc_merge_delay, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
     return DMCConfig(
-        cfg.dmc.dmc_window_size,
-        cfg.dmc.dmc_init_val,
-        cfg.dmc.dmc_temperature,
+        window_size=cfg.dmc.dmc_window_size,
+        init_val=cfg.dmc.dmc_init_val,
+        temperature=cfg.dmc.dmc_temperature,
         decision_source=cfg.dmc.dmc_decision_source,
         merge_delay=cfg.dmc.dmc_merge_delay,
     )
@@ -160,16 +159,16 @@ def export_metadata(
     dmc = None
     if layer_head_cr is not None:
         dmc = {
-            "window_size": dmc_config(cfg).window,
+            "window_size": dmc_config(cfg).window_size,
             "init_val": cfg.dmc.dmc_init_val,
-            "compression_ratio": cfg.dmc.dmc_target_cr,
+            "target_cr": cfg.dmc.dmc_target_cr,
             "layer_head_cr": layer_head_cr,
             "decision_source": cfg.dmc.dmc_decision_source,
             "merge_delay": cfg.dmc.dmc_merge_delay,
             "kv_method": cfg.dmc.kv_method,
         }
     heads = cfg.dmc.dmc_decision_source == "heads" and cfg.dmc.dmc_stage != PLAIN
-    shape = shape_from_model_config(model_config, decision_heads=heads)
+    shape = model_config.to_shape(decision_heads=heads)
     metadata = checkpoint_metadata(shape, dmc=dmc)
     if cfg.retrofit.dmc_trainable == "lora":
         metadata[LORA_KEY] = lora_metadata(cfg.retrofit)

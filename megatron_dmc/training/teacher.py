@@ -27,13 +27,13 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dmc.compat import cpu_device_mode
-from megatron_dmc.convert.layout import resolve_iteration_dir
 from megatron_dmc.model.attention import DMCSelfAttention
 from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
 from megatron_dmc.model.lora import adapters_disabled
 from megatron_dmc.ops import DMCConfig
+from megatron_dmc.schema.checkpoint import resolve_iteration_dir
 from megatron_dmc.training.config import TrainConfig
 
 

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from megatron_dmc.compat import cuda_available
-from megatron_dmc.convert.megatron_io import read_metadata
 from megatron_dmc.data.gpt_dataset import check_data_prefix
 from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.schema.checkpoint import read_metadata
 from megatron_dmc.training.checkpoint import has_checkpoint
 from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import plan

@@ -10,7 +10,7 @@ import torch
 
 from megatron_dmc.bench import __main__ as bench
 from megatron_dmc.bench.presets import PRESETS
-from megatron_dmc.convert.llama_config import LlamaShape
+from megatron_dmc.schema.llama import LlamaShape
 
 TINY = LlamaShape(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

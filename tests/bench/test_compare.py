@@ -9,10 +9,10 @@ import torch
 
 from megatron_dmc.bench.engines import load_transformers
 from megatron_dmc.bench.smollm2 import Comparison, compare, ratios
-from megatron_dmc.convert.llama_config import hf_config_from_shape
 from megatron_dmc.inference.loading import load_model
 from megatron_dmc.pipeline.decode import headline_section, run_headline
 from megatron_dmc.pipeline.preset import DecodeSettings
+from megatron_dmc.schema.llama import hf_config_from_shape
 from tests.inference.model_helpers import tiny_model
 
 

@@ -9,8 +9,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_dmc.convert._model import build_gpt_model
-from megatron_dmc.convert.llama_config import LlamaShape
-from megatron_dmc.convert.megatron_io import load_into_model, read_metadata
+from megatron_dmc.convert.megatron_io import load_into_model
+from megatron_dmc.schema.checkpoint import read_metadata
+from megatron_dmc.schema.llama import LlamaShape
 
 
 def megatron_logits(ckpt_dir: str | Path, tokens_BT: torch.Tensor) -> torch.Tensor | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_dmc.convert.commands import compare_hf_dirs, export_hf, import_hf
-from megatron_dmc.convert.megatron_io import read_metadata
+from megatron_dmc.schema.checkpoint import read_metadata
 from megatron_dmc.training.arguments import parse_args
 from megatron_dmc.training.validate import validate
 from tests.convert.helpers import edit_config

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_dmc.convert.commands import compare_hf_dirs, export_hf, import_hf, reshard
-from megatron_dmc.convert.llama_config import llama_shape_from_hf
 from megatron_dmc.convert.mapping import entries, hf_shapes, to_hf, to_megatron
-from megatron_dmc.convert.megatron_io import MegatronCheckpoint, read_metadata
+from megatron_dmc.convert.megatron_io import MegatronCheckpoint
+from megatron_dmc.schema.checkpoint import read_metadata
+from megatron_dmc.schema.llama import llama_shape_from_hf
 from tests.convert.helpers import TINY, edit_config, tiny_config, write_tiny_llama
 
 HEADS_NAME = "model.layers.{i}.self_attn.dmc_decision_proj.weight"
@@ -101,13 +102,13 @@ def test_heads_tp2_import_reshard_export_is_bitwise(tmp_path: Path) -> None:
 def test_megatron_heads_model_matches_the_exported_hf_model(tmp_path: Path) -> None:
     """The same checkpoint through the Megatron layer and the transformers DMC model:
     decision heads with random weights (mixed decisions) and a merge delay, eval mode."""
-    from megatron_dmc.convert._model import model_config_from_shape
-    from megatron_dmc.convert.llama_config import LlamaShape
     from megatron_dmc.convert.megatron_io import load_into_model
     from megatron_dmc.distributed import destroy_distributed, initialize_distributed
     from megatron_dmc.hf import DMCLlamaForCausalLM
     from megatron_dmc.model import build_model
+    from megatron_dmc.model.config import ModelConfig
     from megatron_dmc.ops import DMCConfig
+    from megatron_dmc.schema.llama import LlamaShape
 
     hf = write_heads_llama(tmp_path / "hf", seed=2, merge_delay=3)
     tensors = load_file(hf / "model.safetensors")  # heads scaled for mixed decisions
@@ -119,7 +120,7 @@ def test_megatron_heads_model_matches_the_exported_hf_model(tmp_path: Path) -> N
     try:
         shape = LlamaShape.from_dict(read_metadata(meg)["llama"])
         config = DMCConfig(decision_source="heads", merge_delay=3)
-        model = build_model(model_config_from_shape(shape), "dmc", config).eval()
+        model = build_model(ModelConfig.from_shape(shape), "dmc", config).eval()
         load_into_model(model, meg)
         positions_BT = torch.arange(tokens_BT.shape[1]).expand_as(tokens_BT)
         with torch.no_grad():

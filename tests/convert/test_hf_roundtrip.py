@@ -10,7 +10,8 @@ from transformers import AutoConfig
 
 from megatron_dmc.convert.cli import main
 from megatron_dmc.convert.commands import compare_hf_dirs, export_hf, import_hf
-from megatron_dmc.convert.megatron_io import MegatronCheckpoint, read_metadata
+from megatron_dmc.convert.megatron_io import MegatronCheckpoint
+from megatron_dmc.schema.checkpoint import read_metadata
 from tests.convert.helpers import write_tiny_llama
 
 SMOLLM_LIKE = dict(

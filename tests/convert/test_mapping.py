@@ -5,7 +5,6 @@ import re
 import pytest
 import torch
 
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.convert.mapping import (
     QKV,
     checkpoint_key,
@@ -16,6 +15,7 @@ from megatron_dmc.convert.mapping import (
     to_hf,
     to_megatron,
 )
+from megatron_dmc.schema.llama import LlamaShape
 
 
 def _shape(heads: int, groups: int, tied: bool = False) -> LlamaShape:

@@ -178,7 +178,7 @@ def test_release_pickle_needs_trust(release_copy: Path) -> None:
     _rewrite_release(release_copy, lambda s: s.update(rng_state=[{"random_rng_state": object()}]))
     with _refused("pass --trust-checkpoint"):
         ReleaseCheckpoint(release_copy)
-    assert ReleaseCheckpoint(release_copy, trust_pickle=True).dmc["compression_ratio"] == 4.0
+    assert ReleaseCheckpoint(release_copy, trust_pickle=True).dmc["target_cr"] == 4.0
 
 
 def test_config_file_missing(tmp_path: Path) -> None:

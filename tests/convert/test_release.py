@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from megatron_dmc.convert.cli import main
 from megatron_dmc.convert.commands import compare_hf_dirs, export_hf, import_release
-from megatron_dmc.convert.megatron_io import read_metadata
+from megatron_dmc.schema.checkpoint import read_metadata
 from tests.convert.helpers import write_tiny_llama
 from tests.convert.release_writer import write_release
 
@@ -38,7 +38,7 @@ def test_tp2_release_straight_to_dmc_hf(hf_dir: Path, tmp_path: Path) -> None:
     assert len(compare_hf_dirs(hf_dir, out)) == 21
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama_dmc"
-    assert (config["dmc_compression_ratio"], config["dmc_window_size"]) == (4.0, 12)
+    assert (config["dmc_target_cr"], config["dmc_window_size"]) == (4.0, 12)
     assert config["rope_parameters"]["rope_theta"] == 50000.0
     assert (out / "modeling_llama_dmc.py").is_file() and (out / "tokenizer_config.json").is_file()
 
@@ -46,7 +46,7 @@ def test_tp2_release_straight_to_dmc_hf(hf_dir: Path, tmp_path: Path) -> None:
 def test_release_to_megatron_keeps_dmc_metadata(hf_dir: Path, tmp_path: Path) -> None:
     root = write_release(hf_dir, tmp_path / "release", tp=1, padded_vocab=128)
     meg = import_release(root, tmp_path / "meg", vocab_size=96)
-    assert read_metadata(meg)["dmc"]["compression_ratio"] == 4.0
+    assert read_metadata(meg)["dmc"]["target_cr"] == 4.0
     out = export_hf(meg, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["DMCLlamaForCausalLM"]
     assert len(compare_hf_dirs(hf_dir, out)) == 21

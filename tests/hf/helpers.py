@@ -92,7 +92,7 @@ def _ops_dmc_forward(self, hidden_states, position_embeddings, attention_mask=No
     cos, sin = position_embeddings
     logits = None
     if self.dmc_config.decision_source == "heads":
-        logits = decision_head_logits(hidden_states, self.dmc_weight, self.dmc_config.init_value)
+        logits = decision_head_logits(hidden_states, self.dmc_weight, self.dmc_config.init_val)
     if self.sequential:
         out, self.lengths = dmc_sequential_reference(
             q, k, v, cos[0], sin[0], self.dmc_config, logits
@@ -126,8 +126,8 @@ def reference_llama(model: DMCLlamaForCausalLM, kind: str = "ops") -> LlamaForCa
     forward = _stage1_forward if kind == "stage1" else _ops_dmc_forward
     config = model.config
     dmc_config = DMCConfig(
-        window=config.dmc_window_size,
-        init_value=float(config.dmc_init_val),
+        window_size=config.dmc_window_size,
+        init_val=float(config.dmc_init_val),
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
     )

@@ -26,7 +26,7 @@ def _dms_forward(self, hidden_states, position_embeddings, attention_mask=None, 
         for proj in (self.q_proj, self.k_proj, self.v_proj)
     )
     cos, sin = position_embeddings
-    logits = decision_head_logits(hidden_states, self.dmc_weight, self.dmc_config.init_value)
+    logits = decision_head_logits(hidden_states, self.dmc_weight, self.dmc_config.init_val)
     out, self.lengths = dms_sequential_reference(q, k, v, cos[0], sin[0], self.dmc_config, logits)
     return self.o_proj(out.transpose(1, 2).flatten(2)), None
 

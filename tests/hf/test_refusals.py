@@ -15,7 +15,7 @@ IDS = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(8))
     [
         (dict(dmc_decision_channel=0), "dmc_decision_channel=-1"),
         (dict(dmc_window_size=0), "dmc_window_size must be >= 1"),
-        (dict(dmc_compression_ratio=0.5), "dmc_compression_ratio must be >= 1"),
+        (dict(dmc_target_cr=0.5), "dmc_target_cr must be >= 1"),
         (dict(dmc_layer_head_cr=[[2.0, 2.0]]), "num_hidden_layers lists of num_key_value_heads"),
     ],
 )
@@ -25,7 +25,7 @@ def test_config_refusals(overrides, message):
 
 
 def test_config_accepts_a_trained_cr_table():
-    config = tiny_config(dmc_layer_head_cr=[[2.0, 4.0], [3.5, 8.0]], dmc_compression_ratio=4)
+    config = tiny_config(dmc_layer_head_cr=[[2.0, 4.0], [3.5, 8.0]], dmc_target_cr=4)
     assert config.to_dict()["dmc_layer_head_cr"] == [[2.0, 4.0], [3.5, 8.0]]
 
 

@@ -52,7 +52,7 @@ REMOTE_LOAD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    model = fire_decisions(dmc_model(dmc_compression_ratio=4.0))
+    model = fire_decisions(dmc_model(dmc_target_cr=4.0))
     export_dir = save_pretrained_with_code(model, tmp_path_factory.mktemp("export") / "dmc")
     return model, export_dir
 
@@ -62,7 +62,7 @@ def test_export_carries_code_and_auto_map(exported):
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == "llama_dmc"
     assert config["auto_map"] == AUTO_MAP
-    assert config["dmc_window_size"] == 12 and config["dmc_compression_ratio"] == 4.0
+    assert config["dmc_window_size"] == 12 and config["dmc_target_cr"] == 4.0
     assert all((export_dir / name).is_file() for name in CODE_FILES)
 
 

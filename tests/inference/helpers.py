@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from megatron_dmc.inference import CacheConfig, PagedKVCache
+from megatron_dmc.inference.attention import RingBlock
 from megatron_dmc.inference.delay import DecodeStep
 from megatron_dmc.inference.delayed_prefill import delayed_chunk_attention
 from megatron_dmc.inference.prefill import prefill_attention
 from megatron_dmc.ops import DMCConfig, rope_cos_sin
 
 INIT_VALUE = 5.0
-DMC = DMCConfig(window=12, init_value=INIT_VALUE)
+DMC = DMCConfig(window_size=12, init_val=INIT_VALUE)
 
 
 def random_qkv(batch, heads, groups, length, head_dim, merge_prob=0.6, seed=0, dtype=torch.float64):
@@ -26,6 +27,21 @@ def random_qkv(batch, heads, groups, length, head_dim, merge_prob=0.6, seed=0, d
     k[..., -1] = INIT_VALUE + torch.where(merge, margin, -margin)
     q[..., -1] = 3.0 * torch.randn(batch, heads, length, generator=gen, dtype=dtype) - 4.0
     return q, k, v
+
+
+def random_ring(batch, groups, window, head_dim, dtype, seen_B, seed=7):
+    """A RingBlock over a random slab of batch + 2 rows (read at shuffled rows), random RoPE
+    positions; seen_B tokens seen per sequence (the valid prefix is min(seen, W))."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch + 2, groups, window, head_dim)
+    k = torch.randn(shape, generator=gen, dtype=dtype)
+    v = torch.randn(shape, generator=gen, dtype=dtype)
+    positions = torch.randint(0, 500, (batch * window,), generator=gen)
+    cos, sin = rope_cos_sin(positions, head_dim, 10000.0, dtype)
+    seq_ids = torch.randperm(batch + 2, generator=gen)[:batch]
+    lengths = torch.tensor(seen_B).clamp_max(window)
+    return RingBlock(k, v, seq_ids, cos.view(batch, window, -1), sin.view(batch, window, -1),
+                     lengths)  # fmt: skip
 
 
 def make_cache(
@@ -85,7 +101,7 @@ def run_layer(
         page_size,
         dmc is not None,
         q.dtype,
-        window=dmc.window if dmc else 12,
+        window=dmc.window_size if dmc else 12,
         decision_channel=dmc.uses_channel if dmc else True,
         merge_delay=dmc.merge_delay if dmc else 0,
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dmc.convert.llama_config import LlamaShape
 from megatron_dmc.inference.model import LlamaForInference
 from megatron_dmc.ops import DMCConfig
+from megatron_dmc.schema.llama import LlamaShape
 
 
 def tiny_shape(heads=4, groups=2, layers=2, head_dim=16, vocab=97, tie=False) -> LlamaShape:

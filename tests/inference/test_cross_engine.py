@@ -60,7 +60,7 @@ def _ids(length: int, seed: int = 1) -> torch.Tensor:
 
 def test_full_forward_logits_match(export_dir):
     hf, engine = load_hf(export_dir), load_engine(export_dir)
-    assert engine.dmc is not None and engine.dmc.window == 4
+    assert engine.dmc is not None and engine.dmc.window_size == 4
     assert engine.dmc.decision_source == hf.config.dmc_decision_source
     assert engine.dmc.merge_delay == hf.config.dmc_merge_delay
     ids_BT = _ids(40)

@@ -42,7 +42,7 @@ CASES = [
 
 @pytest.mark.parametrize(("source", "delay", "prefill_len", "chunk"), CASES)
 def test_prefill_then_decode_equals_sequential_reference(source, delay, prefill_len, chunk):
-    dmc = DMCConfig(window=4, init_value=INIT_VALUE, decision_source=source, merge_delay=delay)
+    dmc = DMCConfig(window_size=4, init_val=INIT_VALUE, decision_source=source, merge_delay=delay)
     q, k, v = random_qkv(2, 4, 2, 40, 8, seed=5)
     logits = _head_logits(2, 2, 40) if source == "heads" else None
     expected, ref_lengths = _sequential(q, k, v, dmc, logits)
@@ -55,7 +55,7 @@ def test_prefill_then_decode_equals_sequential_reference(source, delay, prefill_
 
 @pytest.mark.parametrize("delay", [0, 6])
 def test_ragged_heads_batch_matches_each_sequence_alone(delay):
-    dmc = DMCConfig(window=4, init_value=INIT_VALUE, decision_source="heads", merge_delay=delay)
+    dmc = DMCConfig(window_size=4, init_val=INIT_VALUE, decision_source="heads", merge_delay=delay)
     q, k, v = random_qkv(3, 4, 2, 30, 8, seed=6)
     logits = _head_logits(3, 2, 30, seed=1)
     lengths = torch.tensor([30, 17, 4])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_dmc.convert.llama_config import hf_config_from_shape
 from megatron_dmc.inference.loading import load_model
+from megatron_dmc.schema.llama import hf_config_from_shape
 from tests.inference.model_helpers import tiny_model
 
 DMC_FIELDS = {"dmc_window_size": 12, "dmc_init_val": 5.0}
@@ -32,7 +32,7 @@ def _save(model, path, dmc_fields=None, model_type=None):
 def test_dmc_export_loads_in_dmc_mode(tmp_path):
     model = tiny_model()
     loaded = load_model(_save(model, tmp_path / "m", DMC_FIELDS))
-    assert loaded.dmc is not None and loaded.dmc.window == 12
+    assert loaded.dmc is not None and loaded.dmc.window_size == 12
     tokens = torch.randint(0, 97, (1, 20))
     torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
 

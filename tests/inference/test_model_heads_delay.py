@@ -15,9 +15,9 @@ from tests.inference.model_helpers import tiny_model
 from tests.inference.test_model_parity import _cached_logits, _rel_err
 
 CONFIGS = {
-    "heads": DMCConfig(window=4, decision_source="heads"),
-    "delay": DMCConfig(window=4, merge_delay=6),
-    "heads+delay": DMCConfig(window=4, decision_source="heads", merge_delay=6),
+    "heads": DMCConfig(window_size=4, decision_source="heads"),
+    "delay": DMCConfig(window_size=4, merge_delay=6),
+    "heads+delay": DMCConfig(window_size=4, decision_source="heads", merge_delay=6),
 }
 
 

@@ -48,7 +48,7 @@ def test_dms_layer_equals_ops(window, training):
 
     q, k, v = attention.get_query_key_value_tensors(hidden_SBH, None)
     weight_NC = attention.dmc_decision_proj.weight.reshape(-1, 64)
-    logits = decision_head_logits(hidden_SBH.transpose(0, 1), weight_NC, config.init_value)
+    logits = decision_head_logits(hidden_SBH.transpose(0, 1), weight_NC, config.init_val)
     cos_TD, sin_TD = rope_cos_sin(torch.arange(s), 16, theta=10000.0)
     generator = collector.generator(attention.layer_number)
     expected_BHTD, decisions = dmc_self_attention(

@@ -79,7 +79,7 @@ def test_heads_layer_equals_ops(name, delay, training):
 
     q, k, v = attention.get_query_key_value_tensors(hidden_SBH, None)
     weight_NC = attention.dmc_decision_proj.weight.reshape(-1, 64)
-    logits = decision_head_logits(hidden_SBH.transpose(0, 1), weight_NC, config.init_value)
+    logits = decision_head_logits(hidden_SBH.transpose(0, 1), weight_NC, config.init_val)
     cos_TD, sin_TD = rope_cos_sin(torch.arange(s), 16, theta=10000.0)
     generator = collector.generator(attention.layer_number)
     expected_BHTD, decisions = dmc_self_attention(
@@ -108,7 +108,7 @@ def test_heads_weight_is_a_layer_parameter_and_trains():
 
 def test_delayed_decision_sums_count_only_tokens_that_left_the_window():
     """All merge (alpha logit +5): per sequence L * G * (T - 1 - W) counted merges of L * G * T."""
-    config = DMCConfig(decision_source="heads", merge_delay=3, init_value=-5.0)
+    config = DMCConfig(decision_source="heads", merge_delay=3, init_val=-5.0)
     model = _build("tiny_gqa", "dmc", config).eval()
     tokens_BS = batch_BS(1)
     positions_BS = torch.arange(tokens_BS.shape[1]).expand_as(tokens_BS)

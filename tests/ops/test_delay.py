@@ -45,7 +45,7 @@ def _expected_lengths(alpha_BGT: torch.Tensor, delay: int) -> torch.Tensor:
 def test_delayed_parallel_equals_sequential(pattern, heads, groups, delay, source):
     q, k, v, cos, sin, _ = random_qkv(2, heads, groups, 29, 8, pattern, seed=delay)
     logits = _head_logits(2, groups, 29, pattern, delay) if source == "heads" else None
-    config = DMCConfig(window=5, decision_source=source, merge_delay=delay)
+    config = DMCConfig(window_size=5, decision_source=source, merge_delay=delay)
     out_parallel, decisions = dmc_self_attention(
         q, k, v, cos, sin, config, training=False, logits=logits
     )
@@ -60,7 +60,7 @@ def test_delayed_parallel_equals_sequential(pattern, heads, groups, delay, sourc
 def test_heads_mode_without_delay_equals_sequential(pattern, heads, groups):
     q, k, v, cos, sin, _ = random_qkv(1, heads, groups, 31, 8, pattern, seed=3)
     logits = _head_logits(1, groups, 31, pattern, 7)
-    config = DMCConfig(window=12, decision_source="heads")
+    config = DMCConfig(window_size=12, decision_source="heads")
     out_parallel, _ = dmc_self_attention(q, k, v, cos, sin, config, training=False, logits=logits)
     out_sequential, _ = dmc_sequential_reference(q, k, v, cos, sin, config, logits)
     assert _relative_error(out_parallel, out_sequential) <= 1e-10
@@ -136,7 +136,7 @@ def test_heads_training_gradients_reach_the_weight():
     q, k, v, cos, sin, _ = random_qkv(1, 2, 1, 9, 4)
     x_BTC = torch.randn(1, 9, 5, dtype=torch.float64)
     weight_NC = (0.01 * torch.randn(2, 5, dtype=torch.float64)).requires_grad_()
-    config = DMCConfig(decision_source="heads", merge_delay=2, window=3)
+    config = DMCConfig(decision_source="heads", merge_delay=2, window_size=3)
 
     def run(weight_NC):
         logits = decision_head_logits(x_BTC, weight_NC, 0.0, scale=1.0)
@@ -161,6 +161,6 @@ def test_config_validates_the_new_fields():
     assert DMCConfig().decision_source == "channel" and DMCConfig().merge_delay == 0
 
 
-def test_init_value_is_the_heads_offset():
+def test_init_val_is_the_heads_offset():
     logits = decision_head_logits(torch.ones(1, 2, 3), torch.zeros(2, 3), INIT_VALUE)
     assert torch.all(logits.alpha_BGT == -INIT_VALUE) and torch.all(logits.omega_BGT == INIT_VALUE)

@@ -38,7 +38,7 @@ def test_dms_parallel_equals_sequential(pattern, heads, groups, window):
 def test_dms_is_dmc_with_one_token_slots(window):
     q, k, v, cos, sin, _ = random_qkv(1, 4, 2, 23, 8, "random", seed=7)
     logits = _head_logits(1, 2, 23, "random", 7)
-    dmc = DMCConfig(window=1, decision_source="heads", merge_delay=window)
+    dmc = DMCConfig(window_size=1, decision_source="heads", merge_delay=window)
     out_dms, _ = dmc_self_attention(q, k, v, cos, sin, dms_config(window), False, logits=logits)
     out_dmc, _ = dmc_self_attention(q, k, v, cos, sin, dmc, False, logits=logits)
     assert _relative_error(out_dms, out_dmc) <= 1e-12
@@ -117,8 +117,8 @@ def test_cr_loss_reads_the_hard_eviction_fraction_of_the_cache():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(kv_method="dms", decision_source="heads"), "window=1"),
-        (dict(kv_method="dms", window=1), "decision_source='heads'"),
+        (dict(kv_method="dms", decision_source="heads"), "window_size=1"),
+        (dict(kv_method="dms", window_size=1), "decision_source='heads'"),
         (dict(kv_method="h2o"), "kv_method must be one of"),
     ],
 )

@@ -25,7 +25,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("window", [1, 3, 12])
 def test_parallel_equals_sequential(pattern, heads, groups, window):
     q, k, v, cos, sin, _ = random_qkv(2, heads, groups, 29, 8, pattern, seed=window)
-    config = DMCConfig(window=window, init_value=INIT_VALUE)
+    config = DMCConfig(window_size=window, init_val=INIT_VALUE)
     out_parallel, decisions = dmc_self_attention(q, k, v, cos, sin, config, training=False)
     out_sequential, lengths_BG = dmc_sequential_reference(q, k, v, cos, sin, config)
     assert _relative_error(out_parallel, out_sequential) <= 1e-10
@@ -36,7 +36,7 @@ def test_parallel_equals_sequential(pattern, heads, groups, window):
 @pytest.mark.parametrize(("head_dim", "length"), [(2, 7), (6, 1), (16, 41), (32, 13)])
 def test_parallel_equals_sequential_shapes(head_dim, length):
     q, k, v, cos, sin, _ = random_qkv(1, 4, 2, length, head_dim, "random", seed=length)
-    config = DMCConfig(window=5)
+    config = DMCConfig(window_size=5)
     out_parallel, _ = dmc_self_attention(q, k, v, cos, sin, config, training=False)
     out_sequential, _ = dmc_sequential_reference(q, k, v, cos, sin, config)
     assert _relative_error(out_parallel, out_sequential) <= 1e-10

@@ -89,7 +89,7 @@ def test_zero_out_schedule():
 def test_importance_averages_over_the_query_group():
     q = torch.zeros(1, 4, 1, 2)
     q[0, :, 0, -1] = torch.tensor([1.0, 3.0, -2.0, -4.0])
-    omega = importance_weights(q, num_kv_heads=2, init_value=5.0)
+    omega = importance_weights(q, num_kv_heads=2, init_val=5.0)
     expected = torch.sigmoid(torch.tensor([7.0, 2.0])) + torch.finfo(torch.float32).eps
     assert torch.allclose(omega[0, :, 0], expected)
 
@@ -99,7 +99,7 @@ def test_importance_averages_over_the_query_group():
     [
         (lambda: CRSchedule(0.5, 10), "target_cr must be >= 1.0"),
         (lambda: compression_loss(torch.zeros(2), 1, 0.9), "target_cr must be >= 1.0"),
-        (lambda: DMCConfig(window=0), "window must be an integer >= 1"),
+        (lambda: DMCConfig(window_size=0), "window must be an integer >= 1"),
         (lambda: DMCConfig(temperature=0.0), "temperature must be > 0"),
         (lambda: ZeroOutSchedule(0), "anneal_iters must be >= 1"),
     ],

@@ -120,7 +120,7 @@ def test_plots_are_png_files(job):
 def test_export_is_a_dmc_model_and_decode_measured_it(job):
     out, _ = job
     config = json.loads((out / "export/dmc_2x/config.json").read_text())
-    assert config["model_type"] == "llama_dmc" and config["dmc_compression_ratio"] == 2.0
+    assert config["model_type"] == "llama_dmc" and config["dmc_target_cr"] == 2.0
     assert config["eos_token_id"] is not None
     decode = json.loads((out / "decode/decode.json").read_text())
     assert [d["label"] for d in decode] == ["vanilla", "dmc 2x", "dms 2x"]

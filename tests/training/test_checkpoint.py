@@ -9,8 +9,8 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_dmc.convert.layout import METADATA_KEY
 from megatron_dmc.convert.megatron_io import process_group_of_one
+from megatron_dmc.schema.checkpoint import METADATA_KEY
 from megatron_dmc.training import checkpoint as ckpt
 from megatron_dmc.training.record import NonFiniteLossError
 from tests.training.helpers import KEYS, metrics, run_tiny, save_initial_checkpoint

@@ -111,7 +111,7 @@ def test_kv_method_dms_reaches_the_layer_config_and_the_export_metadata() -> Non
     flags = ["--kv-method", "dms", "--dmc-decision-source", "heads", "--dmc-merge-delay", "3"]
     cfg = parse_args([*BASE, *flags])
     config = dmc_config(cfg)
-    assert (config.kv_method, config.window, config.merge_delay) == ("dms", 1, 3)
+    assert (config.kv_method, config.window_size, config.merge_delay) == ("dms", 1, 3)
     assert dmc_config(parse_args(BASE)).kv_method == "dmc"
     model_config = validate(cfg, world_size=1)
     metadata = export_metadata(model_config, cfg, [[2.0, 2.0]] * 4)["megatron_dmc"]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_dmc.convert.layout import METADATA_KEY
+from megatron_dmc.schema.checkpoint import METADATA_KEY
 from megatron_dmc.training import checkpoint as ckpt
 from megatron_dmc.training.arguments import parse_args
 from megatron_dmc.training.optim import stage_lr_scheduler
@@ -77,7 +77,7 @@ def test_plain_run_trains_resumes_bitwise_and_exports_a_plain_llama(initial, tmp
 def _assert_plain_hf_export(run_dir, hf_dir) -> None:
     from transformers import AutoModelForCausalLM
 
-    from megatron_dmc.convert import export_hf
+    from megatron_dmc.convert.commands import export_hf
 
     export_hf(run_dir, hf_dir)
     config = json.loads((hf_dir / "config.json").read_text())

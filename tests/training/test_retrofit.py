@@ -12,8 +12,8 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_dmc.convert.layout import resolve_iteration_dir
 from megatron_dmc.convert.megatron_io import MegatronCheckpoint, process_group_of_one
+from megatron_dmc.schema.checkpoint import resolve_iteration_dir
 from megatron_dmc.training.arguments import parse_args
 from tests.training.helpers import TINY, curves, metrics, run_tiny, save_initial_checkpoint
 
