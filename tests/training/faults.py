@@ -23,6 +23,8 @@ def poison_gradient(at_step: int, layer: int, seen: dict[str, Any], rank: int | 
     launch, writes NaN into one gradient of global `layer` (0-based; on the ranks holding
     it, or on `rank` only) and keeps the parameters as they were before the update in
     `seen`."""
+    import inspect
+
     import torch.distributed as dist
 
     from megatron_dmc.training import step
@@ -32,7 +34,7 @@ def poison_gradient(at_step: int, layer: int, seen: dict[str, Any], rank: int | 
 
     def run_batches(model, data, *args):
         result = real(model, data, *args)
-        forward_only = args[-1]
+        forward_only = inspect.signature(real).bind(model, data, *args).arguments["forward_only"]
         if not forward_only:
             steps.append(1)
             if len(steps) == at_step and rank in (None, dist.get_rank()):
