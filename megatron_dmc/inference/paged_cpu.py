@@ -18,6 +18,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -34,7 +35,14 @@ from megatron_dmc.inference.decode import register_backend
 from megatron_dmc.inference.kv_cache import PagedKVCache
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+ARCH_VARIABLE = "MEGATRON_DMC_KERNEL_ARCH"
+"""-march of the build (default `native`: the CPU it is built on, which is also the one it
+runs on, since the build lives in the user's cache; set e.g. `x86-64-v3` for a cache shared
+by machines of different CPUs)."""
+
+
+def flags() -> list[str]:
+    return ["-O3", f"-march={os.environ.get(ARCH_VARIABLE, 'native')}", "-fopenmp"]
 
 
 def build_dir() -> Path:
@@ -42,7 +50,7 @@ def build_dir() -> Path:
     never loaded (-march=native code runs only on the CPU it was built for)."""
     from megatron_dmc.assets.cache import cache_root
 
-    key = SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
+    key = SOURCE.read_bytes() + " ".join(flags()).encode() + torch.__version__.encode()
     key += _cpu_flags().encode()
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-{hashlib.sha1(key).hexdigest()[:12]}"
     return cache_root() / "ext" / f"paged_decode-{tag}"
@@ -63,7 +71,7 @@ def build(verbose: bool = False) -> ModuleType:
 
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
-    return load(MODULE, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+    return load(MODULE, [str(SOURCE)], extra_cflags=flags(), extra_ldflags=["-fopenmp"],
                 build_directory=str(target), verbose=verbose)  # fmt: skip
 
 

@@ -39,6 +39,45 @@ def test_backend_matches_reference(name, dtype):
     assert error <= TOLERANCE[dtype], error
 
 
+def _filled_cache(dtype, lengths, groups, head_dim, page_size=16, seed=5):
+    """A vanilla cache whose streams hold random keys / values on shuffled pages, ragged
+    per (sequence, KV head)."""
+    batch, width = len(lengths), -(-max(lengths) // page_size)
+    gen = torch.Generator().manual_seed(seed)
+    config = CacheConfig(num_layers=1, num_kv_heads=groups, head_dim=head_dim, compress=False,
+                         num_pages=batch * groups * width, max_batch=batch,
+                         max_seq_len=width * page_size, page_size=page_size, dtype=dtype)  # fmt: skip
+    cache = PagedKVCache(config)
+    cache.add_sequences(batch)
+    pool = cache.pool
+    pool.k_pages_PND.copy_(torch.randn(pool.k_pages_PND.shape, generator=gen, dtype=dtype))
+    pool.v_pages_PND.copy_(torch.randn(pool.v_pages_PND.shape, generator=gen, dtype=dtype))
+    pages = torch.randperm(config.num_pages, generator=gen).view(batch, groups, width)
+    cache.block_table_LBGM[0, :, :, :width] = pages
+    offsets = torch.arange(groups) * 37
+    cache.lengths_LBG[0] = (torch.tensor(lengths)[:, None] - offsets).clamp_min(1)
+    return cache
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_paged_kernel_long_streams_match_reference(head_dim, dtype):
+    """The compiled kernel at the real shapes (head dim 64 / 128 unrolled, 24 generic; 3
+    query heads per KV head, pages of 16): streams of several 8-page blocks with a partial
+    last page, pages in random order, and scores spread over > 100 (the exp's clamp)."""
+    if paged_cpu.extension() is None:
+        pytest.skip("compiled kernel not built here")
+    cache = _filled_cache(dtype, [300, 129, 16, 1], groups=2, head_dim=head_dim)
+    seq = torch.tensor([3, 1, 0, 2])
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(4, 6, head_dim, generator=gen, dtype=dtype)
+    query[0] *= 30.0
+    expected = paged_attention_reference(query, cache, 0, seq)
+    actual = paged_cpu.paged_attention_inplace(query, cache, 0, seq)
+    error = float((actual - expected).abs().max() / expected.abs().max())
+    assert error <= TOLERANCE[dtype], error
+
+
 @pytest.mark.parametrize("backend", ["blocked", "paged"])
 def test_decode_through_backend_equals_padded(backend):
     q, k, v = random_qkv(2, 4, 2, 48, 8, seed=1)
