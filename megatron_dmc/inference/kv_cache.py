@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_dmc.inference.pool import CacheFullError, PagePool
+from megatron_dmc.inference.ring_update import merge_in_place
 from megatron_dmc.inference.window import (
     ExactRing,
     WindowState,
@@ -142,6 +143,9 @@ class PagedKVCache:
         self.exact = ExactRing(
             shape_LBG, c.merge_delay, c.head_dim, c.dtype, self.state_dtype, c.device
         )
+        self.merge_in_place = True
+        """A token's merge writes the rings in place (ring_update.py); False: the plain
+        reference, window.merge_step on a copy of the batch's rings."""
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -297,6 +301,12 @@ class PagedKVCache:
         self.lengths_LBG[layer, seq_ids_B] = slot_BG + 1
 
     def _merge(self, layer, seq_ids_B, k_BGD, v_BGD, omega_BG, merge_BG):
+        if self.merge_in_place:
+            return merge_in_place(
+                self.ring_k_LBGWD[layer], self.ring_v_LBGWD[layer], self.ring_w_LBGW[layer],
+                self.run_len_LBG[layer], seq_ids_B, self.key_in(k_BGD).to(self.config.dtype),
+                v_BGD.to(self.config.dtype), omega_BG, merge_BG,
+            )  # fmt: skip
         state, key_BGD, value_BGD = merge_step(
             self.window_state(layer, seq_ids_B),
             self.key_in(k_BGD).to(self.config.dtype),
