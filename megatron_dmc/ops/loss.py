@@ -13,20 +13,28 @@ def compression_loss(
     alpha_sum_B: torch.Tensor,
     count: int | float | torch.Tensor,
     target_cr: float,
-    two_sided: bool = False,
+    overshoot: float | None = None,
 ) -> torch.Tensor:
     """L_CR = mean_b max(0, (1 - 1/CR_target) - a_b), a_b = alpha_sum_b / count.
 
     alpha_sum_B holds, per sequence, the sum of STE-hard decisions over all layers, heads
     and tokens; count is the number of decisions per sequence. One-sided (the paper): a
     sequence that over-compresses adds nothing, and it cannot pay for another sequence's
-    deficit. `two_sided`: |(1 - 1/CR_target) - a_b| instead, so over-compressing costs too.
+    deficit. `overshoot` (e.g. 0.05): a sequence compressing more than CR_target * (1 +
+    overshoot) pays max(0, a_b - (1 - 1/(CR_target (1 + overshoot)))) too; inside that
+    band the CR loss is zero, so the other losses alone shape the decisions.
     """
     check_compression_ratio("target_cr", target_cr)
     if alpha_sum_B.dim() != 1:
         raise ValueError(f"alpha_sum_B must be [batch]; got shape {tuple(alpha_sum_B.shape)}")
-    gap_B = (1.0 - 1.0 / target_cr) - alpha_sum_B / count
-    return (gap_B.abs() if two_sided else torch.relu(gap_B)).mean()
+    fraction_B = alpha_sum_B / count
+    loss_B = torch.relu((1.0 - 1.0 / target_cr) - fraction_B)
+    if overshoot is not None:
+        if overshoot < 0:
+            raise ValueError(f"overshoot must be >= 0 (a fraction of the target); got {overshoot}")
+        ceiling = 1.0 - 1.0 / (target_cr * (1.0 + overshoot))
+        loss_B = loss_B + torch.relu(fraction_B - ceiling)
+    return loss_B.mean()
 
 
 def training_length_cr(

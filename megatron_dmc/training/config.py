@@ -28,7 +28,7 @@ DMC_ONLY_FIELDS = (
     "dmc_decision_source",
     "dmc_merge_delay",
     "kv_method",
-    "dmc_cr_loss",
+    "dmc_cr_overshoot",
     "dmc_cr_reference_length",
 )
 """DMCArgs fields that mean nothing to --dmc-stage plain."""
@@ -299,9 +299,10 @@ class DMCArgs:
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
     unweighted CR loss."""
 
-    dmc_cr_loss: str = field(default="one-sided", metadata={"choices": ("one-sided", "two-sided")})
-    """"one-sided" (the paper): only compressing less than the target costs; "two-sided":
-    compressing more costs too, so the CR lands on the target instead of above it."""
+    dmc_cr_overshoot: float | None = None
+    """Make the CR loss two-sided: a sequence compressing more than the target x (1 + this)
+    pays too (e.g. 0.05: free between 2x and 2.1x). Unset: one-sided, the paper (a run may
+    compress more than asked, for free)."""
 
     dmc_cr_reference_length: int | None = None
     """With --dmc-merge-delay W: the length at which the target CR is asked for (e.g. the
@@ -341,6 +342,11 @@ class DMCArgs:
         _positive("dmc_temperature", self.dmc_temperature)
         _positive("dmc_cr_loss_weight", self.dmc_cr_loss_weight)
         _positive("dmc_cr_reference_length", self.dmc_cr_reference_length, allow_none=True)
+        if self.dmc_cr_overshoot is not None and self.dmc_cr_overshoot < 0:
+            raise ValueError(
+                f"--dmc-cr-overshoot must be >= 0 (e.g. 0.05 lets the CR run 5% over the "
+                f"target for free); got {self.dmc_cr_overshoot}"
+            )
         self._check_decision_source()
         if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
             raise ValueError(

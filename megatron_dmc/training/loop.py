@@ -60,7 +60,7 @@ class Run:
             self.cfg.dmc.dmc_cr_loss_weight,
             self.cfg.retrofit.dmc_lm_loss_weight,
             self.cfg.retrofit.dmc_distill_weight,
-            two_sided=self.cfg.dmc.dmc_cr_loss == "two-sided",
+            cr_overshoot=self.cfg.dmc.dmc_cr_overshoot,
         )
 
     def training_length_target(self, target_cr: float | None) -> float | None:

@@ -1,4 +1,4 @@
-"""The two-sided CR loss and the CR asked at a reference length (delayed merging)."""
+"""The CR loss with an overshoot band and the CR asked at a reference length (delayed merging)."""
 
 import pytest
 import torch
@@ -6,17 +6,20 @@ import torch
 from megatron_dmc.ops import compression_loss, training_length_cr
 
 
-def test_two_sided_loss_charges_over_compression():
-    alpha_sum_B = torch.tensor([80.0, 20.0], requires_grad=True)
-    loss = compression_loss(alpha_sum_B, 100, target_cr=2.0, two_sided=True)
-    assert loss.item() == pytest.approx(0.3)  # mean(|0.5 - 0.8|, |0.5 - 0.2|)
+def test_over_compression_beyond_the_band_is_charged():
+    """2x with a 25% band: free for fractions 0.5 .. 0.6 (1 - 1/2.5), charged outside."""
+    alpha_sum_B = torch.tensor([70.0, 55.0, 20.0], requires_grad=True)
+    loss = compression_loss(alpha_sum_B, 100, target_cr=2.0, overshoot=0.25)
+    assert loss.item() == pytest.approx((0.1 + 0.0 + 0.3) / 3)
     loss.backward()
-    assert alpha_sum_B.grad.tolist() == [pytest.approx(0.005), pytest.approx(-0.005)]
+    assert alpha_sum_B.grad.tolist() == pytest.approx([0.01 / 3, 0.0, -0.01 / 3])
 
 
-def test_one_sided_loss_is_unchanged_by_the_flag_default():
+def test_one_sided_loss_is_the_default():
     alpha_sum_B = torch.tensor([80.0, 20.0])
     assert compression_loss(alpha_sum_B, 100, 2.0).item() == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="overshoot must be >= 0"):
+        compression_loss(alpha_sum_B, 100, 2.0, overshoot=-0.1)
 
 
 def _slots(length: int, delay: int, keep_rate: float) -> float:
