@@ -717,12 +717,44 @@ def rope_for_attention(
     return apply_rope(x_BHTD, cos_TD, sin_TD)
 
 
+def rope_for_query(
+    q_BHTD: torch.Tensor,
+    cos_TD: torch.Tensor,
+    sin_TD: torch.Tensor,
+    config: DMCConfig,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """RoPE of the queries: as `rope_for_attention`, except with DMS's query neuron
+    (decision_source "query"), zeroed in each group's first head only (keys untouched)."""
+    if config.uses_query:
+        return rope_without_query_decision_channel(q_BHTD, cos_TD, sin_TD, num_kv_heads)
+    return rope_for_attention(q_BHTD, cos_TD, sin_TD, config)
+
+
 # from megatron_dmc.ops.decisions
 # Legend: B batch, H query heads, G KV heads, T time, D head dim. See spec section 1: alpha logit
 # = k[D-1] - c; omega = sigmoid(mean_group(q[D-1]) + c) + eps.
 def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
     """A copy of x with channel D-1 set to 0 (differentiable, out of place)."""
     return torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
+
+
+def zero_query_decision_channel(q_BHTD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A copy of q with channel D-1 of the first query head of each KV group set to 0 (DMS's
+    query neuron; the other heads keep theirs). Differentiable, out of place."""
+    check_groups(q_BHTD.shape[1], num_kv_heads)
+    keep_HD = torch.ones(q_BHTD.shape[1], q_BHTD.shape[-1], dtype=q_BHTD.dtype)
+    keep_HD[:: q_BHTD.shape[1] // num_kv_heads, -1] = 0.0
+    return q_BHTD * keep_HD.to(q_BHTD.device)[:, None]
+
+
+def rope_without_query_decision_channel(
+    q_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, num_kv_heads: int
+) -> torch.Tensor:
+    """DMS's query neuron out of attention: zeroed in the first head of each group before
+    and after rotate-half RoPE (as `rope_without_decision_channel` does for every head)."""
+    rotated_BHTD = apply_rope(zero_query_decision_channel(q_BHTD, num_kv_heads), cos_TD, sin_TD)
+    return zero_query_decision_channel(rotated_BHTD, num_kv_heads)
 
 
 def rope_without_decision_channel(
@@ -946,7 +978,7 @@ def dmc_parallel_attention(
     if dmc.merge_delay:
         k_exact_BGTD = rope_for_attention(k_in_BGTD, cos_B1TD, sin_B1TD, dmc)
         exact = dict(k_BGTD=k_exact_BGTD, v_BGTD=v_BGTD, merge_delay=dmc.merge_delay)
-    q_rot_BHTD = rope_for_attention(q_BHTD, cos_B1TD, sin_B1TD, dmc)
+    q_rot_BHTD = rope_for_query(q_BHTD, cos_B1TD, sin_B1TD, dmc, k_BGTD.shape[1])
     out_BHTD = dmc_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT, **exact)
     omega_BGT = decisions.omega_BGT
     return ParallelDMC(out_BHTD, alpha_BGT, omega_BGT, k_in_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD)
@@ -1270,7 +1302,7 @@ class DMCCacheLayer(CacheLayerMixin):
         self.slots.step(~merge_BG.reshape(u), k_rot_BGD.reshape(u, d), slot_v_BGD.reshape(u, d))
         self.tokens_seen += 1
         keys_USD, values_USD, valid_US = self.slots.gather()
-        q_rot_BHD = rope_for_attention(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc)
+        q_rot_BHD = rope_for_query(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc, g)
         length = valid_US.shape[1]
         return attend_slots(
             q_rot_BHD[:, :, None],
@@ -1298,7 +1330,7 @@ class DMCCacheLayer(CacheLayerMixin):
             band_UTA = band_TA[None].expand(b * g, -1, -1)
             visible_UTJ = torch.cat([visible_UTJ, band_UTA], dim=2)
         self.tokens_seen += length
-        q_rot_BHTD = rope_for_attention(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc)
+        q_rot_BHTD = rope_for_query(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc, g)
         keys = keys_UJD.shape[1]
         return attend_slots(
             q_rot_BHTD,
