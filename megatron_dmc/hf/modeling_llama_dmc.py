@@ -741,11 +741,13 @@ def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
 
 def zero_query_decision_channel(q_BHTD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """A copy of q with channel D-1 of the first query head of each KV group set to 0 (DMS's
-    query neuron; the other heads keep theirs). Differentiable, out of place."""
-    check_groups(q_BHTD.shape[1], num_kv_heads)
-    keep_HD = torch.ones(q_BHTD.shape[1], q_BHTD.shape[-1], dtype=q_BHTD.dtype)
-    keep_HD[:: q_BHTD.shape[1] // num_kv_heads, -1] = 0.0
-    return q_BHTD * keep_HD.to(q_BHTD.device)[:, None]
+    query neuron; the other heads keep theirs). Heads on axis 1, channels last ([B, H, D]
+    works too). Differentiable, out of place."""
+    heads = q_BHTD.shape[1]
+    check_groups(heads, num_kv_heads)
+    keep_HD = torch.ones(heads, q_BHTD.shape[-1], dtype=q_BHTD.dtype, device=q_BHTD.device)
+    keep_HD[:: heads // num_kv_heads, -1] = 0.0
+    return q_BHTD * keep_HD.view(heads, *[1] * (q_BHTD.dim() - 3), -1)
 
 
 def rope_without_query_decision_channel(
