@@ -42,6 +42,7 @@ from megatron_dmc.ops.loss import (
     ZeroOutSchedule,
     achieved_compression_ratio,
     compression_loss,
+    training_length_cr,
 )
 from megatron_dmc.ops.reference import dmc_sequential_reference
 from megatron_dmc.ops.relaxation import (
@@ -101,6 +102,7 @@ __all__ = [
     "rotate_half",
     "slot_keys_values",
     "straight_through",
+    "training_length_cr",
     "windowed_partial_accumulation",
     "zero_decision_channel",
     "zero_query_decision_channel",

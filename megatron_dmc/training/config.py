@@ -28,6 +28,8 @@ DMC_ONLY_FIELDS = (
     "dmc_decision_source",
     "dmc_merge_delay",
     "kv_method",
+    "dmc_cr_loss",
+    "dmc_cr_reference_length",
 )
 """DMCArgs fields that mean nothing to --dmc-stage plain."""
 
@@ -302,6 +304,17 @@ class DMCArgs:
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
     unweighted CR loss."""
 
+    dmc_cr_loss: str = field(default="one-sided", metadata={"choices": ("one-sided", "two-sided")})
+    """"one-sided" (the paper): only compressing less than the target costs; "two-sided":
+    compressing more costs too, so the CR lands on the target instead of above it."""
+
+    dmc_cr_reference_length: int | None = None
+    """With --dmc-merge-delay W: the length at which the target CR is asked for (e.g. the
+    context + continuation an evaluation or a deployment uses). The W exact tokens weigh
+    less in longer sequences, so at the training length the CR loss asks for the CR that
+    the same merge rate gives at this length (ops.training_length_cr). Default: the
+    --seq-length (the paper's accounting); no effect without a delay."""
+
     plain_iters: int | None = None
     """Length of --dmc-stage plain (required there, refused elsewhere)."""
 
@@ -332,6 +345,7 @@ class DMCArgs:
         _positive("dmc_window_size", self.dmc_window_size)
         _positive("dmc_temperature", self.dmc_temperature)
         _positive("dmc_cr_loss_weight", self.dmc_cr_loss_weight)
+        _positive("dmc_cr_reference_length", self.dmc_cr_reference_length, allow_none=True)
         self._check_decision_source()
         if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
             raise ValueError(

@@ -40,6 +40,9 @@ class LossSettings:
     distill_weight: float = 0.0
     """Weight of the KL to the teacher; 0: no teacher (the release)."""
 
+    two_sided: bool = False
+    """The CR loss also charges compressing more than the target (--dmc-cr-loss two-sided)."""
+
 
 def global_alpha_sum(alpha_sum_B: torch.Tensor, summed_over_tp: bool) -> torch.Tensor:
     """Decision sums over all KV heads: all-reduce the TP-local sums (identity backward,
@@ -74,7 +77,7 @@ def micro_batch_loss(
         alpha_total = alpha_sum_B.detach().sum()
         if settings.target_cr is not None:
             count = settings.decisions_per_sequence
-            cr_loss = compression_loss(alpha_sum_B, count, settings.target_cr)
+            cr_loss = compression_loss(alpha_sum_B, count, settings.target_cr, settings.two_sided)
             loss = loss + settings.cr_loss_weight * cr_loss
     sequences = loss.new_tensor(float(loss_BS.shape[0]))
     stats = torch.stack(

@@ -106,6 +106,14 @@ def _check_merge_delay(cfg: TrainConfig) -> None:
             f"{length / (delay + 1):.3g}x); use a delay below {length / target - 1:.0f} or "
             "longer sequences"
         )
+    reference = cfg.dmc.dmc_cr_reference_length
+    if cfg.dmc.dmc_stage != PLAIN and reference is not None and (delay + 1) * target > reference:
+        raise ValueError(
+            f"--dmc-merge-delay {delay} keeps {delay} of the --dmc-cr-reference-length "
+            f"{reference} tokens exact, so they cannot reach --dmc-target-cr {target:g} (at "
+            f"most {reference / (delay + 1):.3g}x); use a longer reference length or a "
+            "shorter delay"
+        )
 
 
 def _check_decision_source(cfg: TrainConfig) -> None:

@@ -144,3 +144,31 @@ def test_query_neuron_is_dms_only() -> None:
     with pytest.raises(ValueError, match="dmc-heads"):
         parse_args([*BASE, "--kv-method", "dms", "--dmc-decision-source", "query",
                     "--dmc-trainable", "dmc-heads"])  # fmt: skip
+
+
+def test_the_cr_loss_asks_the_reference_lengths_cr_at_the_training_length() -> None:
+    from megatron_dmc.ops import training_length_cr
+    from megatron_dmc.training.loop import Run
+
+    flags = ["--dmc-merge-delay", "4", "--dmc-target-cr", "2", "--dmc-cr-loss", "two-sided"]
+    cfg = parse_args([*BASE, *flags, "--dmc-cr-reference-length", "96"])
+    run = Run(cfg, validate(cfg, world_size=1), *([None] * 7))
+    finetune = plan(cfg.dmc)[-1]
+    settings = run.settings(finetune, 0)
+    assert settings.two_sided and settings.target_cr == training_length_cr(2.0, 32, 4, 96)
+    assert 1.0 < settings.target_cr < 2.0
+    paper = parse_args([*BASE, "--dmc-target-cr", "2"])
+    assert (
+        not Run(paper, validate(paper, world_size=1), *([None] * 7))
+        .settings(plan(paper.dmc)[-1], 0)
+        .two_sided
+    )
+
+
+def test_an_unreachable_reference_length_is_refused() -> None:
+    cfg = parse_args([*BASE, "--dmc-merge-delay", "7", "--dmc-target-cr", "2",
+                      "--dmc-cr-reference-length", "15"])  # fmt: skip
+    with pytest.raises(ValueError, match="--dmc-cr-reference-length 15 tokens exact"):
+        validate(cfg, world_size=1)
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_args([*BASE, "--dmc-cr-reference-length", "0"])
