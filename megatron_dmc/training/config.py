@@ -278,11 +278,16 @@ class DMCArgs:
     dmc_init_val: float = 5.0
     """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
 
-    dmc_decision_source: str = field(default="channel", metadata={"choices": ("channel", "heads")})
+    dmc_decision_source: str = field(
+        default="channel", metadata={"choices": ("channel", "heads", "query")}
+    )
     """Where decisions come from: "channel" (the paper: channel D-1 of q/k, repurposed after
-    the zero_out stage) or "heads" (a zero-initialised projection of the attention input;
+    the zero_out stage), "heads" (a zero-initialised projection of the attention input;
     the model starts exactly as the original, no channel is zeroed, so there is no zero_out
-    stage: --dmc-stage all runs retrofit then finetune, --dmc-stage zero_out is refused)."""
+    stage: --dmc-stage all runs retrofit then finetune, --dmc-stage zero_out is refused) or
+    "query" (--kv-method dms only: the DMS reference's repurposed query neuron, channel D-1
+    of each KV group's first query head, logit 100 * q - c; zero_out anneals that channel
+    alone, so the first DMS step evicts nothing)."""
 
     dmc_merge_delay: int = 0
     """W: the most recent W tokens of every head stay exact; a token's merge decision takes
@@ -292,8 +297,8 @@ class DMCArgs:
     kv_method: str = field(default="dmc", metadata={"choices": ("dmc", "dms")})
     """KV compression method: "dmc" (merging, the paper) or "dms" (learned delayed
     eviction: one token per slot, a token more than --dmc-merge-delay positions behind the
-    query is dropped if its decision says so; needs --dmc-decision-source heads, ignores
-    --dmc-window-size). The stages, schedule, CR loss and distillation are shared."""
+    query is dropped if its decision says so; needs --dmc-decision-source heads or query,
+    ignores --dmc-window-size). The stages, schedule, CR loss and distillation are shared."""
 
     dmc_cr_loss_weight: float = 1.0
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
@@ -369,10 +374,16 @@ class DMCArgs:
             raise ValueError(
                 f"--dmc-merge-delay must be >= 0 (0 = the paper); got {self.dmc_merge_delay}"
             )
-        if self.kv_method == "dms" and self.dmc_decision_source != "heads":
+        if self.kv_method == "dms" and self.dmc_decision_source == "channel":
             raise ValueError(
-                "--kv-method dms reads its eviction decisions from the decision heads: add "
-                "--dmc-decision-source heads"
+                "--kv-method dms reads its eviction decisions from the decision heads or from "
+                "the repurposed query neuron: add --dmc-decision-source heads (or query)"
+            )
+        if self.kv_method == "dmc" and self.dmc_decision_source == "query":
+            raise ValueError(
+                "--dmc-decision-source query (one query neuron, an eviction decision, no "
+                "importance) is DMS's: add --kv-method dms, or use --dmc-decision-source "
+                "channel for DMC's repurposed channel"
             )
         if self.dmc_decision_source == "heads" and self.dmc_stage == "zero_out":
             raise ValueError(
@@ -576,8 +587,8 @@ class TrainConfig:
         teacher_copy = r.distill and not (r.frozen_base and heads)
         if teacher_copy and r.dmc_teacher_load is None and self.checkpoint.load is None:
             raise ValueError(
-                "distillation with a trainable base (or the channel decision source, whose "
-                "zero_out changes the base) needs the original weights as a frozen teacher: "
+                "distillation with a trainable base (or a channel or query decision source, "
+                "whose zero_out changes the base) needs the original weights as a frozen teacher: "
                 "give --load or --dmc-teacher-load"
             )
 
