@@ -54,10 +54,12 @@ class TrainSettings:
     """Learning rate at the end of finetune."""
     seed: int = 1234
     """Seed of the data order and the Gumbel noise."""
-    cr_at_eval_length: bool = True
+    cr_at_eval_length: bool = False
     """With a merge delay, ask for the target CR at the evaluation's context + continuation
     length (`--dmc-cr-reference-length`) instead of at seq_length: the W exact tokens weigh
-    less in longer sequences, so the same merge rate compresses them more."""
+    less in longer sequences, so the same merge rate compresses them more. Off by default:
+    with the one-sided CR loss the CR drifts above either target, and the runs measured so
+    far gained nothing from it (docs/demo.md)."""
     extra_args: list[str] = field(default_factory=list)
     """Further `python -m megatron_dmc.train` flags, passed through as given."""
 
