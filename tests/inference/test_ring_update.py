@@ -27,11 +27,13 @@ def _decode_tokens(cache, seq_ids, steps, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seq", [[0, 1, 2], [3, 0, 2]])
-@pytest.mark.parametrize("channel", [True, False])
-def test_in_place_merge_equals_merge_step(dtype, seq, channel):
+@pytest.mark.parametrize(("channel", "window"), [(True, 12), (False, 12), (False, 1)])
+def test_in_place_merge_equals_merge_step(dtype, seq, channel, window):
+    """Channel and heads mode with the paper's window, and DMS's one-token slots (window 1)."""
     caches = []
     for in_place in (False, True):
-        cache = make_cache(4, 2, 8, 80, page_size=4, dtype=dtype, decision_channel=channel)
+        cache = make_cache(4, 2, 8, 80, page_size=4, dtype=dtype, decision_channel=channel,
+                           window=window)  # fmt: skip
         cache.add_sequences(4)
         cache.merge_in_place = in_place
         _decode_tokens(cache, torch.tensor(seq), steps=70)
@@ -42,7 +44,7 @@ def test_in_place_merge_equals_merge_step(dtype, seq, channel):
     pairs = [(plain.ring_k_LBGWD, fast.ring_k_LBGWD), (plain.ring_v_LBGWD, fast.ring_v_LBGWD),
              (plain.ring_w_LBGW, fast.ring_w_LBGW), (plain.pool.k_flat, fast.pool.k_flat),
              (plain.pool.v_flat, fast.pool.v_flat)]  # fmt: skip
-    assert int((plain.run_len_LBG > plain.config.window).sum()) > 0  # runs beyond the window
+    assert int((plain.run_len_LBG > window).sum()) > 0  # runs beyond the window
     for expected, actual in pairs:
         error = float((actual - expected).abs().max() / expected.abs().max())
         assert error <= TOLERANCE[dtype], error
