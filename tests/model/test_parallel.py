@@ -11,8 +11,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed
-from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.model import build_model
 from megatron_dmc.ops import DMCConfig, dms_config
+from megatron_dmc.schema.llama import LlamaShape
 from tests.dist_utils import run_distributed
 from tests.model.helpers import (
     batch_BS,
@@ -39,7 +40,7 @@ DMS = dms_config(merge_delay=3, temperature=1.0)
 def _reference(dmc_config: DMCConfig | None = None) -> dict:
     initialize_distributed(seed=21)
     try:
-        model = build_model(ModelConfig.from_yaml(NAME), "dmc", dmc_config)
+        model = build_model(LlamaShape.from_yaml(NAME), "dmc", dmc_config)
         with torch.no_grad():  # k[D-1] near c (or heads of a useful size): mixed decisions
             for layer in model.decoder.layers:
                 if dmc_config is not None and not dmc_config.uses_channel:
@@ -62,7 +63,7 @@ def _reference(dmc_config: DMCConfig | None = None) -> dict:
 
 def _layout_errors(reference: dict, tp: int, pp: int, ddp: bool) -> dict:
     initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model = build_model(ModelConfig.from_yaml(NAME), "dmc", reference["dmc_config"])
+    model = build_model(LlamaShape.from_yaml(NAME), "dmc", reference["dmc_config"])
     load_full_state(model, reference["state"])
     tokens_BS = batch_BS(NUM_MICROBATCHES)
     if ddp:
