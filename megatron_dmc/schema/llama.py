@@ -133,13 +133,19 @@ class LlamaShape:
     @classmethod
     def from_yaml(cls, name_or_path: str | Path) -> LlamaShape:
         """Load `configs/<name>.yaml` for a bare name (e.g. "tiny_gqa"), else a file path."""
-        path = Path(name_or_path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise ValueError(f"no model config at {path}; known names: {known}")
+        path = named_yaml(name_or_path, CONFIG_DIR, "model config")
         return cls.from_dict(yaml.safe_load(path.read_text()))
+
+
+def named_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:
+    """`folder/<name>.yaml` for a bare name, else the YAML path given; it must exist."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ValueError(f"no {what} at {path}; known {what}s: {known}, or give a YAML path")
+    return path
 
 
 _POSITIVE_FIELDS = (

@@ -52,7 +52,7 @@ def test_path_and_unknown_keys(tmp_path):
         LlamaShape.from_yaml(path)
     path.write_text(path.read_text() + "vocab_size: 8\n")
     assert LlamaShape.from_yaml(path).head_dim == 16
-    with pytest.raises(ValueError, match="known names"):
+    with pytest.raises(ValueError, match="known model configs"):
         LlamaShape.from_yaml("no_such_model")
     with pytest.raises(ValueError, match="unknown model config keys"):
         LlamaShape.from_dict({"num_layers": 2})
