@@ -11,9 +11,10 @@
         results = run_distributed(_body, world_size=2, args=(2,))   # one per rank
 
 Each process gets torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
-LOCAL_RANK), one intra-op thread, and `destroy_distributed()` afterwards. Spawned
-ranks import only what `fn`'s module imports (megatron-core alone takes ~10-20 s to
-import on 2 busy cores), so put several checks into one body rather than one per test.
+LOCAL_RANK), one intra-op thread, and `destroy_distributed()` afterwards. Ranks are
+forked from the session's fork server (`megatron_dmc.distributed.local_rank_context`),
+which imported megatron-core once; they still import `fn`'s module and start gloo, so
+put several checks into one body rather than one per test.
 Ranks are not daemonic (as under torchrun), so they may start processes of their own,
 e.g. the writers of a torch_dist checkpoint save. An exception or failed assert in any
 rank fails the calling test with that rank's traceback; a rank that hangs past
@@ -31,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_dmc.distributed import set_local_rank_env
 
@@ -103,9 +103,9 @@ def run_distributed(
     timeout_s: float = 180.0,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` spawned ranks; return results by rank."""
-    from megatron_dmc.distributed import free_port
+    from megatron_dmc.distributed import free_port, local_rank_context
 
-    ctx = mp.get_context("spawn")
+    ctx = local_rank_context()
     results = ctx.Queue()
     port = free_port()
     procs = [

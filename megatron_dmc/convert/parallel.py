@@ -10,12 +10,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch.multiprocessing as mp
-
 from megatron_dmc.distributed import (
     destroy_distributed,
     free_port,
     initialize_distributed,
+    local_rank_context,
     set_local_rank_env,
 )
 
@@ -48,7 +47,7 @@ def run_parallel(
 ) -> list[Any]:
     """`fn(*args)` on every rank of a TP x PP world; results by rank, or RuntimeError."""
     world = tensor_parallel * pipeline_parallel
-    ctx = mp.get_context("spawn")
+    ctx = local_rank_context()
     results = ctx.Queue()
     port = free_port()
     sizes = (tensor_parallel, pipeline_parallel)
