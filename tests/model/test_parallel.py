@@ -100,24 +100,33 @@ def _local_name(model, global_name: str) -> str:
     return global_name
 
 
-def _all_layouts(reference: dict) -> list[dict]:
-    """One spawn for all layouts (ranks are slow to start); the default process group
-    stays up and each `initialize_distributed` rebuilds Megatron's groups."""
-    results = []
-    for tp, pp, ddp in ((2, 1, False), (1, 2, False), (1, 1, True)):
-        results.append(_layout_errors(reference, tp, pp, ddp))
-    return results
+def _all_layouts(references: list[dict]) -> list[list[dict]]:
+    """One spawn for every config and layout (ranks are slow to start); the default process
+    group stays up and each `initialize_distributed` rebuilds Megatron's groups."""
+    layouts = ((2, 1, False), (1, 2, False), (1, 1, True))
+    return [[_layout_errors(ref, tp, pp, ddp) for tp, pp, ddp in layouts] for ref in references]
+
+
+CONFIGS = {"channel": None, "heads-delay3": HEADS, "dms-delay3": DMS}
+
+
+@pytest.fixture(scope="module")
+def layout_errors() -> dict[str, tuple[dict, list[list[dict]]]]:
+    """Per config: the one-process reference and, per rank, the errors of each layout."""
+    references = [_reference(config) for config in CONFIGS.values()]
+    per_rank = run_distributed(_all_layouts, world_size=2, args=(references,), timeout_s=900)
+    return {
+        name: (reference, [by_config[k] for by_config in per_rank])
+        for k, (name, reference) in enumerate(zip(CONFIGS, references))
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize(
-    "dmc_config", [None, HEADS, DMS], ids=["channel", "heads-delay3", "dms-delay3"]
-)
-def test_tp2_pp2_dp2_match_one_process(dmc_config):
-    reference = _reference(dmc_config)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tp2_pp2_dp2_match_one_process(layout_errors, name):
+    reference, per_rank = layout_errors[name]
     assert all(s.sum() > 0 for s in reference["alpha_sum"]), "test needs some merges"
-    per_rank = run_distributed(_all_layouts, world_size=2, args=(reference,), timeout_s=600)
     for rank, layouts in enumerate(per_rank):
         for label, errors in zip(("TP=2", "PP=2", "DP=2"), layouts):
             assert errors, f"{label} rank {rank} compared nothing"
