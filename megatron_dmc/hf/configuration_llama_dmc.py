@@ -10,7 +10,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-DECISION_SOURCES = ("channel", "heads")
+DECISION_SOURCES = ("channel", "heads", "query")
 """`dmc_decision_source` values (those of `megatron_dmc.ops.DMCConfig.decision_source`)."""
 
 
@@ -38,8 +38,12 @@ class LlamaDMCConfig(LlamaConfig):
 
     dmc_decision_source: str = "channel"
     """Where the merge and importance logits come from: "channel" (the paper: channel D-1 of
-    q and k, zeroed before and after RoPE) or "heads" (each layer's `dmc_decision_proj`, a
-    [2 * KV heads, hidden] projection of the attention input; q, k and RoPE untouched)."""
+    q and k, zeroed before and after RoPE), "heads" (each layer's `dmc_decision_proj`, a
+    [2 * KV heads, hidden] projection of the attention input; q, k and RoPE untouched) or
+    "query" (dmc_kv_method "dms" only, the DMS reference's `dms_separate_alpha=False`:
+    eviction logit 100 * q[D-1] - dmc_init_val of the first query head of each KV group,
+    pre-RoPE; that channel of those heads is zeroed before and after RoPE; no extra
+    tensor)."""
 
     dmc_merge_delay: int = 0
     """The most recent dmc_merge_delay tokens of every KV head are attended exactly; a
@@ -48,7 +52,7 @@ class LlamaDMCConfig(LlamaConfig):
     dmc_kv_method: str = "dmc"
     """"dmc": merging (the paper). "dms": learned delayed eviction (one token per slot; the
     decision read at token t evicts token t-1 once it is more than dmc_merge_delay tokens
-    behind); needs dmc_window_size 1 and dmc_decision_source "heads"."""
+    behind); needs dmc_window_size 1 and dmc_decision_source "heads" or "query"."""
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
@@ -83,11 +87,15 @@ def _check_dmc_fields(config: LlamaDMCConfig) -> None:
     if config.dmc_kv_method not in ("dmc", "dms"):
         raise ValueError(f"dmc_kv_method must be 'dmc' or 'dms'; got {config.dmc_kv_method!r}")
     if config.dmc_kv_method == "dms" and (
-        config.dmc_window_size != 1 or config.dmc_decision_source != "heads"
+        config.dmc_window_size != 1 or config.dmc_decision_source == "channel"
     ):
         raise ValueError(
-            "dmc_kv_method 'dms' needs dmc_window_size 1 and dmc_decision_source 'heads'; got "
-            f"{config.dmc_window_size} and {config.dmc_decision_source!r}"
+            "dmc_kv_method 'dms' needs dmc_window_size 1 and dmc_decision_source 'heads' or "
+            f"'query'; got {config.dmc_window_size} and {config.dmc_decision_source!r}"
+        )
+    if config.dmc_kv_method == "dmc" and config.dmc_decision_source == "query":
+        raise ValueError(
+            "dmc_decision_source 'query' (DMS's query neuron) needs dmc_kv_method 'dms'"
         )
     if config.head_dim < 2:
         raise ValueError(f"DMC needs head_dim >= 2 to repurpose one channel; got {config.head_dim}")

@@ -532,10 +532,13 @@ def local_attention(
 
 
 # from megatron_dmc.ops.config
-DECISION_SOURCES = ("channel", "heads")
+DECISION_SOURCES = ("channel", "heads", "query")
 
 
 KV_METHODS = ("dmc", "dms")
+
+
+DMS_DECISION_SOURCES = ("heads", "query")
 
 
 @dataclass(frozen=True)
@@ -552,7 +555,10 @@ class DMCConfig:
     decision_source: str = "channel"
     """Where alpha and omega come from. "channel": the paper's repurposed channel D-1 of q
     and k (zeroed before and after RoPE). "heads": a separate zero-initialised projection of
-    the attention input, `ops.heads.decision_head_logits`; q, k and RoPE stay untouched."""
+    the attention input, `ops.heads.decision_head_logits`; q, k and RoPE stay untouched.
+    "query" (DMS only): the DMS reference's repurposed query neuron, channel D-1 of the first
+    query head of each KV group, `ops.heads.query_decision_logits`; that one channel is
+    zeroed for attention (before and after RoPE), keys are untouched."""
 
     merge_delay: int = 0
     """W: the most recent W tokens of every head are always attended exactly; a token's
@@ -562,7 +568,8 @@ class DMCConfig:
     """"dmc": merging (the paper). "dms": learned delayed eviction (DMS, `ops.dms`): the
     decision read at token t evicts token t-1 once it leaves the window of W exact tokens.
     That is DMC with slots of one token (a merge replaces the previous slot), so "dms"
-    needs window_size=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
+    needs window_size=1 and decision_source "heads" or "query"; `ops.dms.dms_config`
+    builds one."""
 
     def __post_init__(self) -> None:
         check_window(self.window_size)
@@ -583,11 +590,20 @@ class DMCConfig:
     def _check_kv_method(self) -> None:
         if self.kv_method not in KV_METHODS:
             raise ValueError(f"kv_method must be one of {KV_METHODS}; got {self.kv_method!r}")
-        if self.kv_method == "dms" and (self.window_size != 1 or self.decision_source != "heads"):
+        if self.kv_method == "dms" and (
+            self.window_size != 1 or self.decision_source not in DMS_DECISION_SOURCES
+        ):
             raise ValueError(
                 "kv_method='dms' evicts single tokens: it needs window_size=1 and "
-                f"decision_source='heads' (got window_size={self.window_size}, decision_source="
-                f"{self.decision_source!r}); build it with ops.dms.dms_config(merge_delay)"
+                f"decision_source in {DMS_DECISION_SOURCES} (got window_size={self.window_size}, "
+                f"decision_source={self.decision_source!r}); build it with "
+                "ops.dms.dms_config(merge_delay, decision_source=...)"
+            )
+        if self.kv_method == "dmc" and self.decision_source == "query":
+            raise ValueError(
+                "decision_source='query' (one query neuron gives an eviction decision, no "
+                "importance) is DMS's: use kv_method='dms'; DMC's repurposed channel is "
+                "decision_source='channel'"
             )
 
     @property
@@ -599,6 +615,16 @@ class DMCConfig:
     def uses_channel(self) -> bool:
         """True when channel D-1 of q and k is repurposed (and so zeroed)."""
         return self.decision_source == "channel"
+
+    @property
+    def uses_heads(self) -> bool:
+        """True when a separate decision-head projection gives the logits."""
+        return self.decision_source == "heads"
+
+    @property
+    def uses_query(self) -> bool:
+        """True when DMS reads channel D-1 of the first query head of each group."""
+        return self.decision_source == "query"
 
 
 # from megatron_dmc.ops.forward
@@ -644,6 +670,8 @@ def make_decisions(
 def resolve_decision_logits(
     q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
 ) -> DecisionLogits:
+    if logits is None and config.uses_query:
+        return query_decision_logits(q_BHTD, k_BGTD.shape[1], config.init_val)
     if logits is None:
         if not config.uses_channel:
             raise ValueError(
@@ -689,12 +717,46 @@ def rope_for_attention(
     return apply_rope(x_BHTD, cos_TD, sin_TD)
 
 
+def rope_for_query(
+    q_BHTD: torch.Tensor,
+    cos_TD: torch.Tensor,
+    sin_TD: torch.Tensor,
+    config: DMCConfig,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """RoPE of the queries: as `rope_for_attention`, except with DMS's query neuron
+    (decision_source "query"), zeroed in each group's first head only (keys untouched)."""
+    if config.uses_query:
+        return rope_without_query_decision_channel(q_BHTD, cos_TD, sin_TD, num_kv_heads)
+    return rope_for_attention(q_BHTD, cos_TD, sin_TD, config)
+
+
 # from megatron_dmc.ops.decisions
 # Legend: B batch, H query heads, G KV heads, T time, D head dim. See spec section 1: alpha logit
 # = k[D-1] - c; omega = sigmoid(mean_group(q[D-1]) + c) + eps.
 def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
     """A copy of x with channel D-1 set to 0 (differentiable, out of place)."""
     return torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
+
+
+def zero_query_decision_channel(q_BHTD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A copy of q with channel D-1 of the first query head of each KV group set to 0 (DMS's
+    query neuron; the other heads keep theirs). Heads on axis 1, channels last ([B, H, D]
+    works too). Differentiable, out of place."""
+    heads = q_BHTD.shape[1]
+    check_groups(heads, num_kv_heads)
+    keep_HD = torch.ones(heads, q_BHTD.shape[-1], dtype=q_BHTD.dtype, device=q_BHTD.device)
+    keep_HD[:: heads // num_kv_heads, -1] = 0.0
+    return q_BHTD * keep_HD.view(heads, *[1] * (q_BHTD.dim() - 3), -1)
+
+
+def rope_without_query_decision_channel(
+    q_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, num_kv_heads: int
+) -> torch.Tensor:
+    """DMS's query neuron out of attention: zeroed in the first head of each group before
+    and after rotate-half RoPE (as `rope_without_decision_channel` does for every head)."""
+    rotated_BHTD = apply_rope(zero_query_decision_channel(q_BHTD, num_kv_heads), cos_TD, sin_TD)
+    return zero_query_decision_channel(rotated_BHTD, num_kv_heads)
 
 
 def rope_without_decision_channel(
@@ -739,6 +801,16 @@ def channel_decision_logits(
     check_groups(h, g)
     qbar_BGT = q_BHTD[..., -1].reshape(b, g, h // g, t).mean(dim=2)
     return DecisionLogits(k_BGTD[..., -1] - init_val, qbar_BGT + init_val)
+
+
+def query_decision_logits(
+    q_BHTD: torch.Tensor, num_kv_heads: int, init_val: float, scale: float = HEAD_LOGIT_SCALE
+) -> DecisionLogits:
+    """DMS's repurposed query neuron: alpha = scale * q[first head of the group, D-1] - c."""
+    check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
+    check_groups(q_BHTD.shape[1], num_kv_heads)
+    alpha_BGT = q_BHTD[:, :: q_BHTD.shape[1] // num_kv_heads, :, -1] * scale - init_val
+    return DecisionLogits(alpha_BGT, torch.full_like(alpha_BGT.detach(), init_val))
 
 
 def decision_head_logits(
@@ -908,7 +980,7 @@ def dmc_parallel_attention(
     if dmc.merge_delay:
         k_exact_BGTD = rope_for_attention(k_in_BGTD, cos_B1TD, sin_B1TD, dmc)
         exact = dict(k_BGTD=k_exact_BGTD, v_BGTD=v_BGTD, merge_delay=dmc.merge_delay)
-    q_rot_BHTD = rope_for_attention(q_BHTD, cos_B1TD, sin_B1TD, dmc)
+    q_rot_BHTD = rope_for_query(q_BHTD, cos_B1TD, sin_B1TD, dmc, k_BGTD.shape[1])
     out_BHTD = dmc_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT, **exact)
     omega_BGT = decisions.omega_BGT
     return ParallelDMC(out_BHTD, alpha_BGT, omega_BGT, k_in_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD)
@@ -1232,7 +1304,7 @@ class DMCCacheLayer(CacheLayerMixin):
         self.slots.step(~merge_BG.reshape(u), k_rot_BGD.reshape(u, d), slot_v_BGD.reshape(u, d))
         self.tokens_seen += 1
         keys_USD, values_USD, valid_US = self.slots.gather()
-        q_rot_BHD = rope_for_attention(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc)
+        q_rot_BHD = rope_for_query(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc, g)
         length = valid_US.shape[1]
         return attend_slots(
             q_rot_BHD[:, :, None],
@@ -1260,7 +1332,7 @@ class DMCCacheLayer(CacheLayerMixin):
             band_UTA = band_TA[None].expand(b * g, -1, -1)
             visible_UTJ = torch.cat([visible_UTJ, band_UTA], dim=2)
         self.tokens_seen += length
-        q_rot_BHTD = rope_for_attention(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc)
+        q_rot_BHTD = rope_for_query(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc, g)
         keys = keys_UJD.shape[1]
         return attend_slots(
             q_rot_BHTD,

@@ -53,6 +53,7 @@ from megatron_dmc.ops.forward import (
     make_decisions,
     resolve_decision_logits,
     rope_for_attention,
+    rope_for_query,
     slot_keys_values,
 )
 from megatron_dmc.ops.heads import DecisionLogits, decision_head_logits, importance_from_logits
@@ -140,7 +141,7 @@ def dmc_parallel_attention(
     if dmc.merge_delay:
         k_exact_BGTD = rope_for_attention(k_in_BGTD, cos_B1TD, sin_B1TD, dmc)
         exact = dict(k_BGTD=k_exact_BGTD, v_BGTD=v_BGTD, merge_delay=dmc.merge_delay)
-    q_rot_BHTD = rope_for_attention(q_BHTD, cos_B1TD, sin_B1TD, dmc)
+    q_rot_BHTD = rope_for_query(q_BHTD, cos_B1TD, sin_B1TD, dmc, k_BGTD.shape[1])
     out_BHTD = dmc_attention(q_rot_BHTD, k_rot_BGTD, vtilde_BGTD, bias_BGT, **exact)
     omega_BGT = decisions.omega_BGT
     return ParallelDMC(out_BHTD, alpha_BGT, omega_BGT, k_in_BGTD, v_BGTD, k_rot_BGTD, vtilde_BGTD)
@@ -464,7 +465,7 @@ class DMCCacheLayer(CacheLayerMixin):
         self.slots.step(~merge_BG.reshape(u), k_rot_BGD.reshape(u, d), slot_v_BGD.reshape(u, d))
         self.tokens_seen += 1
         keys_USD, values_USD, valid_US = self.slots.gather()
-        q_rot_BHD = rope_for_attention(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc)
+        q_rot_BHD = rope_for_query(q_BHD, cos_BD[:, None], sin_BD[:, None], self.dmc, g)
         length = valid_US.shape[1]
         return attend_slots(
             q_rot_BHD[:, :, None],
@@ -492,7 +493,7 @@ class DMCCacheLayer(CacheLayerMixin):
             band_UTA = band_TA[None].expand(b * g, -1, -1)
             visible_UTJ = torch.cat([visible_UTJ, band_UTA], dim=2)
         self.tokens_seen += length
-        q_rot_BHTD = rope_for_attention(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc)
+        q_rot_BHTD = rope_for_query(q_BHTD, cos_BTD[:, None], sin_BTD[:, None], self.dmc, g)
         keys = keys_UJD.shape[1]
         return attend_slots(
             q_rot_BHTD,

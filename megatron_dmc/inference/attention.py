@@ -143,10 +143,33 @@ def paged_attention_blocked(
             valid_RS,
         )
     if ring is not None:
-        valid_RW = ring.valid_BW().repeat_interleave(num_groups, dim=0)
-        ring_k_BGWD, ring_v_BGWD = ring.keys_values()
-        state.add(ring_k_BGWD.flatten(0, 1), ring_v_BGWD.flatten(0, 1), valid_RW)
+        state.add_ring(ring, num_groups)
     return state.result().view(batch, num_heads, head_dim)
+
+
+def merge_ring_into_block(
+    q_RND: torch.Tensor,
+    out_RND: torch.Tensor,
+    lse_RN: torch.Tensor,
+    nonempty_R: torch.Tensor,
+    ring: RingBlock,
+    num_groups: int,
+) -> torch.Tensor:
+    """Attention over the paged slots, given as one finished block (its normalised output
+    and the log-sum-exp of its scaled scores, e.g. from a fused kernel), then the exact ring
+    as one more block of the same online softmax, as `paged_attention_blocked` does. Streams
+    with no paged slot (`nonempty_R` False) take the ring alone, whatever their lse says.
+    q is unscaled; everything is computed in fp32. Returns [R, N, D] in q's dtype."""
+    scale = 1.0 / math.sqrt(q_RND.shape[-1])
+    max_RN = torch.where(nonempty_R[:, None], lse_RN.float(), -math.inf)
+    state = _OnlineSoftmax(
+        q_RND.float() * scale,
+        max_RN,
+        nonempty_R[:, None].float().expand_as(max_RN).clone(),
+        torch.where(nonempty_R[:, None, None], out_RND.float(), 0.0),
+    )
+    state.add_ring(ring, num_groups)
+    return state.result().to(q_RND.dtype)
 
 
 @dataclass
@@ -175,6 +198,12 @@ class _OnlineSoftmax:
         self.sum_RN = self.sum_RN * rescale_RN + probs_RNS.sum(-1)
         self.acc_RND = torch.baddbmm(self.acc_RND * rescale_RN[..., None], probs_RNS, values_RSD)
         self.max_RN = new_max_RN
+
+    def add_ring(self, ring: RingBlock, num_groups: int) -> None:
+        """The exact ring of every stream as one more block."""
+        valid_RW = ring.valid_BW().repeat_interleave(num_groups, dim=0)
+        ring_k_BGWD, ring_v_BGWD = ring.keys_values()
+        self.add(ring_k_BGWD.flatten(0, 1), ring_v_BGWD.flatten(0, 1), valid_RW)
 
     def result(self) -> torch.Tensor:
         return self.acc_RND / self.sum_RN.clamp_min(torch.finfo(self.sum_RN.dtype).tiny)[..., None]

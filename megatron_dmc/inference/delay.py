@@ -25,7 +25,7 @@ from megatron_dmc.inference.attention import RingBlock
 from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
 from megatron_dmc.inference.decode import WITHOUT_RING, decode_attention, get_backend
 from megatron_dmc.inference.kv_cache import PagedKVCache
-from megatron_dmc.ops import DecisionLogits, DMCConfig, rope_for_attention
+from megatron_dmc.ops import DecisionLogits, DMCConfig, rope_for_query
 
 RopeTables = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -81,7 +81,8 @@ class DecodeStep:
             logits,
         )
         alpha_BG, omega_BG = alpha_BGT[..., 0], omega_BGT[..., 0]
-        q_rot_BHD = rope_for_attention(q_BHD, self.cos_BD[:, None], self.sin_BD[:, None], dmc)
+        groups = k_BGD.shape[1]
+        q_rot_BHD = rope_for_query(q_BHD, self.cos_BD[:, None], self.sin_BD[:, None], dmc, groups)
         if not dmc.merge_delay:
             cache.append(
                 layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, self.cos_BD, self.sin_BD

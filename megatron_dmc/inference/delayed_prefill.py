@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
 from megatron_dmc.inference.kv_cache import ChunkKV, PagedKVCache
 from megatron_dmc.inference.prefill import accumulate_after_context
-from megatron_dmc.ops import DecisionLogits, DMCConfig, key_for_accumulation, rope_for_attention
+from megatron_dmc.ops import (
+    DecisionLogits,
+    DMCConfig,
+    key_for_accumulation,
+    rope_for_attention,
+    rope_for_query,
+)
 
 RopeTables = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -56,7 +62,7 @@ def delayed_chunk_attention(
     k_in_BGTD = key_for_accumulation(k_BGTD, dmc)
     full_B = torch.full_like(seq_ids_B, length)
     chunk = ChunkKV(k_in_BGTD, v_BGTD, k_in_BGTD, v_BGTD, alpha_BGT, omega_BGT, full_B)
-    q_rot_BHTD = rope_for_attention(q_BHTD, cos_TD, sin_TD, dmc)
+    q_rot_BHTD = rope_for_query(q_BHTD, cos_TD, sin_TD, dmc, k_BGTD.shape[1])
     return delayed_continuation(q_rot_BHTD, chunk, start, rope, cache, layer, seq_ids_B, dmc)
 
 

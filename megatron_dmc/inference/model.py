@@ -10,7 +10,8 @@ sequence) and `extend` (logits of every token of a chunk appended to cached sequ
 scoring, as evaluation needs). dmc None runs plain Llama attention (vanilla) through the
 same engine. With decision heads (`decision_source="heads"`) each layer also has
 `self_attn.dmc_decision_proj` ([2G, E], HF name
-`model.layers.N.self_attn.dmc_decision_proj.weight`). With a merge delay W the first chunk
+`model.layers.N.self_attn.dmc_decision_proj.weight`); DMS's query neuron
+(`decision_source="query"`) reads them from q (`ops.rope_for_query` keeps it out of attention). With a merge delay W the first chunk
 of a prefill is parallel (`prefill` runs one chunk) and `extend` continues in parallel
 (delayed_prefill.py).
 """
@@ -62,12 +63,13 @@ class Attention(nn.Module):
         self.init_val = dmc.init_val if dmc else 0.0
         self.fused = FusedProjection()
         """One-token calls (decode): q, k, v and the heads' logits from one matmul."""
-        if dmc is not None and not dmc.uses_channel:
+        if dmc is not None and dmc.uses_heads:
             self.dmc_decision_proj = nn.Linear(shape.hidden_size, 2 * groups, bias=False)
             """Rows 0..G-1: alpha logit of each KV head; G..2G-1: omega logit (ops.heads)."""
 
     def decisions(self, x_BTE: torch.Tensor) -> DecisionLogits | None:
-        """Decision-head logits [B, G, T] of the (normed) attention input; None in channel mode."""
+        """Decision-head logits [B, G, T] of the (normed) attention input; None in channel
+        and query mode (the attention reads them from q and k)."""
         if not hasattr(self, "dmc_decision_proj"):
             return None
         return decision_head_logits(x_BTE, self.dmc_decision_proj.weight, self.init_val)

@@ -25,6 +25,7 @@ from megatron_dmc.ops import (
     dmc_attention,
     key_for_accumulation,
     rope_for_attention,
+    rope_for_query,
     windowed_partial_accumulation,
 )
 
@@ -76,7 +77,7 @@ def prefill_attention(
             first,
             logits,
         )
-        q_rot_BHTD = rope_for_attention(q_BHTD, cos_B1TD, sin_B1TD, dmc)
+        q_rot_BHTD = rope_for_query(q_BHTD, cos_B1TD, sin_B1TD, dmc, k_BGTD.shape[1])
         hidden_prefix_BG = chunk.alpha_BGT[..., 0]
     if first and dmc is not None and dmc.merge_delay:
         out_BHTD = _delayed_first_chunk_attention(q_rot_BHTD, chunk, cos_B1TD, sin_B1TD, dmc)

@@ -25,7 +25,9 @@ beside vtilde in the value tensor ([vtilde, v, bias]).
 
 DMS (`kv_method="dms"`, `ops.dms`): the same path with one token per slot (no
 accumulation); the bias log(1 - alpha_{j+1}) then evicts token j once it is more than W
-behind the query.
+behind the query. With DMS's query neuron (`decision_source="query"`) the hook reads the
+decisions from channel D-1 of each group's first query head and zeroes that channel; the
+core attention zeroes it again after RoPE (keys untouched).
 
 `compression_off = True` turns the layer into plain causal attention of the same weights
 (nothing zeroed, merged or recorded): the distillation teacher.
@@ -41,7 +43,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.utils import get_pg_rank
 
 from megatron_dmc.model.heads import DecisionHeads, attention_input, check_fused_norm
-from megatron_dmc.model.layout import to_bhtd, to_sbhd
+from megatron_dmc.model.layout import scale_query_decision_channel, to_bhtd, to_sbhd
 from megatron_dmc.ops import (
     DecisionLogits,
     DMCConfig,
@@ -83,7 +85,7 @@ class DMCSelfAttention(SelfAttention):
         self.core_attention.dmc_config = self.dmc_config
         self.collector = None
         self._head_logits: DecisionLogits | None = None
-        if not self.dmc_config.uses_channel:
+        if self.dmc_config.uses_heads:
             if hasattr(self.linear_qkv, "layer_norm_weight"):
                 check_fused_norm(self.config)
             self.dmc_decision_proj = DecisionHeads(
@@ -104,7 +106,7 @@ class DMCSelfAttention(SelfAttention):
 
     def get_query_key_value_tensors(self, hidden_states, *args, **kwargs):
         self._head_logits = None
-        if not self.dmc_config.uses_channel and not self.compression_off:
+        if self.dmc_config.uses_heads and not self.compression_off:
             x_SBC = attention_input(hidden_states, self.linear_qkv, self.config)
             self._head_logits = self.dmc_decision_proj(x_SBC)
         return super().get_query_key_value_tensors(hidden_states, *args, **kwargs)
@@ -137,8 +139,7 @@ class DMCSelfAttention(SelfAttention):
         if self.dmc_config.merge_delay:
             ktilde_BGTD = torch.cat([ktilde_BGTD, k_in_BGTD], dim=1)
             values.insert(1, v_BGTD)
-        if self.dmc_config.uses_channel:
-            query = zero_decision_channel(query)
+        query = _without_decision_channel(query, k_BGTD.shape[1], self.dmc_config)
         return (
             query,
             to_sbhd(ktilde_BGTD),
@@ -217,7 +218,9 @@ class DMCCoreAttention(MegatronModule):
 
     def _dmc(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if self.dmc_config.uses_channel:
-            query, key = zero_decision_channel(query), zero_decision_channel(key)
+            key = zero_decision_channel(key)
+        groups = value.shape[2]
+        query = _without_decision_channel(query, groups, self.dmc_config)
         q_BHTD, k_BSTD, value_BGTE = to_bhtd(query), to_bhtd(key), to_bhtd(value)
         bias_BGT = value_BGTE[..., -1]
         delay = self.dmc_config.merge_delay
@@ -234,3 +237,13 @@ class DMCCoreAttention(MegatronModule):
         return F.scaled_dot_product_attention(
             q_BHTD, k_BGTD, v_BGTD, is_causal=True, scale=self.softmax_scale, enable_gqa=group > 1
         )
+
+
+def _without_decision_channel(query_SBHD: torch.Tensor, groups: int, config: DMCConfig):
+    """Queries with the repurposed channel zeroed: D-1 of every head (channel), of each
+    group's first head (DMS's query neuron) or none (heads)."""
+    if config.uses_channel:
+        return zero_decision_channel(query_SBHD)
+    if config.uses_query:
+        return scale_query_decision_channel(query_SBHD, groups, 0.0)
+    return query_SBHD

@@ -21,3 +21,15 @@ def scale_decision_channel(x: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 1.0:
         return x
     return torch.cat([x[..., :-1], x[..., -1:] * factor], dim=-1)
+
+
+def scale_query_decision_channel(
+    x_SBHD: torch.Tensor, num_groups: int, factor: float
+) -> torch.Tensor:
+    """A copy of queries x with channel D-1 of the first head of each of `num_groups` KV
+    groups multiplied by `factor` (DMS's query neuron; x itself when factor is 1)."""
+    if factor == 1.0:
+        return x_SBHD
+    scale_HD = torch.ones(x_SBHD.shape[-2:], dtype=x_SBHD.dtype, device=x_SBHD.device)
+    scale_HD[:: x_SBHD.shape[-2] // num_groups, -1] = factor
+    return x_SBHD * scale_HD

@@ -35,15 +35,18 @@ def base_layer_spec() -> ModuleSpec:
 
 
 def layer_spec(attention: str = "vanilla", dmc_config: DMCConfig | None = None) -> ModuleSpec:
-    """The transformer-layer spec for one attention mode: vanilla, zero_out or dmc."""
+    """The transformer-layer spec for one attention mode: vanilla, zero_out or dmc.
+    `dmc_config` (dmc; zero_out: which channel it anneals) defaults to `DMCConfig()`."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
-    if dmc_config is not None and attention != "dmc":
-        raise ValueError(f"dmc_config is only used with attention='dmc', not {attention!r}")
+    if dmc_config is not None and attention == "vanilla":
+        raise ValueError("dmc_config is used with attention 'dmc' or 'zero_out', not 'vanilla'")
     spec = copy.deepcopy(base_layer_spec())
     attn = spec.submodules.self_attention
     if attention == "zero_out":
         attn.module = ZeroOutSelfAttention
+        if dmc_config is not None:
+            attn.params = {**attn.params, "decision_source": dmc_config.decision_source}
         attn.submodules.core_attention = zero_out_core_attention(attn.submodules.core_attention)
     elif attention == "dmc":
         attn.module = DMCSelfAttention

@@ -7,13 +7,15 @@ from megatron_dmc.ops.attention import (
     dmc_attention,
     dmc_attention_reference,
 )
-from megatron_dmc.ops.config import DECISION_SOURCES, KV_METHODS, DMCConfig
+from megatron_dmc.ops.config import DECISION_SOURCES, DMS_DECISION_SOURCES, KV_METHODS, DMCConfig
 from megatron_dmc.ops.decisions import (
     decision_logits,
     force_first_append,
     importance_weights,
     rope_without_decision_channel,
+    rope_without_query_decision_channel,
     zero_decision_channel,
+    zero_query_decision_channel,
 )
 from megatron_dmc.ops.dms import DEFAULT_DMS_WINDOW, dms_config, dms_sequential_reference
 from megatron_dmc.ops.forward import (
@@ -23,6 +25,7 @@ from megatron_dmc.ops.forward import (
     make_decisions,
     resolve_decision_logits,
     rope_for_attention,
+    rope_for_query,
     slot_keys_values,
 )
 from megatron_dmc.ops.heads import (
@@ -32,12 +35,14 @@ from megatron_dmc.ops.heads import (
     decision_head_logits,
     head_logits_from_outputs,
     importance_from_logits,
+    query_decision_logits,
 )
 from megatron_dmc.ops.loss import (
     CRSchedule,
     ZeroOutSchedule,
     achieved_compression_ratio,
     compression_loss,
+    training_length_cr,
 )
 from megatron_dmc.ops.reference import dmc_sequential_reference
 from megatron_dmc.ops.relaxation import (
@@ -53,6 +58,7 @@ from megatron_dmc.ops.window import counted_decisions, local_attention
 __all__ = [
     "DECISION_SOURCES",
     "DEFAULT_DMS_WINDOW",
+    "DMS_DECISION_SOURCES",
     "HARD_MASK_VALUE",
     "HEAD_LOGIT_SCALE",
     "KV_METHODS",
@@ -86,13 +92,18 @@ __all__ = [
     "local_attention",
     "logistic_from_uniform",
     "make_decisions",
+    "query_decision_logits",
     "resolve_decision_logits",
     "rope_cos_sin",
     "rope_for_attention",
+    "rope_for_query",
     "rope_without_decision_channel",
+    "rope_without_query_decision_channel",
     "rotate_half",
     "slot_keys_values",
     "straight_through",
+    "training_length_cr",
     "windowed_partial_accumulation",
     "zero_decision_channel",
+    "zero_query_decision_channel",
 ]

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from megatron_dmc.ops._checks import check_window
 
-DECISION_SOURCES = ("channel", "heads")
+DECISION_SOURCES = ("channel", "heads", "query")
 KV_METHODS = ("dmc", "dms")
+DMS_DECISION_SOURCES = ("heads", "query")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,10 @@ class DMCConfig:
     decision_source: str = "channel"
     """Where alpha and omega come from. "channel": the paper's repurposed channel D-1 of q
     and k (zeroed before and after RoPE). "heads": a separate zero-initialised projection of
-    the attention input, `ops.heads.decision_head_logits`; q, k and RoPE stay untouched."""
+    the attention input, `ops.heads.decision_head_logits`; q, k and RoPE stay untouched.
+    "query" (DMS only): the DMS reference's repurposed query neuron, channel D-1 of the first
+    query head of each KV group, `ops.heads.query_decision_logits`; that one channel is
+    zeroed for attention (before and after RoPE), keys are untouched."""
 
     merge_delay: int = 0
     """W: the most recent W tokens of every head are always attended exactly; a token's
@@ -34,7 +38,8 @@ class DMCConfig:
     """"dmc": merging (the paper). "dms": learned delayed eviction (DMS, `ops.dms`): the
     decision read at token t evicts token t-1 once it leaves the window of W exact tokens.
     That is DMC with slots of one token (a merge replaces the previous slot), so "dms"
-    needs window_size=1 and decision_source="heads"; `ops.dms.dms_config` builds one."""
+    needs window_size=1 and decision_source "heads" or "query"; `ops.dms.dms_config`
+    builds one."""
 
     def __post_init__(self) -> None:
         check_window(self.window_size)
@@ -55,11 +60,20 @@ class DMCConfig:
     def _check_kv_method(self) -> None:
         if self.kv_method not in KV_METHODS:
             raise ValueError(f"kv_method must be one of {KV_METHODS}; got {self.kv_method!r}")
-        if self.kv_method == "dms" and (self.window_size != 1 or self.decision_source != "heads"):
+        if self.kv_method == "dms" and (
+            self.window_size != 1 or self.decision_source not in DMS_DECISION_SOURCES
+        ):
             raise ValueError(
                 "kv_method='dms' evicts single tokens: it needs window_size=1 and "
-                f"decision_source='heads' (got window_size={self.window_size}, decision_source="
-                f"{self.decision_source!r}); build it with ops.dms.dms_config(merge_delay)"
+                f"decision_source in {DMS_DECISION_SOURCES} (got window_size={self.window_size}, "
+                f"decision_source={self.decision_source!r}); build it with "
+                "ops.dms.dms_config(merge_delay, decision_source=...)"
+            )
+        if self.kv_method == "dmc" and self.decision_source == "query":
+            raise ValueError(
+                "decision_source='query' (one query neuron gives an eviction decision, no "
+                "importance) is DMS's: use kv_method='dms'; DMC's repurposed channel is "
+                "decision_source='channel'"
             )
 
     @property
@@ -71,3 +85,13 @@ class DMCConfig:
     def uses_channel(self) -> bool:
         """True when channel D-1 of q and k is repurposed (and so zeroed)."""
         return self.decision_source == "channel"
+
+    @property
+    def uses_heads(self) -> bool:
+        """True when a separate decision-head projection gives the logits."""
+        return self.decision_source == "heads"
+
+    @property
+    def uses_query(self) -> bool:
+        """True when DMS reads channel D-1 of the first query head of each group."""
+        return self.decision_source == "query"

@@ -36,6 +36,26 @@ def zero_decision_channel(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., :-1], torch.zeros_like(x[..., -1:])], dim=-1)
 
 
+def zero_query_decision_channel(q_BHTD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A copy of q with channel D-1 of the first query head of each KV group set to 0 (DMS's
+    query neuron; the other heads keep theirs). Heads on axis 1, channels last ([B, H, D]
+    works too). Differentiable, out of place."""
+    heads = q_BHTD.shape[1]
+    check_groups(heads, num_kv_heads)
+    keep_HD = torch.ones(heads, q_BHTD.shape[-1], dtype=q_BHTD.dtype, device=q_BHTD.device)
+    keep_HD[:: heads // num_kv_heads, -1] = 0.0
+    return q_BHTD * keep_HD.view(heads, *[1] * (q_BHTD.dim() - 3), -1)
+
+
+def rope_without_query_decision_channel(
+    q_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, num_kv_heads: int
+) -> torch.Tensor:
+    """DMS's query neuron out of attention: zeroed in the first head of each group before
+    and after rotate-half RoPE (as `rope_without_decision_channel` does for every head)."""
+    rotated_BHTD = apply_rope(zero_query_decision_channel(q_BHTD, num_kv_heads), cos_TD, sin_TD)
+    return zero_query_decision_channel(rotated_BHTD, num_kv_heads)
+
+
 def rope_without_decision_channel(
     x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
 ) -> torch.Tensor:

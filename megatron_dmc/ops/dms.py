@@ -4,7 +4,8 @@ Legend: B batch, H query heads, G KV heads, T time, D head dim, W window (merge 
 
 DMS (Łańcucki, Staniszewski, Nawrot, Ponti, 2025) keeps every token in its own slot; the
 decision read at position t (logit 100 * W x_t - 5 of the decision heads, `DMCConfig`'s
-alpha row) says whether token t-1 is evicted. Token j is dropped once it is more than W
+alpha row; or 100 * q_t[D-1] - 5 of each group's first query head, decision_source
+"query") says whether token t-1 is evicted. Token j is dropped once it is more than W
 positions behind the query, if its decision says evict. The parallel training form is
 the shared one (`ops.forward.dmc_self_attention`): with one token per slot
 (`slot_keys_values`) DMC's bias log(1 - alpha_{j+1}) on keys more than W behind the query
@@ -19,7 +20,7 @@ import torch
 
 from megatron_dmc.ops._checks import check_qkv
 from megatron_dmc.ops.config import DMCConfig
-from megatron_dmc.ops.forward import resolve_decision_logits
+from megatron_dmc.ops.forward import resolve_decision_logits, rope_for_query
 from megatron_dmc.ops.heads import DecisionLogits
 from megatron_dmc.ops.rope import apply_rope
 
@@ -28,14 +29,18 @@ DEFAULT_DMS_WINDOW = 256
 
 
 def dms_config(
-    merge_delay: int = DEFAULT_DMS_WINDOW, init_val: float = 5.0, temperature: float = 0.1
+    merge_delay: int = DEFAULT_DMS_WINDOW,
+    init_val: float = 5.0,
+    temperature: float = 0.1,
+    decision_source: str = "heads",
 ) -> DMCConfig:
-    """DMS settings: one token per slot, decisions from the zero-initialised heads."""
+    """DMS settings: one token per slot, decisions from the zero-initialised heads (or from
+    the repurposed query neuron, decision_source="query")."""
     return DMCConfig(
         window_size=1,
         init_val=init_val,
         temperature=temperature,
-        decision_source="heads",
+        decision_source=decision_source,
         merge_delay=merge_delay,
         kv_method="dms",
     )
@@ -66,10 +71,11 @@ def dms_sequential_reference(
     cos_TD: torch.Tensor,
     sin_TD: torch.Tensor,
     config: DMCConfig,
-    logits: DecisionLogits,
+    logits: DecisionLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode DMS token by token. Returns ([B, H, T, D], cache lengths [B, G]).
 
+    `logits`: the decision heads' (heads mode); read from q with decision_source "query".
     Each KV head keeps a list of token slots; at time t token t enters, token t-1's
     decision (logit at t > 0) becomes known, and every token more than W behind t whose
     decision says evict is dropped before query t attends.
@@ -78,12 +84,12 @@ def dms_sequential_reference(
     _check_dms(config)
     logits = resolve_decision_logits(q_BHTD, k_BGTD, config, logits)
     b, h = q_BHTD.shape[:2]
-    g = k_BGTD.shape[1]
     evict_BGT = torch.cat(
         [logits.alpha_BGT[..., 1:] > 0, torch.zeros_like(logits.alpha_BGT[..., :1], dtype=bool)],
         dim=-1,
     )
-    q_rot_BHTD = apply_rope(q_BHTD, cos_TD, sin_TD)
+    g = k_BGTD.shape[1]
+    q_rot_BHTD = rope_for_query(q_BHTD, cos_TD, sin_TD, config, g)
     k_rot_BGTD = apply_rope(k_BGTD, cos_TD, sin_TD)
     out_BHTD = torch.zeros_like(q_BHTD[..., : v_BGTD.shape[-1]])
     lengths_BG = torch.zeros(b, g, dtype=torch.long)

@@ -16,12 +16,14 @@ from megatron_dmc.ops.config import DMCConfig
 from megatron_dmc.ops.decisions import (
     force_first_append,
     rope_without_decision_channel,
+    rope_without_query_decision_channel,
     zero_decision_channel,
 )
 from megatron_dmc.ops.heads import (
     DecisionLogits,
     channel_decision_logits,
     importance_from_logits,
+    query_decision_logits,
 )
 from megatron_dmc.ops.relaxation import eval_decisions, gumbel_sigmoid, straight_through
 from megatron_dmc.ops.rope import apply_rope
@@ -68,6 +70,8 @@ def make_decisions(
 def resolve_decision_logits(
     q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
 ) -> DecisionLogits:
+    if logits is None and config.uses_query:
+        return query_decision_logits(q_BHTD, k_BGTD.shape[1], config.init_val)
     if logits is None:
         if not config.uses_channel:
             raise ValueError(
@@ -113,6 +117,20 @@ def rope_for_attention(
     return apply_rope(x_BHTD, cos_TD, sin_TD)
 
 
+def rope_for_query(
+    q_BHTD: torch.Tensor,
+    cos_TD: torch.Tensor,
+    sin_TD: torch.Tensor,
+    config: DMCConfig,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """RoPE of the queries: as `rope_for_attention`, except with DMS's query neuron
+    (decision_source "query"), zeroed in each group's first head only (keys untouched)."""
+    if config.uses_query:
+        return rope_without_query_decision_channel(q_BHTD, cos_TD, sin_TD, num_kv_heads)
+    return rope_for_attention(q_BHTD, cos_TD, sin_TD, config)
+
+
 def dmc_self_attention(
     q_BHTD: torch.Tensor,
     k_BGTD: torch.Tensor,
@@ -134,7 +152,7 @@ def dmc_self_attention(
     ktilde_BGTD, vtilde_BGTD = slot_keys_values(
         k_in_BGTD, v_BGTD, decisions.alpha_BGT, decisions.omega_BGT, config
     )
-    q_rot_BHTD = rope_for_attention(q_BHTD, cos_TD, sin_TD, config)
+    q_rot_BHTD = rope_for_query(q_BHTD, cos_TD, sin_TD, config, k_BGTD.shape[1])
     k_rot_BGTD = rope_for_attention(ktilde_BGTD, cos_TD, sin_TD, config)
     bias_BGT = attention_bias(decisions.alpha_BGT, hard=not training)
     exact = {}

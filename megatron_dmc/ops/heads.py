@@ -13,6 +13,9 @@ logit (omega = sigmoid(logit) + eps):
   and uniform omega, exactly as a freshly zeroed channel does, while q and k stay intact.
   One omega row per KV head: the paper's average over the group's query heads of a linear
   function is itself a linear function, so nothing is lost.
+- query (DMS's `dms_separate_alpha=False`): alpha logit of KV head g = scale * q[gR, D-1] - c,
+  channel D-1 of the group's first query head (R = H/G), pre-RoPE; omega logit the constant
+  +c (DMS keeps one token per slot, so omega cancels).
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ def channel_decision_logits(
     check_groups(h, g)
     qbar_BGT = q_BHTD[..., -1].reshape(b, g, h // g, t).mean(dim=2)
     return DecisionLogits(k_BGTD[..., -1] - init_val, qbar_BGT + init_val)
+
+
+def query_decision_logits(
+    q_BHTD: torch.Tensor, num_kv_heads: int, init_val: float, scale: float = HEAD_LOGIT_SCALE
+) -> DecisionLogits:
+    """DMS's repurposed query neuron: alpha = scale * q[first head of the group, D-1] - c."""
+    check_rank("q", q_BHTD, 4, "[batch, heads, time, head_dim]")
+    check_groups(q_BHTD.shape[1], num_kv_heads)
+    alpha_BGT = q_BHTD[:, :: q_BHTD.shape[1] // num_kv_heads, :, -1] * scale - init_val
+    return DecisionLogits(alpha_BGT, torch.full_like(alpha_BGT.detach(), init_val))
 
 
 def decision_head_logits(

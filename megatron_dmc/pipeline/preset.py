@@ -55,6 +55,12 @@ class TrainSettings:
     """Learning rate at the end of finetune."""
     seed: int = 1234
     """Seed of the data order and the Gumbel noise."""
+    cr_at_eval_length: bool = False
+    """With a merge delay, ask for the target CR at the evaluation's context + continuation
+    length (`--dmc-cr-reference-length`) instead of at seq_length: the W exact tokens weigh
+    less in longer sequences, so the same merge rate compresses them more. Off by default:
+    with the one-sided CR loss the CR drifts above either target, and the runs measured so
+    far gained nothing from it (docs/demo.md)."""
     extra_args: list[str] = field(default_factory=list)
     """Further `python -m megatron_dmc.train` flags, passed through as given."""
 
@@ -175,14 +181,18 @@ class Preset:
                 f"train.methods has dms, which needs decision heads; recipe "
                 f"{self.train.recipe!r} uses channel decisions: use the efficient recipe"
             )
-        delay, length = values.get("dmc_merge_delay", 0), self.train.seq_length
+        delay = values.get("dmc_merge_delay", 0)
+        lengths = {"train.seq_length": self.train.seq_length}
+        if self.train.cr_at_eval_length:
+            lengths["the evaluation length"] = self.eval.context_len + self.eval.continuation_len
         for cr in self.target_crs:
-            if (delay + 1) * cr > length:
-                raise ValueError(
-                    f"merge delay {delay} at train.seq_length {length} cannot reach {cr:g}x "
-                    f"(at most {length / (delay + 1):.3g}x): lengthen the sequences or pass "
-                    "a shorter --dmc-merge-delay in train.extra_args"
-                )
+            for where, length in lengths.items():
+                if (delay + 1) * cr > length:
+                    raise ValueError(
+                        f"merge delay {delay} at {where} {length} cannot reach {cr:g}x (at "
+                        f"most {length / (delay + 1):.3g}x): lengthen the sequences or pass "
+                        "a shorter --dmc-merge-delay in train.extra_args"
+                    )
         unknown = sorted(set(self.rise_targets) - {label for label, _, _ in self.rows()})
         if unknown:
             raise ValueError(f"rise_targets names rows this preset does not train: {unknown}")

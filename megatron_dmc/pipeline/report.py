@@ -30,6 +30,12 @@ def reached(achieved: float | None, target: float) -> bool:
     return achieved is not None and achieved >= target * (1.0 - REACHED_TOLERANCE)
 
 
+def _reference_note(reference_length: int | None, cr: float) -> str:
+    if reference_length is None:
+        return ""
+    return f" on the training sequences, i.e. {cr_tag(cr)} at {reference_length} tokens"
+
+
 def outcome_lines(summary: dict) -> list[str]:
     lines = []
     decode = {d["label"]: d for d in summary["decode"]}
@@ -37,11 +43,13 @@ def outcome_lines(summary: dict) -> list[str]:
         cr, achieved = t["target_cr"], t["final_achieved_cr"]
         method = t.get("method", "dmc")
         label = t.get("label", f"dmc {cr_tag(cr)}")
-        verdict = "reached" if reached(achieved, cr) else "NOT reached"
+        train_target = t["final_target_cr"] or cr
+        verdict = "reached" if reached(achieved, train_target) else "NOT reached"
         held_out = decode.get(label, {}).get("compression_ratio")
         lines.append(
             f"- **{label}: target {verdict}.** Achieved CR at the last training step "
-            f"{_fmt(achieved, '.4f')} (target {_fmt(t['final_target_cr'], '.4f')}); "
+            f"{_fmt(achieved, '.4f')} (target {_fmt(t['final_target_cr'], '.4f')}"
+            f"{_reference_note(t.get('cr_reference_length'), cr)}); "
             f"on held-out decoding {_fmt(held_out, '.3f')}."
         )
         lines += protocol_lines(summary, (method, "h2o", "tova"), cr)

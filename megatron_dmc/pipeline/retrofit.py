@@ -59,6 +59,8 @@ def common_args(
         "--dmc-retrofit-iters": ramp + t.hold_for(target_cr, zero_out),
         "--dmc-finetune-iters": t.finetune_iters,
     }
+    if t.cr_at_eval_length and preset.recipe_values().get("dmc_merge_delay", 0):
+        values["--dmc-cr-reference-length"] = preset.eval.context_len + preset.eval.continuation_len
     args = [str(item) for pair in values.items() for item in pair]
     base = shared_args(preset, assets, model_yaml, preset.tensor_parallel)
     recipe = recipe_flags(t.recipe)

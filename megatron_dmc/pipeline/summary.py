@@ -51,6 +51,7 @@ def training_summary(
         "lm_loss_end": _mean(losses[-LOSS_WINDOW:]),
         "final_target_cr": last.get("target_cr"),
         "final_achieved_cr": last.get("achieved_cr"),
+        "cr_reference_length": last.get("cr_reference_length"),
         "final_iteration": last.get("iteration"),
         "layer_head_cr": layer_head_cr,
         "stage_steps": {s: sum(r["stage"] == s for r in records) for s in ("zero_out", "retrofit", "finetune")},

@@ -202,9 +202,9 @@ def _decision_heads(config: dict[str, Any]) -> bool:
     if config.get("model_type") != "llama_dmc":
         return False
     source = config.get("dmc_decision_source", "channel")
-    if source not in ("channel", "heads"):
+    if source not in ("channel", "heads", "query"):
         raise ValueError(
-            f"config.json dmc_decision_source={source!r}: expected 'channel' or 'heads'"
+            f"config.json dmc_decision_source={source!r}: expected 'channel', 'heads' or 'query'"
         )
     return source == "heads"
 

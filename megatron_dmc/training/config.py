@@ -28,6 +28,8 @@ DMC_ONLY_FIELDS = (
     "dmc_decision_source",
     "dmc_merge_delay",
     "kv_method",
+    "dmc_cr_overshoot",
+    "dmc_cr_reference_length",
 )
 """DMCArgs fields that mean nothing to --dmc-stage plain."""
 
@@ -276,11 +278,16 @@ class DMCArgs:
     dmc_init_val: float = 5.0
     """c: decision logit k[D-1] - c, importance sigmoid(q[D-1] + c)."""
 
-    dmc_decision_source: str = field(default="channel", metadata={"choices": ("channel", "heads")})
+    dmc_decision_source: str = field(
+        default="channel", metadata={"choices": ("channel", "heads", "query")}
+    )
     """Where decisions come from: "channel" (the paper: channel D-1 of q/k, repurposed after
-    the zero_out stage) or "heads" (a zero-initialised projection of the attention input;
+    the zero_out stage), "heads" (a zero-initialised projection of the attention input;
     the model starts exactly as the original, no channel is zeroed, so there is no zero_out
-    stage: --dmc-stage all runs retrofit then finetune, --dmc-stage zero_out is refused)."""
+    stage: --dmc-stage all runs retrofit then finetune, --dmc-stage zero_out is refused) or
+    "query" (--kv-method dms only: the DMS reference's repurposed query neuron, channel D-1
+    of each KV group's first query head, logit 100 * q - c; zero_out anneals that channel
+    alone, so the first DMS step evicts nothing)."""
 
     dmc_merge_delay: int = 0
     """W: the most recent W tokens of every head stay exact; a token's merge decision takes
@@ -290,12 +297,24 @@ class DMCArgs:
     kv_method: str = field(default="dmc", metadata={"choices": ("dmc", "dms")})
     """KV compression method: "dmc" (merging, the paper) or "dms" (learned delayed
     eviction: one token per slot, a token more than --dmc-merge-delay positions behind the
-    query is dropped if its decision says so; needs --dmc-decision-source heads, ignores
-    --dmc-window-size). The stages, schedule, CR loss and distillation are shared."""
+    query is dropped if its decision says so; needs --dmc-decision-source heads or query,
+    ignores --dmc-window-size). The stages, schedule, CR loss and distillation are shared."""
 
     dmc_cr_loss_weight: float = 1.0
     """Weight of the CR loss against the LM loss (1 in the release). The metrics log the
     unweighted CR loss."""
+
+    dmc_cr_overshoot: float | None = None
+    """Make the CR loss two-sided: a sequence compressing more than the target x (1 + this)
+    pays too (e.g. 0.05: free between 2x and 2.1x). Unset: one-sided, the paper (a run may
+    compress more than asked, for free)."""
+
+    dmc_cr_reference_length: int | None = None
+    """With --dmc-merge-delay W: the length at which the target CR is asked for (e.g. the
+    context + continuation an evaluation or a deployment uses). The W exact tokens weigh
+    less in longer sequences, so at the training length the CR loss asks for the CR that
+    the same merge rate gives at this length (ops.training_length_cr). Default: the
+    --seq-length (the paper's accounting); no effect without a delay."""
 
     plain_iters: int | None = None
     """Length of --dmc-stage plain (required there, refused elsewhere)."""
@@ -327,6 +346,12 @@ class DMCArgs:
         _positive("dmc_window_size", self.dmc_window_size)
         _positive("dmc_temperature", self.dmc_temperature)
         _positive("dmc_cr_loss_weight", self.dmc_cr_loss_weight)
+        _positive("dmc_cr_reference_length", self.dmc_cr_reference_length, allow_none=True)
+        if self.dmc_cr_overshoot is not None and self.dmc_cr_overshoot < 0:
+            raise ValueError(
+                f"--dmc-cr-overshoot must be >= 0 (e.g. 0.05 lets the CR run 5% over the "
+                f"target for free); got {self.dmc_cr_overshoot}"
+            )
         self._check_decision_source()
         if self.dmc_zero_out_anneal_iters > self.dmc_zero_out_iters:
             raise ValueError(
@@ -349,10 +374,16 @@ class DMCArgs:
             raise ValueError(
                 f"--dmc-merge-delay must be >= 0 (0 = the paper); got {self.dmc_merge_delay}"
             )
-        if self.kv_method == "dms" and self.dmc_decision_source != "heads":
+        if self.kv_method == "dms" and self.dmc_decision_source == "channel":
             raise ValueError(
-                "--kv-method dms reads its eviction decisions from the decision heads: add "
-                "--dmc-decision-source heads"
+                "--kv-method dms reads its eviction decisions from the decision heads or from "
+                "the repurposed query neuron: add --dmc-decision-source heads (or query)"
+            )
+        if self.kv_method == "dmc" and self.dmc_decision_source == "query":
+            raise ValueError(
+                "--dmc-decision-source query (one query neuron, an eviction decision, no "
+                "importance) is DMS's: add --kv-method dms, or use --dmc-decision-source "
+                "channel for DMC's repurposed channel"
             )
         if self.dmc_decision_source == "heads" and self.dmc_stage == "zero_out":
             raise ValueError(
@@ -556,8 +587,8 @@ class TrainConfig:
         teacher_copy = r.distill and not (r.frozen_base and heads)
         if teacher_copy and r.dmc_teacher_load is None and self.checkpoint.load is None:
             raise ValueError(
-                "distillation with a trainable base (or the channel decision source, whose "
-                "zero_out changes the base) needs the original weights as a frozen teacher: "
+                "distillation with a trainable base (or a channel or query decision source, "
+                "whose zero_out changes the base) needs the original weights as a frozen teacher: "
                 "give --load or --dmc-teacher-load"
             )
 

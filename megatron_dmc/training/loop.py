@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 
 from megatron_dmc.distributed import initialize_distributed
 from megatron_dmc.model.qkv import decision_row_selectors
+from megatron_dmc.ops import training_length_cr
 from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training import checkpoint as ckpt
 from megatron_dmc.training import model_api
@@ -54,11 +55,22 @@ class Run:
     def settings(self, stage: Stage, step: int) -> LossSettings:
         count = self.model_config.num_hidden_layers * self.model_config.num_key_value_heads
         return LossSettings(
-            stage.target_cr(step),
+            self.training_length_target(stage.target_cr(step)),
             count * self.cfg.batch.seq_length,
             self.cfg.dmc.dmc_cr_loss_weight,
             self.cfg.retrofit.dmc_lm_loss_weight,
             self.cfg.retrofit.dmc_distill_weight,
+            cr_overshoot=self.cfg.dmc.dmc_cr_overshoot,
+        )
+
+    def training_length_target(self, target_cr: float | None) -> float | None:
+        """The schedule's CR, asked at --dmc-cr-reference-length, as the CR the training
+        sequences must reach (the same where there is no reference length or delay)."""
+        dmc = self.cfg.dmc
+        if target_cr is None:
+            return None
+        return training_length_cr(
+            target_cr, self.cfg.batch.seq_length, dmc.dmc_merge_delay, dmc.dmc_cr_reference_length
         )
 
     def batches(self, data, stage: Stage, forward_only: bool):
@@ -107,6 +119,10 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
     record = run.recorder.record(
         base, result, alpha_LN, settings.decisions_per_sequence, settings.target_cr
     )
+    reference = cfg.dmc.dmc_cr_reference_length
+    if reference is not None and stage.target_cr(progress.stage_step) is not None:
+        record["reference_target_cr"] = stage.target_cr(progress.stage_step)
+        record["cr_reference_length"] = reference
     if problem is not None:
         record["skipped_iterations"] = progress.skipped_iterations
     if run.teacher is not None:

@@ -40,6 +40,10 @@ class LossSettings:
     distill_weight: float = 0.0
     """Weight of the KL to the teacher; 0: no teacher (the release)."""
 
+    cr_overshoot: float | None = None
+    """The CR loss also charges compressing more than target x (1 + this)
+    (--dmc-cr-overshoot); None: one-sided, the paper."""
+
 
 def global_alpha_sum(alpha_sum_B: torch.Tensor, summed_over_tp: bool) -> torch.Tensor:
     """Decision sums over all KV heads: all-reduce the TP-local sums (identity backward,
@@ -74,7 +78,9 @@ def micro_batch_loss(
         alpha_total = alpha_sum_B.detach().sum()
         if settings.target_cr is not None:
             count = settings.decisions_per_sequence
-            cr_loss = compression_loss(alpha_sum_B, count, settings.target_cr)
+            cr_loss = compression_loss(
+                alpha_sum_B, count, settings.target_cr, settings.cr_overshoot
+            )
             loss = loss + settings.cr_loss_weight * cr_loss
     sequences = loss.new_tensor(float(loss_BS.shape[0]))
     stats = torch.stack(

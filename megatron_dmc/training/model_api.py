@@ -52,7 +52,12 @@ def transformer_config(model_config: LlamaShape, cfg: TrainConfig):
 
 def dmc_config(cfg: TrainConfig) -> DMCConfig:
     if cfg.dmc.kv_method == "dms":
-        return dms_config(cfg.dmc.dmc_merge_delay, cfg.dmc.dmc_init_val, cfg.dmc.dmc_temperature)
+        return dms_config(
+            cfg.dmc.dmc_merge_delay,
+            cfg.dmc.dmc_init_val,
+            cfg.dmc.dmc_temperature,
+            cfg.dmc.dmc_decision_source,
+        )
     return DMCConfig(
         window_size=cfg.dmc.dmc_window_size,
         init_val=cfg.dmc.dmc_init_val,
@@ -80,7 +85,7 @@ def build(model_config: LlamaShape, cfg: TrainConfig, attention: str) -> Distrib
     module = build_model(
         model_config,
         attention,
-        dmc_config(cfg) if attention == "dmc" else None,
+        dmc_config(cfg) if attention in ("dmc", "zero_out") else None,
         transformer_config(model_config, cfg),
         noise_seed=cfg.batch.seed,
     )

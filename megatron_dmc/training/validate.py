@@ -107,6 +107,14 @@ def _check_merge_delay(cfg: TrainConfig) -> None:
             f"{length / (delay + 1):.3g}x); use a delay below {length / target - 1:.0f} or "
             "longer sequences"
         )
+    reference = cfg.dmc.dmc_cr_reference_length
+    if cfg.dmc.dmc_stage != PLAIN and reference is not None and (delay + 1) * target > reference:
+        raise ValueError(
+            f"--dmc-merge-delay {delay} keeps {delay} of the --dmc-cr-reference-length "
+            f"{reference} tokens exact, so they cannot reach --dmc-target-cr {target:g} (at "
+            f"most {reference / (delay + 1):.3g}x); use a longer reference length or a "
+            "shorter delay"
+        )
 
 
 def _check_decision_source(cfg: TrainConfig) -> None:
@@ -119,6 +127,14 @@ def _check_decision_source(cfg: TrainConfig) -> None:
         return  # no megatron_dmc metadata: a vanilla Megatron checkpoint
     has_heads = bool(metadata["llama"].get("dmc_decision_heads", False))
     heads = cfg.dmc.dmc_decision_source == "heads"
+    trained_source = (metadata.get("dmc") or {}).get("decision_source")
+    source = cfg.dmc.dmc_decision_source
+    if "query" in (trained_source, source) and trained_source not in (None, source):
+        raise ValueError(
+            f"--load {cfg.checkpoint.load} was trained with --dmc-decision-source "
+            f"{trained_source}; continue it with --dmc-decision-source {trained_source}, or "
+            "start from the original model"
+        )
     trained_channel = metadata.get("dmc") is not None and not has_heads
     if heads and trained_channel:
         raise ValueError(

@@ -59,7 +59,7 @@ def test_heads_entry_only_in_heads_models_and_splits_back_exactly() -> None:
 
 def test_bad_decision_source_in_config_is_refused() -> None:
     config = tiny_config().to_dict()
-    config.update(model_type="llama_dmc", dmc_decision_source="query")
+    config.update(model_type="llama_dmc", dmc_decision_source="neuron")
     with pytest.raises(ValueError, match="dmc_decision_source"):
         llama_shape_from_hf(config)
 

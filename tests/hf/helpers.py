@@ -130,6 +130,7 @@ def reference_llama(model: DMCLlamaForCausalLM, kind: str = "ops") -> LlamaForCa
         init_val=float(config.dmc_init_val),
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
+        kv_method=config.dmc_kv_method,
     )
     for index, layer in enumerate(reference.model.layers):
         attention = layer.self_attn

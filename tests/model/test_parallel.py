@@ -36,6 +36,9 @@ which says nothing about the parallel plumbing this test checks."""
 DMS = dms_config(merge_delay=3, temperature=1.0)
 """DMS (one-token slots, eviction) through the same layer; temperature 1 as above."""
 
+DMS_QUERY = dms_config(merge_delay=3, temperature=1.0, decision_source="query")
+"""DMS with the reference's repurposed query neuron (no decision heads)."""
+
 
 def _reference(dmc_config: DMCConfig | None = None) -> dict:
     initialize_distributed(seed=21)
@@ -43,10 +46,13 @@ def _reference(dmc_config: DMCConfig | None = None) -> dict:
         model = build_model(LlamaShape.from_yaml(NAME), "dmc", dmc_config)
         with torch.no_grad():  # k[D-1] near c (or heads of a useful size): mixed decisions
             for layer in model.decoder.layers:
-                if dmc_config is not None and not dmc_config.uses_channel:
+                if dmc_config is not None and dmc_config.uses_heads:
                     layer.self_attention.dmc_decision_proj.weight.normal_(0.0, 0.02)
                     continue
                 weight = layer.self_attention.linear_qkv.weight
+                if dmc_config is not None and dmc_config.uses_query:
+                    weight.view(2, -1, 16, 64)[:, 0, -1] *= 2.0
+                    continue
                 weight.view(2, -1, 16, 64)[:, -2, -1] *= 400.0
         state = {n: p.detach().clone() for n, p in model.named_parameters()}
         losses = run_step(model, batch_BS(NUM_MICROBATCHES))
@@ -107,7 +113,12 @@ def _all_layouts(references: list[dict]) -> list[list[dict]]:
     return [[_layout_errors(ref, tp, pp, ddp) for tp, pp, ddp in layouts] for ref in references]
 
 
-CONFIGS = {"channel": None, "heads-delay3": HEADS, "dms-delay3": DMS}
+CONFIGS = {
+    "channel": None,
+    "heads-delay3": HEADS,
+    "dms-delay3": DMS,
+    "dms-query-delay3": DMS_QUERY,
+}
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,7 @@ def test_counted_decisions_drop_the_window():
 
 def test_config_validates_the_new_fields():
     with pytest.raises(ValueError, match="decision_source"):
-        DMCConfig(decision_source="query")
+        DMCConfig(decision_source="neuron")
     with pytest.raises(ValueError, match="merge_delay"):
         DMCConfig(merge_delay=-1)
     assert DMCConfig().decision_source == "channel" and DMCConfig().merge_delay == 0

@@ -69,6 +69,7 @@ def test_training_flags_parse_into_the_trainers_config(tmp_path):
         ramp + preset.train.hold_iters,
     )
     assert cfg.checkpoint.load == str(tmp_path / "z") and not cfg.checkpoint.finetune
+    assert cfg.dmc.dmc_cr_reference_length is None  # no delay: the CR is length-free
     assert first_iteration(preset, "dmc") == preset.train.zero_out_iters
 
 
@@ -84,9 +85,14 @@ def test_efficient_rows_start_from_the_import_with_the_same_steps(tmp_path):
         assert cfg.checkpoint.finetune and cfg.checkpoint.load == str(tmp_path / "meg")
         assert cfg.dmc.schedule_iters == preset.train.total_iters(cr)  # zero_out's steps held
         assert (cfg.dmc.dmc_merge_delay, cfg.retrofit.dmc_trainable) == (64, "dmc-heads")
+        assert cfg.dmc.dmc_cr_reference_length is None  # train.cr_at_eval_length is off
         assert first_iteration(preset, method) == 0
     labels = [label for label, _, _ in preset.rows()]
     assert labels == ["dmc 2x", "dmc 4x", "dmc 8x", "dms 2x", "dms 4x", "dms 8x"]
+    preset.train.cr_at_eval_length = True
+    argv = retrofit_args(preset, assets, tmp_path / "m.yaml", tmp_path / "meg", tmp_path / "r", 2.0)
+    eval_length = preset.eval.context_len + preset.eval.continuation_len
+    assert parse_args(argv).dmc.dmc_cr_reference_length == eval_length
 
 
 def test_gqa_uptraining_copies_the_dmc_runs_budget_schedule_and_data(tmp_path):

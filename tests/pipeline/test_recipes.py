@@ -59,6 +59,11 @@ def test_presets_refuse_rows_they_cannot_train(tmp_path):
         ValueError, match=r"merge delay 64 at train\.seq_length 256 cannot reach 4x"
     ):
         load_preset(str(bad))
+    bad.write_text(
+        "train: {cr_at_eval_length: true}\neval: {context_len: 96, continuation_len: 32}\n"
+    )
+    with pytest.raises(ValueError, match=r"at the evaluation length 128 cannot reach 2x"):
+        load_preset(str(bad))
     bad.write_text("train: {methods: [gqa]}\n")
     with pytest.raises(ValueError, match=r"train\.methods"):
         load_preset(str(bad))

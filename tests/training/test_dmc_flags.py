@@ -40,7 +40,7 @@ def test_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="must be >= 0"):
         parse_args([*BASE, "--dmc-merge-delay", "-1"])
     with pytest.raises(SystemExit) as exit_info:
-        parse_args([*BASE, "--dmc-decision-source", "query"])
+        parse_args([*BASE, "--dmc-decision-source", "neuron"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
@@ -124,3 +124,52 @@ def test_kv_method_dms_needs_decision_heads(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exit_info:
         parse_args([*BASE, "--kv-method", "h2o"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_dms_query_neuron_runs_zero_out_first_and_exports_no_heads() -> None:
+    flags = ["--kv-method", "dms", "--dmc-decision-source", "query", "--dmc-merge-delay", "3"]
+    cfg = parse_args([*BASE, *flags])
+    config = dmc_config(cfg)
+    assert (config.kv_method, config.decision_source, config.window_size) == ("dms", "query", 1)
+    assert [s.name for s in plan(cfg.dmc)] == ["zero_out", "retrofit", "finetune"]
+    model_config = validate(cfg, world_size=1)
+    metadata = export_metadata(model_config, cfg, [[2.0, 2.0]] * 4)["megatron_dmc"]
+    assert metadata["llama"]["dmc_decision_heads"] is False
+    assert (metadata["dmc"]["kv_method"], metadata["dmc"]["decision_source"]) == ("dms", "query")
+
+
+def test_query_neuron_is_dms_only() -> None:
+    with pytest.raises(ValueError, match="--kv-method dms"):
+        parse_args([*BASE, "--dmc-decision-source", "query"])
+    with pytest.raises(ValueError, match="dmc-heads"):
+        parse_args([*BASE, "--kv-method", "dms", "--dmc-decision-source", "query",
+                    "--dmc-trainable", "dmc-heads"])  # fmt: skip
+
+
+def test_the_cr_loss_asks_the_reference_lengths_cr_at_the_training_length() -> None:
+    from megatron_dmc.ops import training_length_cr
+    from megatron_dmc.training.loop import Run
+
+    flags = ["--dmc-merge-delay", "4", "--dmc-target-cr", "2", "--dmc-cr-overshoot", "0.05"]
+    cfg = parse_args([*BASE, *flags, "--dmc-cr-reference-length", "96"])
+    run = Run(cfg, validate(cfg, world_size=1), *([None] * 7))
+    finetune = plan(cfg.dmc)[-1]
+    settings = run.settings(finetune, 0)
+    assert settings.cr_overshoot == 0.05 and settings.target_cr == training_length_cr(
+        2.0, 32, 4, 96
+    )
+    assert 1.0 < settings.target_cr < 2.0
+    paper = parse_args([*BASE, "--dmc-target-cr", "2"])
+    paper_run = Run(paper, validate(paper, world_size=1), *([None] * 7))
+    assert paper_run.settings(plan(paper.dmc)[-1], 0).cr_overshoot is None
+    with pytest.raises(ValueError, match="--dmc-cr-overshoot must be >= 0"):
+        parse_args([*BASE, "--dmc-cr-overshoot", "-0.1"])
+
+
+def test_an_unreachable_reference_length_is_refused() -> None:
+    cfg = parse_args([*BASE, "--dmc-merge-delay", "7", "--dmc-target-cr", "2",
+                      "--dmc-cr-reference-length", "15"])  # fmt: skip
+    with pytest.raises(ValueError, match="--dmc-cr-reference-length 15 tokens exact"):
+        validate(cfg, world_size=1)
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_args([*BASE, "--dmc-cr-reference-length", "0"])

@@ -40,3 +40,40 @@ def test_dms_trains_exports_and_loads(tmp_path: Path) -> None:
         expected = hf(tokens, use_cache=False).logits
         got = engine(tokens)
     assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_dms_query_neuron_runs_zero_out_then_evicts_nothing_at_its_first_step(
+    tmp_path: Path,
+) -> None:
+    """--dmc-decision-source query: zero_out anneals the query neuron to 0, so the first
+    DMS step evicts about nothing (logit -5, as zero-initialised heads); the export loads in HF and the engine alike."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_dmc.convert.commands import export_hf
+    from megatron_dmc.inference.loading import load_model
+    from tests.training.helpers import TINY_SHARED, metrics, train
+
+    save = tmp_path / "run"
+    flags = ["--kv-method", "dms", "--dmc-decision-source", "query", "--dmc-merge-delay", "4"]
+    recipe = ["--dmc-target-cr", "2", "--dmc-zero-out-iters", "2"]
+    lengths = ["--dmc-zero-out-anneal-iters", "1", "--dmc-ramp-iters", "2"]
+    train([*TINY_SHARED, *flags, *recipe, *lengths, "--dmc-finetune-iters", "1",
+           "--save", str(save)])  # fmt: skip
+    records = metrics(save)
+    assert [r["stage"] for r in records] == ["zero_out"] * 2 + ["retrofit"] * 2 + ["finetune"]
+    first_dms = records[2]
+    # logit 100 * 0 - 5: only the training noise evicts, at rate sigmoid(-5) = 0.0067
+    assert 1.0 <= first_dms["achieved_cr"] < 1.02, "the first DMS step must evict ~nothing"
+
+    out = export_hf(save, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["dmc_kv_method"], config["dmc_decision_source"]) == ("dms", "query")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    engine = load_model(out)
+    assert engine.dmc.uses_query
+    tokens = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(tokens, use_cache=False).logits
+        got = engine(tokens)
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
