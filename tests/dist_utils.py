@@ -24,6 +24,7 @@ rank fails the calling test with that rank's traceback; a rank that hangs past
 from __future__ import annotations
 
 import contextlib
+import pickle
 import queue
 import time
 import traceback
@@ -41,13 +42,16 @@ def _worker(
     rank: int,
     world_size: int,
     port: int,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
+    call: bytes,
     results: Any,
 ) -> None:
+    """`call` holds the arguments pickled by value: handed to the fork server as objects,
+    every tensor would travel as a shared-memory file descriptor, and one message carries
+    at most 253 of them."""
     set_local_rank_env(rank, world_size, port)
     torch.set_num_threads(1)
     try:
+        args, kwargs = pickle.loads(call)
         results.put((rank, True, fn(*args, **kwargs)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -108,10 +112,11 @@ def run_distributed(
     ctx = local_rank_context()
     results = ctx.Queue()
     port = free_port()
+    call = pickle.dumps((tuple(args), dict(kwargs or {})))  # tensors by value, see _worker
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, rank, world_size, port, tuple(args), dict(kwargs or {}), results),
+            args=(fn, rank, world_size, port, call, results),
             daemon=False,
         )
         for rank in range(world_size)
