@@ -8,6 +8,7 @@ seeds every generator. Without torchrun's environment it starts a world of one o
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import socket
@@ -27,6 +28,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+RANK_PRELOAD = (
+    "megatron_dmc.distributed",
+    "megatron_dmc.training.loop",
+    "megatron_dmc.convert.writer",
+    "megatron_dmc.convert.commands",
+)
+"""Modules the fork server of `local_rank_context` imports once for every rank it starts."""
+
+
+def local_rank_context() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context for ranks started on this machine: a fork server that
+    has imported Megatron-Core and this package once, so a rank starts in a fraction of a
+    second instead of importing them again (~7 CPU-seconds each). A rank inherits the
+    environment of the moment the server started; `set_local_rank_env` sets its own."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(RANK_PRELOAD))
+    return context
 
 
 def set_local_rank_env(rank: int, world_size: int, port: int) -> None:

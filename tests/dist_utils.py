@@ -11,9 +11,10 @@
         results = run_distributed(_body, world_size=2, args=(2,))   # one per rank
 
 Each process gets torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
-LOCAL_RANK), one intra-op thread, and `destroy_distributed()` afterwards. Spawned
-ranks import only what `fn`'s module imports (megatron-core alone takes ~10-20 s to
-import on 2 busy cores), so put several checks into one body rather than one per test.
+LOCAL_RANK), one intra-op thread, and `destroy_distributed()` afterwards. Ranks are
+forked from the session's fork server (`megatron_dmc.distributed.local_rank_context`),
+which imported megatron-core once; they still import `fn`'s module and start gloo, so
+put several checks into one body rather than one per test.
 Ranks are not daemonic (as under torchrun), so they may start processes of their own,
 e.g. the writers of a torch_dist checkpoint save. An exception or failed assert in any
 rank fails the calling test with that rank's traceback; a rank that hangs past
@@ -23,6 +24,7 @@ rank fails the calling test with that rank's traceback; a rank that hangs past
 from __future__ import annotations
 
 import contextlib
+import pickle
 import queue
 import time
 import traceback
@@ -31,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_dmc.distributed import set_local_rank_env
 
@@ -41,13 +42,16 @@ def _worker(
     rank: int,
     world_size: int,
     port: int,
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
+    call: bytes,
     results: Any,
 ) -> None:
+    """`call` holds the arguments pickled by value: handed to the fork server as objects,
+    every tensor would travel as a shared-memory file descriptor, and one message carries
+    at most 253 of them."""
     set_local_rank_env(rank, world_size, port)
     torch.set_num_threads(1)
     try:
+        args, kwargs = pickle.loads(call)
         results.put((rank, True, fn(*args, **kwargs)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -103,15 +107,16 @@ def run_distributed(
     timeout_s: float = 180.0,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` spawned ranks; return results by rank."""
-    from megatron_dmc.distributed import free_port
+    from megatron_dmc.distributed import free_port, local_rank_context
 
-    ctx = mp.get_context("spawn")
+    ctx = local_rank_context()
     results = ctx.Queue()
     port = free_port()
+    call = pickle.dumps((tuple(args), dict(kwargs or {})))  # tensors by value, see _worker
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, rank, world_size, port, tuple(args), dict(kwargs or {}), results),
+            args=(fn, rank, world_size, port, call, results),
             daemon=False,
         )
         for rank in range(world_size)

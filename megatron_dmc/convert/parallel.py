@@ -5,17 +5,17 @@ Workers are not daemonic: Megatron's checkpoint writer starts helper processes o
 
 from __future__ import annotations
 
+import pickle
 import queue
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch.multiprocessing as mp
-
 from megatron_dmc.distributed import (
     destroy_distributed,
     free_port,
     initialize_distributed,
+    local_rank_context,
     set_local_rank_env,
 )
 
@@ -26,13 +26,13 @@ def _worker(
     world: int,
     port: int,
     sizes: tuple[int, int],
-    args: Sequence[Any],
+    call: bytes,
     results: Any,
 ) -> None:
     set_local_rank_env(rank, world, port)
     try:
         initialize_distributed(*sizes)
-        results.put((rank, None, fn(*args)))
+        results.put((rank, None, fn(*pickle.loads(call))))
     except BaseException:
         results.put((rank, traceback.format_exc(), None))
     finally:
@@ -48,12 +48,13 @@ def run_parallel(
 ) -> list[Any]:
     """`fn(*args)` on every rank of a TP x PP world; results by rank, or RuntimeError."""
     world = tensor_parallel * pipeline_parallel
-    ctx = mp.get_context("spawn")
+    ctx = local_rank_context()
     results = ctx.Queue()
     port = free_port()
     sizes = (tensor_parallel, pipeline_parallel)
+    call = pickle.dumps(tuple(args))  # by value: a fork server passes few file descriptors
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world, port, sizes, tuple(args), results))
+        ctx.Process(target=_worker, args=(fn, rank, world, port, sizes, call, results))
         for rank in range(world)
     ]
     for proc in procs:

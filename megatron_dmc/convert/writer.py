@@ -12,14 +12,13 @@ from megatron_dmc.convert._model import build_gpt_model
 from megatron_dmc.convert.megatron_io import TensorSource, save_from_source
 from megatron_dmc.convert.parallel import run_parallel
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed
-from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.schema.checkpoint import check_new_directory, staging_path
 from megatron_dmc.schema.llama import LlamaShape
 
 
 def check_parallel_sizes(shape: LlamaShape, tensor_parallel: int, pipeline_parallel: int) -> None:
     """Refuse TP/PP sizes the model cannot be split into (before anything is written)."""
-    ModelConfig.from_shape(shape).check_parallel(tensor_parallel, pipeline_parallel)
+    shape.check_parallel(tensor_parallel, pipeline_parallel)
 
 
 def write_megatron(

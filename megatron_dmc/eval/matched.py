@@ -21,17 +21,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformers import Cache
 
-from megatron_dmc.eval.caches import (
-    KVMethod,
-    dense_kv_bytes,
-    forward_cached,
-    kv_bytes,
-    peak_kv_bytes,
+from megatron_dmc.eval.caches import KVMethod, forward_cached, kv_bytes, peak_kv_bytes
+from megatron_dmc.eval.perplexity import (
+    PerplexityResult,
+    SampleScore,
+    _blocks,
+    evaluate_samples,
+    strided_spans,
 )
-from megatron_dmc.eval.perplexity import PerplexityResult, _blocks, _windows
 from megatron_dmc.eval.slots import mean_slots, slots_attended
 
 MATCHED_CHUNK = 64
@@ -96,25 +95,16 @@ def matched_continuation_perplexity(
     """Score the `continuation_len` tokens after each context, the whole sample compressed."""
     _check_chunk(chunk)
     blocks = _blocks(token_ids, context_len + continuation_len, max_samples)
-    nll, held, peak, slots = 0.0, 0, 0, 0.0
-    for block_T in tqdm(blocks, desc=f"matched continuation ({method.name})", disable=not progress):
+
+    def score_block(block_T: torch.Tensor) -> SampleScore:
         run = stream(model, method, block_T, chunk, on_boundary)
-        nll -= float(run.logprobs_T[context_len - 1 :].sum())
-        held, peak, slots = held + run.kv_bytes, max(peak, run.peak_kv_bytes), slots + run.slots
+        return _sample_score(run, context_len - 1, continuation_len, len(block_T))
+
     settings = dict(context_len=context_len, continuation_len=continuation_len,
                     samples=len(blocks), chunk=chunk)  # fmt: skip
     sample_len = context_len + continuation_len
-    return PerplexityResult(
-        "matched_continuation",
-        method.name,
-        method.compression_ratio,
-        nll / (len(blocks) * continuation_len),
-        len(blocks) * continuation_len,
-        held // len(blocks),
-        peak,
-        dense_kv_bytes(model, sample_len),
-        settings,
-        len(blocks) * sample_len / slots,
+    return evaluate_samples(
+        "matched_continuation", model, method, blocks, score_block, sample_len, settings, progress
     )
 
 
@@ -132,30 +122,20 @@ def matched_strided_perplexity(
     """Whole-sequence perplexity with overlapping windows, each window compressed from its
     first token."""
     _check_chunk(chunk)
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
-    token_ids = token_ids[:max_tokens] if max_tokens else token_ids
-    if len(token_ids) < 2:
-        raise ValueError("need at least 2 held-out tokens to score one")
-    spans = _windows(len(token_ids), window, stride)
-    nll, count, held, peak, seen, slots = 0.0, 0, 0, 0, 0, 0.0
-    for begin, end, scored_len in tqdm(
-        spans, desc=f"matched strided ({method.name})", disable=not progress
-    ):
+    token_ids, spans = strided_spans(token_ids, window, stride, max_tokens)
+
+    def score_window(span: tuple[int, int, int]) -> SampleScore:
+        begin, end, scored_len = span
         run = stream(model, method, token_ids[begin:end], chunk, on_boundary)
-        nll -= float(run.logprobs_T[-scored_len:].sum())
-        count, seen = count + scored_len, seen + end - begin
-        held, peak, slots = held + run.kv_bytes, max(peak, run.peak_kv_bytes), slots + run.slots
+        return _sample_score(run, len(run.logprobs_T) - scored_len, scored_len, end - begin)
+
     settings = dict(window=window, stride=stride, chunk=chunk, windows=len(spans))
-    return PerplexityResult(
-        "matched_strided",
-        method.name,
-        method.compression_ratio,
-        nll / count,
-        count,
-        held // len(spans),
-        peak,
-        dense_kv_bytes(model, window),
-        settings,
-        seen / slots,
+    return evaluate_samples(
+        "matched_strided", model, method, spans, score_window, window, settings, progress
     )
+
+
+def _sample_score(run: Streamed, first: int, scored: int, seen: int) -> SampleScore:
+    """The sample's contribution, scoring `run`'s log-probabilities from index `first` on."""
+    nll = -float(run.logprobs_T[first:].sum())
+    return SampleScore(nll, scored, seen, run.kv_bytes, run.peak_kv_bytes, run.slots)

@@ -17,7 +17,9 @@ Every result reports its real CR (slots.py) and the most KV bytes held at any mo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +58,53 @@ class PerplexityResult:
         return {**asdict(self), "perplexity": self.perplexity}
 
 
+@dataclass
+class SampleScore:
+    """What one sample (a context + continuation block, or a window) contributes."""
+
+    nll: float
+    """Summed negative log-likelihood of the scored tokens."""
+    scored: int
+    """Tokens scored."""
+    seen: int
+    """Tokens the cache saw."""
+    kv_bytes: int
+    """Bytes the cache held after the sample's context."""
+    peak_kv_bytes: int
+    slots: float
+    """Mean slots per (layer, KV head) the last scored token attended."""
+
+
+def evaluate_samples(
+    protocol: str,
+    model: nn.Module,
+    method: KVMethod,
+    samples: Sequence[Any],
+    score_sample: Callable[[Any], SampleScore],
+    dense_len: int,
+    settings: dict,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Run `score_sample` over `samples` and sum them into one result of `protocol`."""
+    nll, scored, seen, held, peak, slots = 0.0, 0, 0, 0, 0, 0.0
+    for sample in tqdm(samples, desc=f"{protocol} ({method.name})", disable=not progress):
+        one = score_sample(sample)
+        nll, scored, seen = nll + one.nll, scored + one.scored, seen + one.seen
+        held, peak, slots = held + one.kv_bytes, max(peak, one.peak_kv_bytes), slots + one.slots
+    return PerplexityResult(
+        protocol,
+        method.name,
+        method.compression_ratio,
+        nll / scored,
+        scored,
+        held // len(samples),
+        peak,
+        dense_kv_bytes(model, dense_len),
+        settings,
+        seen / slots,
+    )
+
+
 def _blocks(token_ids: torch.Tensor, size: int, max_samples: int | None) -> list[torch.Tensor]:
     count = len(token_ids) // size
     if max_samples is not None:
@@ -80,14 +129,17 @@ def continuation_perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Compress a context, score the tokens after it; samples are disjoint blocks."""
-    nll, held, peak, slots = 0.0, 0, 0, 0.0
     blocks = _blocks(token_ids, context_len + continuation_len, max_samples)
-    for block_T in tqdm(blocks, desc=f"continuation ppl ({method.name})", disable=not progress):
+
+    def score_block(block_T: torch.Tensor) -> SampleScore:
         prefix = prefill(model, method, block_T[:context_len], prefill_chunk)
         scored = score(model, prefix, block_T[context_len:], score_chunk)
-        nll -= float(scored.logprobs_T.sum())
-        held, peak = held + prefix.kv_bytes, max(peak, scored.peak_kv_bytes)
-        slots += mean_slots(slots_attended(prefix.cache))
+        slots = mean_slots(slots_attended(prefix.cache))
+        nll = -float(scored.logprobs_T.sum())
+        return SampleScore(
+            nll, continuation_len, len(block_T), prefix.kv_bytes, scored.peak_kv_bytes, slots
+        )
+
     settings = dict(
         context_len=context_len,
         continuation_len=continuation_len,
@@ -95,17 +147,8 @@ def continuation_perplexity(
         prefill_chunk=prefill_chunk,
         score_chunk=score_chunk,
     )
-    return PerplexityResult(
-        "continuation",
-        method.name,
-        method.compression_ratio,
-        nll / (len(blocks) * continuation_len),
-        len(blocks) * continuation_len,
-        held // len(blocks),
-        peak,
-        dense_kv_bytes(model, context_len),
-        settings,
-        len(blocks) * (context_len + continuation_len) / slots,
+    return evaluate_samples(
+        "continuation", model, method, blocks, score_block, context_len, settings, progress
     )
 
 
@@ -121,6 +164,18 @@ def _windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]
     return spans
 
 
+def strided_spans(
+    token_ids: torch.Tensor, window: int, stride: int, max_tokens: int | None
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The tokens a strided protocol reads (cut to `max_tokens`) and its `_windows`."""
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
+    token_ids = token_ids[:max_tokens] if max_tokens else token_ids
+    if len(token_ids) < 2:
+        raise ValueError("need at least 2 held-out tokens to score one")
+    return token_ids, _windows(len(token_ids), window, stride)
+
+
 def strided_perplexity(
     model: nn.Module,
     method: KVMethod,
@@ -132,33 +187,20 @@ def strided_perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Whole-sequence perplexity with overlapping windows, every window through the cache."""
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
-    token_ids = token_ids[:max_tokens] if max_tokens else token_ids
-    if len(token_ids) < 2:
-        raise ValueError("need at least 2 held-out tokens to score one")
-    nll, count, held, peak, seen, slots = 0.0, 0, 0, 0, 0, 0.0
-    spans = _windows(len(token_ids), window, stride)
-    for begin, end, scored_len in tqdm(
-        spans, desc=f"strided ppl ({method.name})", disable=not progress
-    ):
+    token_ids, spans = strided_spans(token_ids, window, stride, max_tokens)
+
+    def score_window(span: tuple[int, int, int]) -> SampleScore:
+        begin, end, scored_len = span
         ids_T = token_ids[begin:end]
         prefix = prefill(model, method, ids_T[:1], budget_tokens=window)
         scored = score(model, prefix, ids_T[1:], chunk)
-        nll -= float(scored.logprobs_T[-scored_len:].sum())
-        count += scored_len
-        held, peak = held + scored.kv_bytes, max(peak, scored.peak_kv_bytes)
-        seen, slots = seen + end - begin, slots + mean_slots(slots_attended(prefix.cache))
+        slots = mean_slots(slots_attended(prefix.cache))
+        nll = -float(scored.logprobs_T[-scored_len:].sum())
+        return SampleScore(
+            nll, scored_len, end - begin, scored.kv_bytes, scored.peak_kv_bytes, slots
+        )
+
     settings = dict(window=window, stride=stride, chunk=chunk, windows=len(spans))
-    return PerplexityResult(
-        "strided",
-        method.name,
-        method.compression_ratio,
-        nll / count,
-        count,
-        held // len(spans),
-        peak,
-        dense_kv_bytes(model, window),
-        settings,
-        seen / slots,
+    return evaluate_samples(
+        "strided", model, method, spans, score_window, window, settings, progress
     )

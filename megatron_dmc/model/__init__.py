@@ -2,7 +2,7 @@
 
 from megatron_dmc.model.attention import DMCCoreAttention, DMCSelfAttention
 from megatron_dmc.model.builder import build_model
-from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.model.config import check_layout, to_transformer_config
 from megatron_dmc.model.decisions import DecisionCollector, DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
 from megatron_dmc.model.qkv import zero_decision_rows
@@ -16,12 +16,13 @@ __all__ = [
     "DMCSelfAttention",
     "DecisionCollector",
     "DecisionSums",
-    "ModelConfig",
     "ZeroOutSelfAttention",
     "build_model",
+    "check_layout",
     "gather_alpha_means",
     "layer_spec",
     "pipeline_seq_length",
     "set_zero_out_lambda",
+    "to_transformer_config",
     "zero_decision_rows",
 ]

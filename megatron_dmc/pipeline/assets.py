@@ -65,11 +65,16 @@ def write_tiny_model(preset: Preset, tokenizer_dir: Path, out_dir: Path) -> Path
 
 def write_model_yaml(hf_dir: str | Path, path: Path) -> None:
     """The Megatron model shape (`--model PATH`) of an HF Llama directory."""
-    from megatron_dmc.model.config import ModelConfig
     from megatron_dmc.schema.llama import llama_shape_from_hf, read_hf_config
 
-    config = ModelConfig.from_shape(llama_shape_from_hf(read_hf_config(hf_dir)))
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    shape = llama_shape_from_hf(read_hf_config(hf_dir)).to_dict()
+    for stored in _CHECKPOINT_ONLY_FIELDS:
+        shape.pop(stored)
+    path.write_text(yaml.safe_dump(shape, sort_keys=False))
+
+
+_CHECKPOINT_ONLY_FIELDS = ("dtype", "dmc_decision_heads")
+"""Facts about stored weights, not the model a training run builds."""
 
 
 def held_out_tokens(prefix: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from megatron_dmc.pipeline.eval_tasks import PaperTasks
+from megatron_dmc.schema.llama import named_yaml
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 MODEL_SOURCES = ("smollm2", "tiny")
@@ -231,13 +232,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def preset_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ValueError(f"no preset at {path}; known presets: {known}, or give a YAML path")
-    return path
+    return named_yaml(name_or_path, PRESET_DIR, "preset")
 
 
 def load_preset(name_or_path: str) -> Preset:

@@ -1,6 +1,10 @@
-"""The Llama architecture as the converters see it, read from (and written to) HF config.json.
+"""The Llama architecture, defined once: `LlamaShape`, in HF config.json names.
 
-Everything that cannot be converted exactly is refused here, before any tensor is read.
+Read from `configs/<name>.yaml` (`LlamaShape.from_yaml`), from HF config.json
+(`llama_shape_from_hf`, which refuses everything that cannot be converted exactly, before any
+tensor is read) and from checkpoint metadata (`LlamaShape.from_dict`); written to config.json
+by `hf_config_from_shape`. `megatron_dmc.model.config.transformer_config` turns it into a
+Megatron-Core `TransformerConfig`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+"""Where `LlamaShape.from_yaml` looks up a bare model name."""
 
 SUPPORTED_ROPE_TYPES = ("default",)
 """rope_type values converted exactly; linear, dynamic, yarn, longrope and llama3 are not."""
@@ -25,35 +33,59 @@ _IGNORED_FIELDS_THAT_MUST_BE_FALSY = ("attention_bias", "mlp_bias", "sliding_win
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """Sizes and constants of a Llama decoder; the HF names are kept where they exist."""
+    """Sizes and constants of a Llama decoder; the HF config.json names are kept."""
 
     vocab_size: int
     """Real vocabulary size (rows of the HF embedding; Megatron may pad beyond it)."""
     hidden_size: int
+    """Residual stream width."""
     intermediate_size: int
-    """FFN width of one of the two gated projections (gate or up)."""
+    """FFN width of one of the two gated projections (gate or up); Megatron's ffn_hidden_size."""
     num_hidden_layers: int
+    """Transformer blocks; Megatron's num_layers."""
     num_attention_heads: int
+    """Query heads."""
     num_key_value_heads: int
     """KV heads; = num_attention_heads for MHA, Megatron's num_query_groups."""
-    head_dim: int
-    """Channels per head (Megatron's kv_channels); may differ from hidden/heads."""
+    head_dim: int | None = None
+    """Channels per head (Megatron's kv_channels); may differ from hidden/heads. None (only
+    when constructing) means hidden_size / num_attention_heads; the record then holds it."""
     rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
     rope_theta: float = 10000.0
+    """RoPE base."""
     max_position_embeddings: int = 4096
+    """Longest sequence the model is built for."""
     tie_word_embeddings: bool = False
+    """Output layer shares the input embedding matrix."""
     dtype: str = "float32"
     """Storage dtype of the weights ("float32", "bfloat16" or "float16")."""
     dmc_decision_heads: bool = False
     """The model carries DMC decision heads (decision_source "heads"): one more tensor per
     layer, `self_attn.dmc_decision_proj.weight` [2 * KV heads, hidden]."""
+    init_method_std: float = 0.02
+    """Std of the normal init of fresh weights (Megatron-side only; not in config.json)."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron's --make-vocab-size-divisible-by: when the tensor parallel size does not
+    divide vocab_size, the embedding and output layer get zero rows up to a multiple of
+    this times the tensor parallel size (`padded_vocab_size`); export strips them."""
 
     def __post_init__(self) -> None:
+        for field in _POSITIVE_FIELDS:
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}; fix config.json"
+                f"num_key_value_heads={self.num_key_value_heads}; fix config.json or the YAML"
             )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(DTYPES)}")
 
@@ -65,12 +97,72 @@ class LlamaShape:
     def queries_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def padded_vocab_size(self, tp: int) -> int:
+        """Embedding rows of the Megatron model at tensor parallel size `tp`."""
+        if self.vocab_size % tp == 0:
+            return self.vocab_size
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Reject tensor/pipeline sizes this model cannot be split into, before any work."""
+        _check_divides("num_attention_heads", self.num_attention_heads, "tensor", tp)
+        _check_divides("num_key_value_heads", self.num_key_value_heads, "tensor", tp)
+        _check_divides("intermediate_size", self.intermediate_size, "tensor", tp)
+        _check_divides("num_hidden_layers", self.num_hidden_layers, "pipeline", pp)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> LlamaShape:
-        return cls(**fields)
+    def from_dict(cls, values: dict[str, Any]) -> LlamaShape:
+        """A model config YAML or checkpoint metadata dict; unknown or missing keys refused."""
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown model config keys {unknown}; expected some of {sorted(known)}"
+            )
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(values))
+        if missing:
+            raise ValueError(f"model config is missing required keys {missing}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path) -> LlamaShape:
+        """Load `configs/<name>.yaml` for a bare name (e.g. "tiny_gqa"), else a file path."""
+        path = named_yaml(name_or_path, CONFIG_DIR, "model config")
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+
+def named_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:
+    """`folder/<name>.yaml` for a bare name, else the YAML path given; it must exist."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ValueError(f"no {what} at {path}; known {what}s: {known}, or give a YAML path")
+    return path
+
+
+_POSITIVE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "make_vocab_size_divisible_by",
+)
+
+
+def _check_divides(field: str, value: int, kind: str, size: int) -> None:
+    if size < 1 or value % size != 0:
+        raise ValueError(
+            f"{field} ({value}) is not divisible by the {kind} parallel size ({size}); "
+            f"pick a {kind} parallel size that divides it"
+        )
 
 
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:

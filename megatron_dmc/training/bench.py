@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_dmc.bench.timing import clock_name, timed
-from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.schema.llama import LlamaShape
 
 GOAL = 1.15
 """DMC step time / vanilla step time the implementation aims to stay under."""
@@ -73,11 +73,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--warmup and --vocab-size must be >= 0 and --target-cr > 1")
 
 
-def model_shape(args: argparse.Namespace) -> ModelConfig:
-    base = ModelConfig.from_yaml(args.model)
+def model_shape(args: argparse.Namespace) -> LlamaShape:
+    base = LlamaShape.from_yaml(args.model)
     return dataclasses.replace(
         base,
-        num_layers=args.num_layers,
+        num_hidden_layers=args.num_layers,
         vocab_size=args.vocab_size or base.vocab_size,
         max_position_embeddings=max(base.max_position_embeddings, args.seq_length),
     )
@@ -149,13 +149,13 @@ class Contender:
     """A distillation Teacher (None: no distillation)."""
 
 
-def _contenders(args: argparse.Namespace, cfg, shape: ModelConfig) -> list[Contender]:
+def _contenders(args: argparse.Namespace, cfg, shape: LlamaShape) -> list[Contender]:
     from megatron_dmc.model.spec import use_transformer_engine
     from megatron_dmc.training import model_api
     from megatron_dmc.training.loss import LossSettings
     from megatron_dmc.training.optim import build_optimizer
 
-    decisions = shape.num_layers * shape.num_query_groups * args.seq_length
+    decisions = shape.num_hidden_layers * shape.num_key_value_heads * args.seq_length
     modes = [("vanilla", None), ("dmc", args.target_cr)]
     if not use_transformer_engine():
         modes.insert(1, ("vanilla_sdpa", None))
@@ -184,7 +184,7 @@ DISTILLED = ("dmc_distill", "dmc_lora_distill", "dmc_heads_lora_self")
 and heads-mode DMC with LoRA distilled from itself with compression off (no copy)."""
 
 
-def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> Contender:
+def _distilled(name: str, args, cfg, shape: LlamaShape, vanilla: Contender) -> Contender:
     """DMC (retrofit step, KL weight 1) from `vanilla`'s weights, with a frozen copy of them
     as teacher, or (heads) the student with compression off."""
     import copy
@@ -210,7 +210,7 @@ def _distilled(name: str, args, cfg, shape: ModelConfig, vanilla: Contender) -> 
         teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
         teacher_model.load_state_dict(state, strict=True)
     optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
-    decisions = shape.num_layers * shape.num_query_groups * args.seq_length
+    decisions = shape.num_hidden_layers * shape.num_key_value_heads * args.seq_length
     settings = LossSettings(args.target_cr, decisions, distill_weight=1.0)
     teacher = Teacher(teacher_model, args.seq_length)
     return Contender(name, model, optimizer, settings, teacher=teacher)
@@ -288,7 +288,7 @@ def measure(args: argparse.Namespace, contenders: list[Contender], batch: dict, 
                 contender.seconds.append(seconds)
 
 
-def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Contender], device: str):
+def report(args: argparse.Namespace, shape: LlamaShape, contenders: list[Contender], device: str):
     """Printed lines and the result numbers."""
     tokens = args.seq_length * args.micro_batch_size * args.num_microbatches
     medians = {c.name: statistics.median(c.seconds) for c in contenders}
@@ -297,9 +297,9 @@ def report(args: argparse.Namespace, shape: ModelConfig, contenders: list[Conten
     ratio = medians["dmc"] / medians[baseline]
     per_round = statistics.median(d / v for v, d in zip(times[baseline], times["dmc"]))
     lines = [
-        f"model {args.model}: {shape.num_layers} layers, hidden {shape.hidden_size}, "
-        f"{shape.num_attention_heads} heads / {shape.num_query_groups} KV, head dim "
-        f"{shape.kv_channels}, vocab {shape.vocab_size}; {args.num_microbatches} x "
+        f"model {args.model}: {shape.num_hidden_layers} layers, hidden {shape.hidden_size}, "
+        f"{shape.num_attention_heads} heads / {shape.num_key_value_heads} KV, head dim "
+        f"{shape.head_dim}, vocab {shape.vocab_size}; {args.num_microbatches} x "
         f"{args.micro_batch_size} x {args.seq_length} tokens per step, "
         f"{'bf16' if args.bf16 else 'fp32'}, {device}, {torch.get_num_threads()} thread(s)",
         f"clock: {clock_name(device)}; {args.warmup} warm-up + {args.reps} timed steps each",

@@ -39,12 +39,12 @@ class PlainStep:
 
 
 def plain_transformers_step(shape, optim_args, num_microbatches: int, device: str) -> PlainStep:
-    """PlainStep for a Megatron ModelConfig `shape` and the trainer's OptimizerArgs."""
+    """PlainStep for a model `shape` (LlamaShape) and the trainer's OptimizerArgs."""
     import transformers
 
     from megatron_dmc.schema.llama import hf_config_from_shape
 
-    config = transformers.LlamaConfig(**hf_config_from_shape(shape.to_shape()))
+    config = transformers.LlamaConfig(**hf_config_from_shape(shape))
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device).train()

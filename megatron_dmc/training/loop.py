@@ -12,9 +12,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_dmc.distributed import initialize_distributed
-from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.qkv import decision_row_selectors
 from megatron_dmc.ops import training_length_cr
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training import checkpoint as ckpt
 from megatron_dmc.training import model_api
 from megatron_dmc.training.config import TrainConfig
@@ -36,7 +36,7 @@ class Run:
     """Everything the stage loop touches."""
 
     cfg: TrainConfig
-    model_config: ModelConfig
+    model_config: LlamaShape
     model: Any
     optimizer: Any
     progress: ckpt.Progress
@@ -53,7 +53,7 @@ class Run:
         return self.cfg.global_batch_size // (self.cfg.batch.micro_batch_size * dp)
 
     def settings(self, stage: Stage, step: int) -> LossSettings:
-        count = self.model_config.num_layers * self.model_config.num_query_groups
+        count = self.model_config.num_hidden_layers * self.model_config.num_key_value_heads
         return LossSettings(
             self.training_length_target(stage.target_cr(step)),
             count * self.cfg.batch.seq_length,
@@ -156,7 +156,7 @@ def _run_stage(run: Run, stage: Stage, stop_at: int, warmup_iters: int = 0) -> b
         run.optimizer, stage, cfg.optim, progress.stage_step, warmup_iters
     )
     data = micro_batches(run.train_data, cfg.batch.micro_batch_size, progress.consumed_samples)
-    watch = LayerWatch(run.model, run.model_config.num_layers)
+    watch = LayerWatch(run.model, run.model_config.num_hidden_layers)
     try:
         while progress.stage_step < stage.iters:
             if progress.iteration >= stop_at:

@@ -6,6 +6,7 @@ Legend: b micro-batch size, s sequence length, L layers, N KV heads (whole model
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.model.builder import build_model
-from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.model.config import to_transformer_config
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
 from megatron_dmc.model.lora import LORA_KEY
@@ -23,12 +24,13 @@ from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
 from megatron_dmc.ops import DMCConfig, dms_config
 from megatron_dmc.schema.checkpoint import METADATA_KEY, checkpoint_metadata
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import Stage
 from megatron_dmc.training.trainable import apply_trainable
 
 
-def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
+def transformer_config(model_config: LlamaShape, cfg: TrainConfig):
     recompute: dict[str, Any] = {}
     if cfg.model.recompute_granularity == "selective":
         recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
@@ -38,7 +40,8 @@ def transformer_config(model_config: ModelConfig, cfg: TrainConfig):
             "recompute_method": "uniform",
             "recompute_num_layers": 1,
         }
-    return model_config.to_transformer_config(
+    return to_transformer_config(
+        model_config,
         cfg.parallel.tensor_model_parallel_size,
         cfg.parallel.pipeline_model_parallel_size,
         params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
@@ -76,7 +79,7 @@ def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
     return model
 
 
-def build(model_config: ModelConfig, cfg: TrainConfig, attention: str) -> DistributedDataParallel:
+def build(model_config: LlamaShape, cfg: TrainConfig, attention: str) -> DistributedDataParallel:
     """This rank's stage of the model for `attention` with the --dmc-trainable set applied
     (adapters added, the rest frozen), wrapped in Megatron's DDP."""
     module = build_model(
@@ -97,7 +100,7 @@ def attention_of(model: DistributedDataParallel) -> str:
     return "zero_out" if zero_out else "vanilla"
 
 
-def rebuild(model, optimizer, model_config: ModelConfig, cfg: TrainConfig, attention: str):
+def rebuild(model, optimizer, model_config: LlamaShape, cfg: TrainConfig, attention: str):
     """(model, optimizer) for another attention mode, same weights and optimizer state."""
     from megatron_dmc.training.optim import build_optimizer
 
@@ -136,12 +139,14 @@ def unpack_output(output: Any) -> tuple[torch.Tensor, DecisionSums | None]:
     return output, None
 
 
-def alpha_means(model: DistributedDataParallel, model_config: ModelConfig) -> torch.Tensor | None:
+def alpha_means(model: DistributedDataParallel, model_config: LlamaShape) -> torch.Tensor | None:
     """Mean hard alpha per (layer, KV head) over this step, [L, N], on every rank
     (collective); None for a model without DMC attention."""
     if not isinstance(model.module, DMCGPTModel):
         return None
-    return gather_alpha_means(model.module, model_config.num_layers, model_config.num_query_groups)
+    return gather_alpha_means(
+        model.module, model_config.num_hidden_layers, model_config.num_key_value_heads
+    )
 
 
 def finish_zero_out(model: DistributedDataParallel, optimizer) -> None:
@@ -158,7 +163,7 @@ def is_logging_rank() -> bool:
 
 
 def export_metadata(
-    model_config: ModelConfig, cfg: TrainConfig, layer_head_cr: list[list[float]] | None
+    model_config: LlamaShape, cfg: TrainConfig, layer_head_cr: list[list[float]] | None
 ) -> dict[str, Any]:
     """common.pt entry that the HF exporter reads (DMC fields once DMC has trained)."""
     dmc = None
@@ -173,7 +178,7 @@ def export_metadata(
             "kv_method": cfg.dmc.kv_method,
         }
     heads = cfg.dmc.dmc_decision_source == "heads" and cfg.dmc.dmc_stage != PLAIN
-    shape = model_config.to_shape(decision_heads=heads)
+    shape = dataclasses.replace(model_config, dtype="float32", dmc_decision_heads=heads)
     metadata = checkpoint_metadata(shape, dmc=dmc)
     if cfg.retrofit.dmc_trainable == "lora":
         metadata[LORA_KEY] = lora_metadata(cfg.retrofit)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.ops import achieved_compression_ratio
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training.step import StepResult
 from megatron_dmc.training.summary import verdict
 
@@ -59,7 +59,7 @@ def cr_from_alpha(alpha: float) -> float:
 class StepRecorder:
     """Turns step results into records and keeps the last per-(layer, head) CR."""
 
-    def __init__(self, model_config: ModelConfig) -> None:
+    def __init__(self, model_config: LlamaShape) -> None:
         self.model_config = model_config
         self.layer_head_cr: list[list[float]] | None = None
         self.last: dict[str, Any] | None = None

@@ -29,11 +29,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.model.attention import DMCSelfAttention
 from megatron_dmc.model.builder import build_model
-from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
 from megatron_dmc.model.lora import adapters_disabled
 from megatron_dmc.ops import DMCConfig
 from megatron_dmc.schema.checkpoint import resolve_iteration_dir
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training.config import TrainConfig
 
 
@@ -174,7 +174,7 @@ def _global_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def frozen_copy(model_config: ModelConfig, transformer_config) -> torch.nn.Module:
+def frozen_copy(model_config: LlamaShape, transformer_config) -> torch.nn.Module:
     """A teacher model: DMC layers (channel source: the state-dict keys of a vanilla
     Llama) that always run with compression off, i.e. plain causal attention through SDPA,
     frozen. Load the original weights into it."""
@@ -184,7 +184,7 @@ def frozen_copy(model_config: ModelConfig, transformer_config) -> torch.nn.Modul
 
 
 def build_teacher(
-    cfg: TrainConfig, model_config: ModelConfig, student: torch.nn.Module
+    cfg: TrainConfig, model_config: LlamaShape, student: torch.nn.Module
 ) -> Teacher | None:
     """The run's teacher (None without distillation). Collective. A frozen copy is loaded
     from --dmc-teacher-load (default --load); a checkpoint of another shape is refused."""

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from megatron_dmc.compat import cuda_available
 from megatron_dmc.data.gpt_dataset import check_data_prefix
-from megatron_dmc.model.config import ModelConfig
+from megatron_dmc.model.config import check_layout
 from megatron_dmc.schema.checkpoint import read_metadata
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training.checkpoint import has_checkpoint
 from megatron_dmc.training.config import PLAIN, TrainConfig
 from megatron_dmc.training.stages import plan
@@ -156,11 +157,12 @@ def _check_decision_source(cfg: TrainConfig) -> None:
         )
 
 
-def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
+def validate(cfg: TrainConfig, world_size: int | None = None) -> LlamaShape:
     """All checks; fills in the default global batch size. Returns the model shape."""
     world_size = world_size_from_env() if world_size is None else world_size
-    model = ModelConfig.from_yaml(cfg.model.model)
-    model.check_parallel(
+    model = LlamaShape.from_yaml(cfg.model.model)
+    check_layout(
+        model,
         cfg.parallel.tensor_model_parallel_size,
         cfg.parallel.pipeline_model_parallel_size,
         cfg.model.sequence_parallel,
@@ -170,7 +172,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> ModelConfig:
             f"--seq-length {cfg.batch.seq_length} exceeds the model's "
             f"max_position_embeddings {model.max_position_embeddings}"
         )
-    if cfg.dmc.dmc_stage != PLAIN and model.kv_channels < 4:
+    if cfg.dmc.dmc_stage != PLAIN and model.head_dim < 4:
         raise ValueError("DMC needs a head dim of at least 4 (one channel carries the decision)")
     _check_batch(cfg, world_size)
     _check_device(cfg)

@@ -106,7 +106,6 @@ def test_megatron_heads_model_matches_the_exported_hf_model(tmp_path: Path) -> N
     from megatron_dmc.distributed import destroy_distributed, initialize_distributed
     from megatron_dmc.hf import DMCLlamaForCausalLM
     from megatron_dmc.model import build_model
-    from megatron_dmc.model.config import ModelConfig
     from megatron_dmc.ops import DMCConfig
     from megatron_dmc.schema.llama import LlamaShape
 
@@ -120,7 +119,7 @@ def test_megatron_heads_model_matches_the_exported_hf_model(tmp_path: Path) -> N
     try:
         shape = LlamaShape.from_dict(read_metadata(meg)["llama"])
         config = DMCConfig(decision_source="heads", merge_delay=3)
-        model = build_model(ModelConfig.from_shape(shape), "dmc", config).eval()
+        model = build_model(shape, "dmc", config).eval()
         load_into_model(model, meg)
         positions_BT = torch.arange(tokens_BT.shape[1]).expand_as(tokens_BT)
         with torch.no_grad():

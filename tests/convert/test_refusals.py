@@ -109,7 +109,7 @@ def test_existing_target_refused(hf_dir: Path, tmp_path: Path) -> None:
 def test_parallel_size_refused(hf_dir: Path, tmp_path: Path) -> None:
     with _refused("num_attention_heads (6) is not divisible by the tensor parallel size (4)"):
         import_hf(hf_dir, tmp_path / "out", tensor_parallel=4)
-    with _refused("num_layers (2) is not divisible by the pipeline parallel size (3)"):
+    with _refused("num_hidden_layers (2) is not divisible by the pipeline parallel size (3)"):
         import_hf(hf_dir, tmp_path / "out", pipeline_parallel=3)
     assert not (tmp_path / "out").exists()
 

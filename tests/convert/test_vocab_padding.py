@@ -15,7 +15,6 @@ from megatron.core import dist_checkpointing
 from megatron_dmc.convert.commands import compare_hf_dirs, export_hf, import_hf
 from megatron_dmc.convert.hf_io import HFCheckpoint
 from megatron_dmc.distributed import initialize_distributed
-from megatron_dmc.model.config import ModelConfig
 from megatron_dmc.schema.checkpoint import read_metadata, resolve_iteration_dir
 from megatron_dmc.schema.llama import LlamaShape
 from tests.convert.helpers import write_tiny_llama
@@ -28,7 +27,7 @@ TOKENS_BT = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_s
 
 
 def test_padded_vocab_size_follows_megatron() -> None:
-    config = ModelConfig.from_shape(LlamaShape(VOCAB, 48, 80, 2, 6, 2, 8))
+    config = LlamaShape(VOCAB, 48, 80, 2, 6, 2, 8)
     assert config.padded_vocab_size(1) == VOCAB
     assert config.padded_vocab_size(2) == 256
     assert dataclasses.replace(config, make_vocab_size_divisible_by=8).padded_vocab_size(2) == 112
@@ -63,7 +62,7 @@ def test_odd_vocabulary_at_tp2_imports_trains_and_exports(tmp_path: Path) -> Non
 
     shape = LlamaShape.from_dict(read_metadata(meg)["llama"])
     model_yaml = tmp_path / "model.yaml"
-    model_yaml.write_text(yaml.safe_dump(dataclasses.asdict(ModelConfig.from_shape(shape))))
+    model_yaml.write_text(yaml.safe_dump(shape.to_dict()))
     run = tmp_path / "run"
     by_rank = run_distributed(
         _logits_and_one_step, world_size=2, args=(str(meg), str(model_yaml), str(run))

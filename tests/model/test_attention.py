@@ -9,14 +9,15 @@ import torch
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
 from megatron_dmc.model import (
     DecisionCollector,
-    ModelConfig,
     build_model,
     set_zero_out_lambda,
+    to_transformer_config,
     zero_decision_rows,
 )
 from megatron_dmc.model.decisions import append_carry_row, split_carry_row
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import DMCConfig, dmc_self_attention, rope_cos_sin
+from megatron_dmc.schema.llama import LlamaShape
 from tests.model.helpers import batch_BS, relative_error, run_step
 
 TOL = 1e-5
@@ -30,10 +31,10 @@ def single_process_world():
 
 
 def _build(name: str, attention: str, seed: int = 5, **overrides):
-    config = ModelConfig.from_yaml(name)
-    transformer_config = config.to_transformer_config(**overrides) if overrides else None
+    shape = LlamaShape.from_yaml(name)
+    transformer_config = to_transformer_config(shape, **overrides) if overrides else None
     seed_everything(seed)
-    return build_model(config, attention, transformer_config=transformer_config)
+    return build_model(shape, attention, transformer_config=transformer_config)
 
 
 def _logits(model, tokens_BS):
@@ -49,7 +50,7 @@ def test_zero_out_identities(name):
     with torch.no_grad():
         reference = _logits(vanilla, tokens_BS)
         assert torch.equal(_logits(zero_out, tokens_BS), reference)
-        assert set_zero_out_lambda(zero_out, 0.0) == ModelConfig.from_yaml(name).num_layers
+        assert set_zero_out_lambda(zero_out, 0.0) == LlamaShape.from_yaml(name).num_hidden_layers
         assert relative_error(_logits(zero_out, tokens_BS), reference) > 1e-3
         for model in (zero_out, dmc):
             zero_decision_rows(model)

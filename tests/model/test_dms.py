@@ -6,13 +6,13 @@ import torch
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
 from megatron_dmc.model import (
     DecisionCollector,
-    ModelConfig,
     build_model,
     set_zero_out_lambda,
     zero_decision_rows,
 )
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import decision_head_logits, dmc_self_attention, dms_config, rope_cos_sin
+from megatron_dmc.schema.llama import LlamaShape
 from tests.model.helpers import batch_BS, relative_error
 
 
@@ -25,7 +25,7 @@ def single_process_world():
 
 def _build(attention: str, dmc_config=None):
     seed_everything(5)
-    return build_model(ModelConfig.from_yaml("tiny_gqa"), attention, dmc_config=dmc_config)
+    return build_model(LlamaShape.from_yaml("tiny_gqa"), attention, dmc_config=dmc_config)
 
 
 def test_dms_model_at_init_is_the_original():

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
-from megatron_dmc.model import DecisionCollector, DMCSelfAttention, ModelConfig, build_model
+from megatron_dmc.model import DecisionCollector, DMCSelfAttention, build_model
 from megatron_dmc.model.heads import attention_input
 from megatron_dmc.model.layout import to_bhtd, to_sbhd
 from megatron_dmc.ops import DMCConfig, decision_head_logits, dmc_self_attention, rope_cos_sin
+from megatron_dmc.schema.llama import LlamaShape
 from tests.model.helpers import batch_BS, relative_error
 
 
@@ -20,7 +21,7 @@ def single_process_world():
 
 def _build(name: str, attention: str, dmc_config: DMCConfig | None = None):
     seed_everything(5)
-    return build_model(ModelConfig.from_yaml(name), attention, dmc_config=dmc_config)
+    return build_model(LlamaShape.from_yaml(name), attention, dmc_config=dmc_config)
 
 
 def _logits(model, tokens_BS):

@@ -11,8 +11,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from megatron_dmc.compat import cpu_device_mode
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed
-from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.model import build_model
 from megatron_dmc.ops import DMCConfig, dms_config
+from megatron_dmc.schema.llama import LlamaShape
 from tests.dist_utils import run_distributed
 from tests.model.helpers import (
     batch_BS,
@@ -42,7 +43,7 @@ DMS_QUERY = dms_config(merge_delay=3, temperature=1.0, decision_source="query")
 def _reference(dmc_config: DMCConfig | None = None) -> dict:
     initialize_distributed(seed=21)
     try:
-        model = build_model(ModelConfig.from_yaml(NAME), "dmc", dmc_config)
+        model = build_model(LlamaShape.from_yaml(NAME), "dmc", dmc_config)
         with torch.no_grad():  # k[D-1] near c (or heads of a useful size): mixed decisions
             for layer in model.decoder.layers:
                 if dmc_config is not None and dmc_config.uses_heads:
@@ -68,7 +69,7 @@ def _reference(dmc_config: DMCConfig | None = None) -> dict:
 
 def _layout_errors(reference: dict, tp: int, pp: int, ddp: bool) -> dict:
     initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model = build_model(ModelConfig.from_yaml(NAME), "dmc", reference["dmc_config"])
+    model = build_model(LlamaShape.from_yaml(NAME), "dmc", reference["dmc_config"])
     load_full_state(model, reference["state"])
     tokens_BS = batch_BS(NUM_MICROBATCHES)
     if ddp:
@@ -105,26 +106,38 @@ def _local_name(model, global_name: str) -> str:
     return global_name
 
 
-def _all_layouts(reference: dict) -> list[dict]:
-    """One spawn for all layouts (ranks are slow to start); the default process group
-    stays up and each `initialize_distributed` rebuilds Megatron's groups."""
-    results = []
-    for tp, pp, ddp in ((2, 1, False), (1, 2, False), (1, 1, True)):
-        results.append(_layout_errors(reference, tp, pp, ddp))
-    return results
+def _all_layouts(references: list[dict]) -> list[list[dict]]:
+    """One spawn for every config and layout (ranks are slow to start); the default process
+    group stays up and each `initialize_distributed` rebuilds Megatron's groups."""
+    layouts = ((2, 1, False), (1, 2, False), (1, 1, True))
+    return [[_layout_errors(ref, tp, pp, ddp) for tp, pp, ddp in layouts] for ref in references]
+
+
+CONFIGS = {
+    "channel": None,
+    "heads-delay3": HEADS,
+    "dms-delay3": DMS,
+    "dms-query-delay3": DMS_QUERY,
+}
+
+
+@pytest.fixture(scope="module")
+def layout_errors() -> dict[str, tuple[dict, list[list[dict]]]]:
+    """Per config: the one-process reference and, per rank, the errors of each layout."""
+    references = [_reference(config) for config in CONFIGS.values()]
+    per_rank = run_distributed(_all_layouts, world_size=2, args=(references,), timeout_s=900)
+    return {
+        name: (reference, [by_config[k] for by_config in per_rank])
+        for k, (name, reference) in enumerate(zip(CONFIGS, references))
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize(
-    "dmc_config",
-    [None, HEADS, DMS, DMS_QUERY],
-    ids=["channel", "heads-delay3", "dms-delay3", "dms-query-delay3"],
-)
-def test_tp2_pp2_dp2_match_one_process(dmc_config):
-    reference = _reference(dmc_config)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tp2_pp2_dp2_match_one_process(layout_errors, name):
+    reference, per_rank = layout_errors[name]
     assert all(s.sum() > 0 for s in reference["alpha_sum"]), "test needs some merges"
-    per_rank = run_distributed(_all_layouts, world_size=2, args=(reference,), timeout_s=600)
     for rank, layouts in enumerate(per_rank):
         for label, errors in zip(("TP=2", "PP=2", "DP=2"), layouts):
             assert errors, f"{label} rank {rank} compared nothing"

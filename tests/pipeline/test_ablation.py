@@ -1,7 +1,7 @@
-"""The ablation end to end on the tiny preset: two variants (the paper recipe, with zero_out,
-and decision heads + distillation + frozen base + delay 8, without) train on the same data
-and steps, are evaluated on the same protocols, and land in one table; the main job's
-report section picks the table up."""
+"""The ablation end to end on the tiny preset (at one rank): two variants (the paper recipe,
+with zero_out, and decision heads + distillation + frozen base + delay 8, without) train on
+the same data and steps, are evaluated on the same protocols, and land in one table; the
+main job's report section picks the table up."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_dmc.pipeline.layout import RunLayout
+from megatron_dmc.pipeline.preset import PRESET_DIR
 from megatron_dmc.pipeline.targets import section
 from tests.assets.helpers import needs_gensim, needs_smollm2
 
@@ -21,9 +23,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist, needs_gensim, needs_smollm2]
 VARIANTS = ("paper", "heads+distill+frozen+delay8")
 
 
+def one_rank_tiny_preset(folder: Path) -> Path:
+    """The tiny preset at TP=1: the variants' plumbing is what this test checks; the main
+    job's test (test_job.py) runs the same steps with two tensor-parallel ranks."""
+    values = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    path = folder / "tiny_tp1.yaml"
+    path.write_text(yaml.safe_dump({**values, "tensor_parallel": 1}))
+    return path
+
+
 def test_two_variants_train_on_the_same_budget_and_fill_the_table(tmp_path: Path) -> None:
-    out = tmp_path / "ablation"
-    command = [sys.executable, "-m", "megatron_dmc.pipeline.ablation", "--preset", "tiny",
+    out, preset = tmp_path / "ablation", one_rank_tiny_preset(tmp_path)
+    command = [sys.executable, "-m", "megatron_dmc.pipeline.ablation", "--preset", str(preset),
                "--targets", "2", "--variants", ",".join(VARIANTS), "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -72,11 +72,11 @@ def save_initial_checkpoint(
 
     from megatron_dmc.distributed import destroy_distributed, initialize_distributed
     from megatron_dmc.model.builder import build_model
-    from megatron_dmc.model.config import ModelConfig
+    from megatron_dmc.schema.llama import LlamaShape
 
     initialize_distributed(1, 1, seed=1234)
     try:
-        model = build_model(ModelConfig.from_yaml(model_name), "vanilla")
+        model = build_model(LlamaShape.from_yaml(model_name), "vanilla")
         if nan_in_layer is not None:
             model.decoder.layers[nan_in_layer].mlp.linear_fc1.weight.data.fill_(float("nan"))
         target = path / "release"

@@ -18,8 +18,8 @@ def _validate(extra: list[str], world_size: int = 1) -> None:
 @pytest.mark.parametrize(
     ("extra", "world", "message"),
     [
-        (["--tensor-model-parallel-size", "4"], 4, "num_query_groups"),
-        (["--pipeline-model-parallel-size", "3"], 3, "num_layers"),
+        (["--tensor-model-parallel-size", "4"], 4, "num_key_value_heads"),
+        (["--pipeline-model-parallel-size", "3"], 3, "num_hidden_layers"),
         (["--global-batch-size", "3", "--micro-batch-size", "2"], 1, "--global-batch-size"),
         (["--tensor-model-parallel-size", "2"], 3, "cannot be split"),
         (["--sequence-parallel", "--tensor-model-parallel-size", "2"], 2, "sequence"),

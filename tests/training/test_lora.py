@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
-from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.model import build_model
 from megatron_dmc.model.lora import adapted_linears, adapters_disabled, add_adapters, merge_adapters
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training.config import RetrofitArgs
 from megatron_dmc.training.trainable import apply_trainable, is_trainable
 
@@ -25,7 +26,7 @@ def world_of_one():
 
 def _model(attention: str = "vanilla"):
     seed_everything(5)
-    return build_model(ModelConfig.from_yaml("tiny_gqa"), attention)
+    return build_model(LlamaShape.from_yaml("tiny_gqa"), attention)
 
 
 def _logits_BSV(model, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def test_self_teacher_through_the_schedule_is_the_base_model_with_compression_of
 
     vanilla, tokens_BS = _model(), _tokens_BS()
     seed_everything(5)
-    config = ModelConfig.from_yaml("tiny_gqa")
+    config = LlamaShape.from_yaml("tiny_gqa")
     student = build_model(config, "dmc", DMCConfig(decision_source="heads", merge_delay=2))
     student.load_state_dict(vanilla.state_dict(), strict=False)
     add_adapters(student, rank=2, alpha=2.0)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from megatron_dmc.distributed import destroy_distributed, initialize_distributed, seed_everything
-from megatron_dmc.model import ModelConfig, build_model
+from megatron_dmc.model import build_model
 from megatron_dmc.model.qkv import decision_row_selectors
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training import validate as validate_module
 from megatron_dmc.training.arguments import parse_args
 from megatron_dmc.training.config import OptimizerArgs
@@ -31,7 +32,7 @@ def single_process_world():
 
 def _model_and_optimizer(lr: float = 1e-2):
     seed_everything(7)
-    model = build_model(ModelConfig.from_yaml("tiny_gqa"), "vanilla")
+    model = build_model(LlamaShape.from_yaml("tiny_gqa"), "vanilla")
     return model, CpuAdamW(model, OptimizerArgs(lr=lr, min_lr=0.0, clip_grad=0.0))
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_dmc.model import ModelConfig
+from megatron_dmc.schema.llama import LlamaShape
 from megatron_dmc.training.loop import _loggable
 from megatron_dmc.training.record import StepRecorder
 from megatron_dmc.training.step import StepResult
@@ -11,7 +11,7 @@ from megatron_dmc.training.step import StepResult
 def _record() -> dict:
     stats = dict(lm_loss_sum=6.0, tokens=3.0, cr_loss_sum=0.2, sequences=2.0, alpha_sum=4.0)
     alpha_LN = torch.tensor([[0.5, 0.0], [0.75, 0.25]])
-    recorder = StepRecorder(ModelConfig.from_yaml("tiny_gqa"))
+    recorder = StepRecorder(LlamaShape.from_yaml("tiny_gqa"))
     return recorder.record({"iteration": 1}, StepResult(stats, 1.0), alpha_LN, 4, 2.0)
 
 
