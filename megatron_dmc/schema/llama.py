@@ -116,7 +116,10 @@ class LlamaShape:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LlamaShape:
-        """A model config YAML or checkpoint metadata dict; unknown or missing keys refused."""
+        """A model config YAML or checkpoint metadata dict; unknown or missing keys refused.
+        The keys of model YAMLs written before the record took config.json's names (e.g. a
+        main job's `model.yaml`) are read under their new names."""
+        values = _renamed_earlier_keys(values)
         fields = dataclasses.fields(cls)
         known = {f.name for f in fields}
         unknown = sorted(set(values) - known)
@@ -135,6 +138,25 @@ class LlamaShape:
         """Load `configs/<name>.yaml` for a bare name (e.g. "tiny_gqa"), else a file path."""
         path = named_yaml(name_or_path, CONFIG_DIR, "model config")
         return cls.from_dict(yaml.safe_load(path.read_text()))
+
+
+EARLIER_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_query_groups": "num_key_value_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "rotary_base": "rope_theta",
+    "norm_epsilon": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
+"""Keys of the model YAMLs written before the shape took config.json's names -> the names."""
+
+
+def _renamed_earlier_keys(values: dict[str, Any]) -> dict[str, Any]:
+    both = sorted(old for old, new in EARLIER_KEYS.items() if old in values and new in values)
+    if both:
+        pairs = ", ".join(f"{old}/{EARLIER_KEYS[old]}" for old in both)
+        raise ValueError(f"model config gives both spellings of {pairs}; keep the second")
+    return {EARLIER_KEYS.get(key, key): value for key, value in values.items()}
 
 
 def named_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:

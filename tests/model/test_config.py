@@ -55,9 +55,26 @@ def test_path_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="known model configs"):
         LlamaShape.from_yaml("no_such_model")
     with pytest.raises(ValueError, match="unknown model config keys"):
-        LlamaShape.from_dict({"num_layers": 2})
+        LlamaShape.from_dict({"num_blocks": 2})
     with pytest.raises(ValueError, match="set head_dim explicitly"):
         LlamaShape(8, 30, 8, 2, 4, 2)
+
+
+def test_yaml_keys_written_before_the_rename_are_read_under_the_new_names():
+    """A main job's model.yaml from before the shape took config.json's names still loads."""
+    earlier = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+               "num_query_groups": 2, "ffn_hidden_size": 64, "vocab_size": 100,
+               "max_position_embeddings": 64, "rotary_base": 500.0, "norm_epsilon": 1e-6,
+               "tie_embeddings": True}  # fmt: skip
+    shape = LlamaShape.from_dict(earlier)
+    assert (shape.num_hidden_layers, shape.num_key_value_heads, shape.intermediate_size) == (
+        2,
+        2,
+        64,
+    )
+    assert (shape.rope_theta, shape.rms_norm_eps, shape.tie_word_embeddings) == (500.0, 1e-6, True)
+    with pytest.raises(ValueError, match="both spellings of num_layers/num_hidden_layers"):
+        LlamaShape.from_dict({**earlier, "num_hidden_layers": 2})
 
 
 @pytest.mark.parametrize(
