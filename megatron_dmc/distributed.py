@@ -30,22 +30,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-RANK_PRELOAD = (
-    "megatron_dmc.distributed",
-    "megatron_dmc.training.loop",
-    "megatron_dmc.convert.writer",
-    "megatron_dmc.convert.commands",
-)
+RANK_PRELOAD = ("megatron_dmc.distributed", "megatron_dmc.training.loop")
 """Modules the fork server of `local_rank_context` imports once for every rank it starts."""
 
 
-def local_rank_context() -> multiprocessing.context.BaseContext:
+def local_rank_context(
+    extra_preload: tuple[str, ...] = (),
+) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for ranks started on this machine: a fork server that
-    has imported Megatron-Core and this package once, so a rank starts in a fraction of a
-    second instead of importing them again (~7 CPU-seconds each). A rank inherits the
-    environment of the moment the server started; `set_local_rank_env` sets its own."""
+    has imported Megatron-Core and this package (RANK_PRELOAD plus the caller's
+    `extra_preload`) once, so a rank starts in a fraction of a second instead of importing
+    them again (~7 CPU-seconds each). The first call of a process starts the server, so its
+    preload list is the one that counts. A rank inherits the environment of the moment the
+    server started; `set_local_rank_env` sets its own."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(RANK_PRELOAD))
+    context.set_forkserver_preload([*RANK_PRELOAD, *extra_preload])
     return context
 
 

@@ -107,9 +107,10 @@ def run_distributed(
     timeout_s: float = 180.0,
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` spawned ranks; return results by rank."""
+    from megatron_dmc.convert.parallel import CONVERT_PRELOAD
     from megatron_dmc.distributed import free_port, local_rank_context
 
-    ctx = local_rank_context()
+    ctx = local_rank_context(CONVERT_PRELOAD)
     results = ctx.Queue()
     port = free_port()
     call = pickle.dumps((tuple(args), dict(kwargs or {})))  # tensors by value, see _worker

@@ -39,6 +39,10 @@ def _worker(
         destroy_distributed()
 
 
+CONVERT_PRELOAD = ("megatron_dmc.convert.writer", "megatron_dmc.convert.commands")
+"""What the converter's ranks import, preloaded by the fork server they start from."""
+
+
 def run_parallel(
     fn: Callable[..., Any],
     tensor_parallel: int,
@@ -48,7 +52,7 @@ def run_parallel(
 ) -> list[Any]:
     """`fn(*args)` on every rank of a TP x PP world; results by rank, or RuntimeError."""
     world = tensor_parallel * pipeline_parallel
-    ctx = local_rank_context()
+    ctx = local_rank_context(CONVERT_PRELOAD)
     results = ctx.Queue()
     port = free_port()
     sizes = (tensor_parallel, pipeline_parallel)
