@@ -119,10 +119,9 @@ def _one_step(run: Run, stage: Stage, data, watch: LayerWatch) -> dict[str, Any]
     record = run.recorder.record(
         base, result, alpha_LN, settings.decisions_per_sequence, settings.target_cr
     )
-    reference = cfg.dmc.dmc_cr_reference_length
-    if reference is not None and stage.target_cr(progress.stage_step) is not None:
-        record["reference_target_cr"] = stage.target_cr(progress.stage_step)
-        record["cr_reference_length"] = reference
+    reference, asked = cfg.dmc.dmc_cr_reference_length, stage.target_cr(progress.stage_step)
+    if reference is not None and asked is not None:
+        record["reference_target_cr"], record["cr_reference_length"] = asked, reference
     if problem is not None:
         record["skipped_iterations"] = progress.skipped_iterations
     if run.teacher is not None:

@@ -168,3 +168,18 @@ def _slice(logits, rows, times):
     if logits is None:
         return None
     return type(logits)(*(x[rows][:, :, times] for x in logits))
+
+
+def long_vanilla_cache(batch: int, groups: int, length: int, dim: int):
+    """(cache, seq ids): one layer of `batch` uncompressed streams of `length` tokens, every
+    page assigned in order (contents as allocated), for the backends' memory tests."""
+    from megatron_dmc.inference import CacheConfig, PagedKVCache
+
+    config = CacheConfig(num_layers=1, num_kv_heads=groups, head_dim=dim, compress=False,
+                         num_pages=batch * groups * length // 16, max_batch=batch,
+                         max_seq_len=length)  # fmt: skip
+    cache = PagedKVCache(config)
+    seq = cache.add_sequences(batch)
+    cache.block_table_LBGM[0] = torch.arange(config.num_pages).view(batch, groups, -1)
+    cache.lengths_LBG[0] = length
+    return cache, seq

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from megatron_dmc.inference import CacheConfig, PagedKVCache, paged_cpu
 from megatron_dmc.inference.attention import paged_attention_blocked, paged_attention_reference
 from megatron_dmc.inference.decode import get_backend
-from tests.inference.helpers import random_qkv, run_layer
+from tests.inference.helpers import long_vanilla_cache, random_qkv, run_layer
 
 BACKENDS = {
     "blocked": functools.partial(paged_attention_blocked, block_pages=2),
@@ -120,13 +120,7 @@ def _peak_bytes(fn) -> int:
 def test_no_allocation_proportional_to_the_cache(name):
     """A long vanilla cache: the backends hold far less than the cache at once; padded copies it."""
     batch, groups, length, dim = 4, 2, 2048, 16
-    config = CacheConfig(num_layers=1, num_kv_heads=groups, head_dim=dim, compress=False,
-                         num_pages=batch * groups * length // 16, max_batch=batch,
-                         max_seq_len=length)  # fmt: skip
-    cache = PagedKVCache(config)
-    seq = cache.add_sequences(batch)
-    cache.block_table_LBGM[0] = torch.arange(config.num_pages).view(batch, groups, -1)
-    cache.lengths_LBG[0] = length
+    cache, seq = long_vanilla_cache(batch, groups, length, dim)
     query = torch.randn(batch, 2 * groups, dim)
     cache_bytes = 2 * cache.pool.k_pages_PND.numel() * 4
     padded = _peak_bytes(lambda: get_backend("padded")(query, cache, 0, seq))

@@ -9,14 +9,20 @@ import functools
 import pytest
 import torch
 
-from megatron_dmc.inference import CacheConfig, PagedKVCache, paged_cpu
+from megatron_dmc.inference import paged_cpu
 from megatron_dmc.inference.attention import (
     paged_attention_blocked,
     paged_attention_padded,
     paged_attention_reference,
 )
 from megatron_dmc.ops import DMCConfig, dms_config
-from tests.inference.helpers import INIT_VALUE, random_qkv, random_ring, run_layer
+from tests.inference.helpers import (
+    INIT_VALUE,
+    long_vanilla_cache,
+    random_qkv,
+    random_ring,
+    run_layer,
+)
 from tests.inference.model_helpers import tiny_model
 from tests.inference.test_decode_backends import _peak_bytes
 from tests.inference.test_model_parity import _cached_logits, _rel_err
@@ -84,13 +90,7 @@ def test_dms_decode_through_backend_equals_gather(backend):
 def test_ring_adds_no_copy_of_the_cache(name):
     """Long streams plus a ring: the backend holds far less than the cache at once."""
     batch, groups, length, dim = 3, 2, 2048, 16
-    config = CacheConfig(num_layers=1, num_kv_heads=groups, head_dim=dim, compress=False,
-                         num_pages=batch * groups * length // 16, max_batch=batch,
-                         max_seq_len=length)  # fmt: skip
-    cache = PagedKVCache(config)
-    seq = cache.add_sequences(batch)
-    cache.block_table_LBGM[0] = torch.arange(config.num_pages).view(batch, groups, -1)
-    cache.lengths_LBG[0] = length
+    cache, seq = long_vanilla_cache(batch, groups, length, dim)
     ring = _ring(torch.float32, [40, 40, 40], dim=dim)
     query = torch.randn(batch, 2 * groups, dim)
     cache_bytes = 2 * cache.pool.k_pages_PND.numel() * 4
