@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_dmc.inference.cache_append import compiled_append
 from megatron_dmc.inference.pool import CacheFullError, PagePool
 from megatron_dmc.inference.ring_update import merge_in_place
 from megatron_dmc.inference.window import (
@@ -146,6 +147,9 @@ class PagedKVCache:
         self.merge_in_place = True
         """A token's merge writes the rings in place (ring_update.py); False: the plain
         reference, window.merge_step on a copy of the batch's rings."""
+        self.fused_append = True
+        """A decode token's cache write is one compiled call per layer where the extension
+        is built (cache_append.py); False: the torch path below."""
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -285,6 +289,10 @@ class PagedKVCache:
 
     def _apply(self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD) -> None:
         """Algorithm 1 on the paged slots for one token per sequence (no `seen` update)."""
+        if self.fused_append and compiled_append(
+            self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD
+        ):
+            return
         lengths_BG = self.lengths_LBG[layer, seq_ids_B]
         merge_BG = alpha_BG.bool() & (lengths_BG > 0) & self.config.compress
         if self.config.compress:

@@ -3,9 +3,9 @@
 Legend: B sequences, H query heads, G KV heads, N query heads per KV head, M pages per
 stream, R streams (B * G), D head dim, W merge delay.
 
-The kernel (csrc/paged_decode.cpp) is compiled once at install time by
-`python -m megatron_dmc.inference.paged_cpu --build` (scripts/setup.sh runs it) into the
-asset cache, and loaded from there without a compiler. Where it was not built (or cannot
+The kernel (csrc/paged_decode.cpp, in the extension of compiled.py) is compiled once at
+install time by `python -m megatron_dmc.inference.paged_cpu --build` (scripts/setup.sh
+runs it) into the asset cache, and loaded from there without a compiler. Where it was not built (or cannot
 be), the backend says so once and runs `paged_attention_blocked`, the torch path with the
 same page-blocked online softmax. With a merge delay the exact ring (a `RingBlock`) is one
 more block of each stream's softmax inside the kernel.
@@ -14,83 +14,32 @@ more block of each stream's softmax inside the kernel.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.machinery
-import importlib.util
 import math
-import os
-import platform
 import subprocess
 import sys
 import warnings
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch.profiler import record_function
 
+from megatron_dmc.inference import compiled
 from megatron_dmc.inference.attention import RingBlock, paged_attention_blocked
 from megatron_dmc.inference.decode import register_backend
 from megatron_dmc.inference.kv_cache import PagedKVCache
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
-ARCH_VARIABLE = "MEGATRON_DMC_KERNEL_ARCH"
-"""-march of the build (default `native`: the CPU it is built on, which is also the one it
-runs on, since the build lives in the user's cache; set e.g. `x86-64-v3` for a cache shared
-by machines of different CPUs)."""
-
-
-def flags() -> list[str]:
-    return ["-O3", f"-march={os.environ.get(ARCH_VARIABLE, 'native')}", "-fopenmp"]
-
-
-def build_dir() -> Path:
-    """One folder per (source, flags, torch, python, CPU) so a stale or foreign build is
-    never loaded (-march=native code runs only on the CPU it was built for)."""
-    from megatron_dmc.assets.cache import cache_root
-
-    key = SOURCE.read_bytes() + " ".join(flags()).encode() + torch.__version__.encode()
-    key += _cpu_flags().encode()
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-{hashlib.sha1(key).hexdigest()[:12]}"
-    return cache_root() / "ext" / f"paged_decode-{tag}"
-
-
-MODULE = "dmc_paged_decode_cpu"
-
-
-def _cpu_flags() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    return next((line for line in lines if line.startswith("flags")), platform.processor())
-
-
-def build(verbose: bool = False) -> ModuleType:
-    """Compile the kernel into build_dir() (needs a C++ compiler and ninja)."""
-    from torch.utils.cpp_extension import load
-
-    target = build_dir()
-    target.mkdir(parents=True, exist_ok=True)
-    return load(MODULE, [str(SOURCE)], extra_cflags=flags(), extra_ldflags=["-fopenmp"],
-                build_directory=str(target), verbose=verbose)  # fmt: skip
-
-
 @cache
 def extension() -> ModuleType | None:
     """The built kernel, or None (with one warning) when it was not built."""
-    built = sorted(build_dir().glob(f"{MODULE}*.so"))
-    if not built:
+    module = compiled.load()
+    if module is None:
         warnings.warn(
             "the compiled paged decode kernel is not built; decode uses the torch path "
             "(paged_attention_blocked). Build it with: python -m megatron_dmc.inference.paged_cpu "
             "--build",
             stacklevel=3,
         )
-        return None
-    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(built[0]))
-    spec = importlib.util.spec_from_file_location(MODULE, built[0], loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
     return module
 
 
@@ -146,15 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--build", action="store_true", help="compile it (once) into the cache")
     args = parser.parse_args(argv)
     if not args.build:
-        print(f"kernel {'built' if extension() else 'NOT built'}: {build_dir()}")
+        print(f"kernel {'built' if extension() else 'NOT built'}: {compiled.build_dir()}")
         return
     try:
-        build(verbose=False)
+        compiled.build(verbose=False)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         last = str(error).strip().splitlines()[-1:] or [type(error).__name__]
         print(f"error: the paged decode kernel did not build ({last[0]})", file=sys.stderr)
         sys.exit(2)
-    print(f"built the paged decode kernel in {build_dir()}")
+    print(f"built the paged decode kernel in {compiled.build_dir()}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def test_in_place_merge_equals_merge_step(dtype, seq, channel, window):
                            window=window)  # fmt: skip
         cache.add_sequences(4)
         cache.merge_in_place = in_place
+        cache.fused_append = False  # the torch path (the compiled one: test_cache_append.py)
         _decode_tokens(cache, torch.tensor(seq), steps=70)
         caches.append(cache)
     plain, fast = caches

@@ -295,7 +295,17 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pages, torch::Tensor
   return out;
 }
 
+// cache_append.cpp
+int64_t cache_append(torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor table,
+                     torch::Tensor lengths, torch::Tensor ring_k, torch::Tensor ring_v,
+                     torch::Tensor ring_w, torch::Tensor run_len, torch::Tensor seq_ids,
+                     torch::Tensor k, torch::Tensor v, torch::Tensor alpha, torch::Tensor omega,
+                     torch::Tensor cos, torch::Tensor sin, torch::Tensor free_pages,
+                     int64_t num_free, bool compress, bool channel);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode,
         "paged decode attention, pages and exact rings read in place (CPU)");
+  m.def("cache_append", &cache_append,
+        "one decode token of Algorithm 1 for every stream of a layer, in place (CPU)");
 }
