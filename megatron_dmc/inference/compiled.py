@@ -21,7 +21,9 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "cache_append.cpp")]
+SOURCES = [
+    Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "cache_append.cpp")
+]
 ARCH_VARIABLE = "MEGATRON_DMC_KERNEL_ARCH"
 """-march of the build (default `native`: the CPU it is built on, which is also the one it
 runs on, since the build lives in the user's cache; set e.g. `x86-64-v3` for a cache shared

@@ -51,14 +51,18 @@ def layer_decisions(
     dmc: DMCConfig,
     forced: ForcedRate | None = None,
     logits: DecisionLogits | None = None,
+    forced_alpha_BGT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha [B, G, T] bool, omega [B, G, T]); position 0 always appends.
 
     `logits` are the decision heads' (required in heads mode); channel mode reads q and k.
+    `forced_alpha_BGT`: `forced`'s merges at these positions, when already computed.
     """
     num_groups = k_BGTD.shape[1]
     logits = resolve_decision_logits(q_BHTD, k_BGTD, dmc, logits)
     omega_BGT = importance_from_logits(logits.omega_BGT)
+    if forced is not None and forced_alpha_BGT is not None:
+        return forced_alpha_BGT, omega_BGT
     if forced is not None:
         return forced.merges(positions_BT, num_groups), omega_BGT
     alpha_BGT = eval_decisions(logits.alpha_BGT).bool()

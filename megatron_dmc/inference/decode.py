@@ -1,6 +1,9 @@
-"""One decode step of one attention layer: Algorithm 1 on the cache, then paged attention.
+"""Decode attention backends: the registry of functions that attend one query per sequence
+to its streams' cached slots (and, with a merge delay, the exact ring).
 
-Legend: B sequences, H query heads, G KV heads, D head dim.
+Legend: B sequences, H query heads, D head dim.
+
+A decode step's layer (decisions, cache write, then one of these) is `delay.DecodeStep`.
 """
 
 from __future__ import annotations
@@ -9,16 +12,12 @@ import importlib
 from collections.abc import Callable
 
 import torch
-from torch.profiler import record_function
 
 from megatron_dmc.inference.attention import (
     paged_attention_blocked,
     paged_attention_padded,
     paged_attention_reference,
 )
-from megatron_dmc.inference.decisions import ForcedRate, layer_decisions
-from megatron_dmc.inference.kv_cache import PagedKVCache
-from megatron_dmc.ops import DMCConfig, apply_rope, rope_without_decision_channel
 
 PagedAttention = Callable[..., torch.Tensor]
 """(q_rot [B, H, D], cache, layer, seq_ids [B], ring: RingBlock | None = None) -> [B, H, D]."""
@@ -54,36 +53,3 @@ def get_backend(name: str) -> PagedAttention:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[name]
-
-
-def decode_attention(
-    q_BHD: torch.Tensor,
-    k_BGD: torch.Tensor,
-    v_BGD: torch.Tensor,
-    positions_B: torch.Tensor,
-    cos_BD: torch.Tensor,
-    sin_BD: torch.Tensor,
-    cache: PagedKVCache,
-    layer: int,
-    seq_ids_B: torch.Tensor,
-    dmc: DMCConfig | None,
-    forced: ForcedRate | None = None,
-    backend: str = "padded",
-) -> torch.Tensor:
-    """Raw pre-RoPE q, k, v of one new token per sequence -> attention output [B, H, D]."""
-    cache.check_compatible(dmc)
-    with record_function("decode.decisions"):
-        if dmc is None:
-            alpha_BG = torch.zeros(k_BGD.shape[:2], dtype=torch.bool, device=k_BGD.device)
-            omega_BG = torch.ones(k_BGD.shape[:2], dtype=k_BGD.dtype, device=k_BGD.device)
-            q_rot_BHD = apply_rope(q_BHD, cos_BD[:, None], sin_BD[:, None])
-        else:
-            alpha_BGT, omega_BGT = layer_decisions(
-                q_BHD[:, :, None], k_BGD[:, :, None], positions_B[:, None], dmc, forced
-            )
-            alpha_BG, omega_BG = alpha_BGT[..., 0], omega_BGT[..., 0]
-            q_rot_BHD = rope_without_decision_channel(q_BHD, cos_BD[:, None], sin_BD[:, None])
-    with record_function("decode.cache_write"):
-        cache.append(layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD)
-    with record_function("decode.attention"):
-        return get_backend(backend)(q_rot_BHD, cache, layer, seq_ids_B)

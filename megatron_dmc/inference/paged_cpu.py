@@ -29,6 +29,7 @@ from megatron_dmc.inference.attention import RingBlock, paged_attention_blocked
 from megatron_dmc.inference.decode import register_backend
 from megatron_dmc.inference.kv_cache import PagedKVCache
 
+
 @cache
 def extension() -> ModuleType | None:
     """The built kernel, or None (with one warning) when it was not built."""

@@ -37,7 +37,9 @@ class Counting:
 def calls(monkeypatch):
     module = compiled.load()
     if module is None:
-        pytest.skip("compiled extension not built here: python -m megatron_dmc.inference.paged_cpu --build")
+        pytest.skip(
+            "compiled extension not built here: python -m megatron_dmc.inference.paged_cpu --build"
+        )
     counting = Counting(module)
     monkeypatch.setattr(compiled, "load", lambda: counting)
     return counting
@@ -68,7 +70,10 @@ def _assert_same(plain, fast, dtype):
     for name in EXACT:
         assert torch.equal(getattr(plain, name), getattr(fast, name)), name
     assert torch.equal(plain.pool.free_P, fast.pool.free_P)
-    assert (plain.pool.num_free, plain.pool.peak_in_use) == (fast.pool.num_free, fast.pool.peak_in_use)
+    assert (plain.pool.num_free, plain.pool.peak_in_use) == (
+        fast.pool.num_free,
+        fast.pool.peak_in_use,
+    )
     pairs = [(plain.ring_k_LBGWD, fast.ring_k_LBGWD), (plain.ring_v_LBGWD, fast.ring_v_LBGWD),
              (plain.ring_w_LBGW, fast.ring_w_LBGW), (plain.pool.k_flat, fast.pool.k_flat),
              (plain.pool.v_flat, fast.pool.v_flat), (plain.exact.k_LBGWD, fast.exact.k_LBGWD)]  # fmt: skip
@@ -81,7 +86,8 @@ def _assert_same(plain, fast, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seq", [[0, 1, 2], [3, 0, 2]])
 @pytest.mark.parametrize(
-    ("compress", "channel", "window"), [(True, True, 12), (True, False, 12), (True, False, 1), (False, True, 12)]
+    ("compress", "channel", "window"),
+    [(True, True, 12), (True, False, 12), (True, False, 1), (False, True, 12)],
 )
 def test_compiled_append_equals_torch_path(calls, dtype, seq, compress, channel, window):
     """DMC channel and heads mode (window 12), DMS's one-token slots (window 1), vanilla."""
