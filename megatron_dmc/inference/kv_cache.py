@@ -252,8 +252,7 @@ class PagedKVCache:
         With a merge delay use `append_delayed`.
         """
         assert self.config.merge_delay == 0, "a delayed cache is written by append_delayed"
-        self._apply(layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD)
-        self.seen_LB[layer, seq_ids_B] += 1
+        self._apply(layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD, True)
 
     def append_delayed(
         self,
@@ -284,13 +283,17 @@ class PagedKVCache:
                 omega_old,
                 cos_leaving_BD[rows],
                 sin_leaving_BD[rows],
+                False,
             )
         self.seen_LB[layer, seq_ids_B] += 1
 
-    def _apply(self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD) -> None:
-        """Algorithm 1 on the paged slots for one token per sequence (no `seen` update)."""
+    def _apply(
+        self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD, count_seen
+    ) -> None:
+        """Algorithm 1 on the paged slots for one token per sequence; with `count_seen` the
+        token is counted in seen_LB too."""
         if self.fused_append and compiled_append(
-            self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD
+            self, layer, seq_ids_B, k_BGD, v_BGD, alpha_BG, omega_BG, cos_BD, sin_BD, count_seen
         ):
             return
         lengths_BG = self.lengths_LBG[layer, seq_ids_B]
@@ -307,6 +310,8 @@ class PagedKVCache:
         self.pool.k_flat[rows_BG] = key_BGD.to(self.config.dtype)
         self.pool.v_flat[rows_BG] = value_BGD.to(self.config.dtype)
         self.lengths_LBG[layer, seq_ids_B] = slot_BG + 1
+        if count_seen:
+            self.seen_LB[layer, seq_ids_B] += 1
 
     def _merge(self, layer, seq_ids_B, k_BGD, v_BGD, omega_BG, merge_BG):
         if self.merge_in_place:

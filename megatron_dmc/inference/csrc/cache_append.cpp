@@ -11,7 +11,8 @@
 // table [X, G, M], lengths / run_len [X, G], ring_k / ring_v [X, G, W, D], ring_w [X, G, W]
 // (the layer's slabs, written in place); seq_ids [B]; k / v [B, G, D] (cache dtype), alpha
 // [B, G] (bool), omega [B, G], cos / sin [B, D]; free_pages [P] (the pool's stack, the
-// top `num_free` entries free). One dtype (float or double) for pages, rings and inputs.
+// top `num_free` entries free); seen [X] (tokens seen per row, +1 for each sequence of the
+// call) or empty. One dtype (float or double) for pages, rings and inputs.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -145,19 +146,19 @@ int64_t cache_append(torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor
                      torch::Tensor ring_w, torch::Tensor run_len, torch::Tensor seq_ids,
                      torch::Tensor k, torch::Tensor v, torch::Tensor alpha, torch::Tensor omega,
                      torch::Tensor cos, torch::Tensor sin, torch::Tensor free_pages,
-                     int64_t num_free, bool compress, bool channel) {
+                     int64_t num_free, torch::Tensor seen, bool compress, bool channel) {
   const auto dtype = k_pages.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kDouble,
               "cache_append: float32 or float64 caches");
   for (const auto& x : {v_pages, ring_k, ring_v, ring_w, k, v, omega, cos, sin}) {
     TORCH_CHECK(x.scalar_type() == dtype, "cache_append: one dtype for pages, rings and inputs");
   }
-  for (const auto& x : {table, lengths, run_len, seq_ids, free_pages}) {
+  for (const auto& x : {table, lengths, run_len, seq_ids, free_pages, seen}) {
     TORCH_CHECK(x.scalar_type() == torch::kLong, "cache_append: tables and ids are int64");
   }
   TORCH_CHECK(alpha.scalar_type() == torch::kBool, "cache_append: alpha is bool");
   for (const auto& x : {k_pages, v_pages, table, lengths, ring_k, ring_v, ring_w, run_len,
-                        free_pages}) {
+                        free_pages, seen}) {
     TORCH_CHECK(x.is_contiguous(), "cache_append: the cache's tensors must be contiguous");
   }
   TORCH_CHECK(k_pages.dim() == 3 && table.dim() == 3 && ring_k.dim() == 4 && k.dim() == 3,
@@ -178,6 +179,7 @@ int64_t cache_append(torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor
     TORCH_CHECK(ids[b] >= 0 && ids[b] < table.size(0), "cache_append: sequence id out of range");
   }
   TORCH_CHECK(num_free >= 0 && num_free <= free_pages.numel(), "cache_append: bad num_free");
+  TORCH_CHECK(seen.numel() == 0 || seen.numel() == table.size(0), "cache_append: seen is [X]");
   k = k.contiguous();
   v = v.contiguous();
   alpha = alpha.contiguous();
@@ -196,5 +198,9 @@ int64_t cache_append(torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor
                                   cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
                                   free_pages.data_ptr<int64_t>(), num_free);
   });
+  if (result >= 0 && seen.numel() > 0) {
+    int64_t* counts = seen.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) counts[ids[b]] += 1;
+  }
   return result;
 }

@@ -301,7 +301,7 @@ int64_t cache_append(torch::Tensor k_pages, torch::Tensor v_pages, torch::Tensor
                      torch::Tensor ring_w, torch::Tensor run_len, torch::Tensor seq_ids,
                      torch::Tensor k, torch::Tensor v, torch::Tensor alpha, torch::Tensor omega,
                      torch::Tensor cos, torch::Tensor sin, torch::Tensor free_pages,
-                     int64_t num_free, bool compress, bool channel);
+                     int64_t num_free, torch::Tensor seen, bool compress, bool channel);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode,
