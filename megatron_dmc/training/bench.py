@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "itself with compression off (dmc_heads_lora_self)",
     )
     parser.add_argument(
+        "--efficient", action="store_true",
+        help="also time the efficient recipe's retrofit step (dmc_efficient: decision heads, "
+        "merge delay 64, distillation from itself with compression off, only the heads train)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-transformers", action="store_true",
         help="skip the plain transformers LlamaForCausalLM fwd+bwd+AdamW baseline",
     )  # fmt: skip
@@ -170,6 +175,8 @@ def _contenders(args: argparse.Namespace, cfg, shape: LlamaShape) -> list[Conten
         out.append(Contender(name, model, optimizer, LossSettings(target, decisions)))
     if args.distill:
         out += [_distilled(name, args, cfg, shape, out[0]) for name in DISTILLED]
+    if args.efficient:
+        out.append(_distilled(EFFICIENT, args, cfg, shape, out[0]))
     if not args.no_transformers:
         from megatron_dmc.training.bench_hf import plain_transformers_step
 
@@ -183,10 +190,34 @@ DISTILLED = ("dmc_distill", "dmc_lora_distill", "dmc_heads_lora_self")
 """DMC with KL to a frozen copy of the starting weights (all weights train, or LoRA only),
 and heads-mode DMC with LoRA distilled from itself with compression off (no copy)."""
 
+EFFICIENT = "dmc_efficient"
+"""The efficient recipe (configs/recipes/efficient.yaml): decision heads, merge delay 64,
+KL to the student with compression off as the only task loss, only the heads train."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What a distilled contender changes in the DMC retrofit step."""
+
+    trainable: str
+    source: str = "channel"
+    merge_delay: int = 0
+    teacher_copy: bool = True
+    lm_loss_weight: float = 1.0
+    cr_loss_weight: float = 1.0
+
+
+RECIPES = {
+    "dmc_distill": Recipe("all"),
+    "dmc_lora_distill": Recipe("lora"),
+    "dmc_heads_lora_self": Recipe("lora", "heads", teacher_copy=False),
+    EFFICIENT: Recipe("dmc-heads", "heads", 64, False, lm_loss_weight=0.0, cr_loss_weight=10.0),
+}
+
 
 def _distilled(name: str, args, cfg, shape: LlamaShape, vanilla: Contender) -> Contender:
-    """DMC (retrofit step, KL weight 1) from `vanilla`'s weights, with a frozen copy of them
-    as teacher, or (heads) the student with compression off."""
+    """DMC (retrofit step, KL weight 1) from `vanilla`'s weights as RECIPES[name] says: a
+    frozen copy of them as teacher, or the student with compression off."""
     import copy
 
     from megatron_dmc.training import model_api
@@ -195,23 +226,25 @@ def _distilled(name: str, args, cfg, shape: LlamaShape, vanilla: Contender) -> C
     from megatron_dmc.training.optim import build_optimizer
     from megatron_dmc.training.teacher import Teacher, frozen_copy
 
+    recipe = RECIPES[name]
     cfg = copy.deepcopy(cfg)
-    trainable = "all" if name == "dmc_distill" else "lora"
-    cfg.retrofit = RetrofitArgs(dmc_distill_weight=1.0, dmc_trainable=trainable)
-    if name == "dmc_heads_lora_self":
-        cfg.dmc.dmc_decision_source = "heads"
+    cfg.retrofit = RetrofitArgs(dmc_distill_weight=1.0, dmc_trainable=recipe.trainable,
+                                dmc_lm_loss_weight=recipe.lm_loss_weight)  # fmt: skip
+    cfg.dmc.dmc_decision_source = recipe.source
+    cfg.dmc.dmc_merge_delay = recipe.merge_delay
     model = model_api.build(shape, cfg, "dmc")
     state = vanilla.model.module.state_dict()
     missing, unexpected = model.module.load_state_dict(state, strict=False)
     fresh = ("lora_A", "lora_B", "dmc_decision_proj.weight")
     assert not unexpected and all(k.endswith(fresh) for k in missing), missing
     teacher_model = None
-    if name != "dmc_heads_lora_self":
+    if recipe.teacher_copy:
         teacher_model = frozen_copy(shape, model_api.transformer_config(shape, cfg))
         teacher_model.load_state_dict(state, strict=True)
     optimizer = build_optimizer(model, cfg.optim, cfg.model.bf16, False)
     decisions = shape.num_hidden_layers * shape.num_key_value_heads * args.seq_length
-    settings = LossSettings(args.target_cr, decisions, distill_weight=1.0)
+    settings = LossSettings(args.target_cr, decisions, recipe.cr_loss_weight,
+                            recipe.lm_loss_weight, distill_weight=1.0)  # fmt: skip
     teacher = Teacher(teacher_model, args.seq_length)
     return Contender(name, model, optimizer, settings, teacher=teacher)
 
@@ -315,7 +348,7 @@ def report(args: argparse.Namespace, shape: LlamaShape, contenders: list[Contend
     for name in [c.name for c in contenders if c.name != "dmc"]:
         lines.append(
             f"{name} / DMC step time: {medians[name] / medians['dmc']:.3f}x"
-            if name in DISTILLED
+            if name in RECIPES
             else f"DMC / {name} step time: {medians['dmc'] / medians[name]:.3f}x"
         )
     memory = {c.name: state_bytes(c, tokens) for c in contenders if c.name.startswith("dmc")}
@@ -331,6 +364,9 @@ def report(args: argparse.Namespace, shape: LlamaShape, contenders: list[Contend
         lines.append("CPU-s per token: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in per_token.items())
                      + f"; DMC / transformers {per_token['dmc'] / per_token['transformers']:.3f}x "
                      "(goal <= 1.1x for a whole retrofit run, launches and checkpoints included)")  # fmt: skip
+        if EFFICIENT in per_token:
+            ratio_efficient = per_token[EFFICIENT] / per_token["transformers"]
+            lines.append(f"{EFFICIENT} / transformers CPU-s per token: {ratio_efficient:.3f}x")
     verdict = "met" if ratio <= GOAL else "NOT met"
     lines.append(
         f"goal DMC / {baseline} <= {GOAL}x: {verdict} ({ratio:.3f}x; median of per-round "
