@@ -274,14 +274,7 @@ def _shift_right(x_BGT_: torch.Tensor, offset: int, time_dim: int) -> torch.Tens
     return torch.cat([x_BGT_.new_zeros(pad_shape), kept], dim=time_dim)
 
 
-def windowed_partial_accumulation(
-    k_BGTD: torch.Tensor,
-    v_BGTD: torch.Tensor,
-    alpha_BGT: torch.Tensor,
-    omega_BGT: torch.Tensor,
-    window: int = 12,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial accumulations (ktilde, vtilde) of pre-RoPE keys and values, [B, G, T, D]."""
+def _check_accumulation_inputs(k_BGTD, alpha_BGT, omega_BGT, window: int) -> None:
     check_window(window)
     check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
     check_rank("alpha", alpha_BGT, 3, "[batch, kv_heads, time]")
@@ -290,19 +283,85 @@ def windowed_partial_accumulation(
             f"alpha {tuple(alpha_BGT.shape)} and omega {tuple(omega_BGT.shape)} must both be "
             f"[batch, kv_heads, time] = {tuple(k_BGTD.shape[:3])}"
         )
+
+
+def _offset_weights(alpha_BGT: torch.Tensor, omega_BGT: torch.Tensor, window: int) -> list:
+    """[w_0, .., w_{n-1}], n = min(W, T): w_o[t] = prod_{m=t-o+1..t} alpha_m * omega_{t-o}
+    (zero where t < o), the weight of token t - o in the slot of token t."""
+    weights = [omega_BGT]
+    decay_BGT = torch.ones_like(alpha_BGT)
+    for offset in range(1, min(window, alpha_BGT.shape[2])):
+        decay_BGT = decay_BGT * _shift_right(alpha_BGT, offset - 1, time_dim=2)
+        weights.append(decay_BGT * _shift_right(omega_BGT, offset, time_dim=2))
+    return weights
+
+
+class _WeightedWindow(torch.autograd.Function):
+    """kvtilde[t] = sum_o w_o[t] kv[t-o] / sum_o w_o[t] with a hand-written backward: the
+    shifted keys and values are views of one padded copy (no copy per offset, none saved),
+    and each offset's gradient is one product-sum and one in-place multiply-add."""
+
+    @staticmethod
+    def forward(ctx, kv_BGTF, *weights):
+        dtype = torch.promote_types(kv_BGTF.dtype, weights[0].dtype)
+        kv_pad_BGPF = _pad_front(kv_BGTF.to(dtype), len(weights) - 1)
+        numerator_BGTF = weights[0][..., None] * kv_BGTF
+        denominator_BGT = weights[0]
+        for offset, weight_BGT in enumerate(weights[1:], start=1):
+            shifted_BGTF = _shifted(kv_pad_BGPF, offset, len(weights) - 1)
+            numerator_BGTF = numerator_BGTF.add_(weight_BGT[..., None] * shifted_BGTF)
+            denominator_BGT = denominator_BGT + weight_BGT
+        kvtilde_BGTF = numerator_BGTF / denominator_BGT[..., None]
+        ctx.save_for_backward(kv_pad_BGPF, denominator_BGT, kvtilde_BGTF, *weights)
+        ctx.kv_dtype = kv_BGTF.dtype
+        return kvtilde_BGTF
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BGTF):
+        kv_pad_BGPF, denominator_BGT, kvtilde_BGTF, *weights = ctx.saved_tensors
+        last = len(weights) - 1
+        grad_num_BGTF = grad_BGTF / denominator_BGT[..., None]
+        grad_den_BGT = -(grad_num_BGTF * kvtilde_BGTF).sum(-1)
+        grad_kv_pad_BGPF = torch.zeros_like(kv_pad_BGPF)
+        grad_weights = []
+        for offset, weight_BGT in enumerate(weights):
+            shifted_BGTF = _shifted(kv_pad_BGPF, offset, last)
+            _shifted(grad_kv_pad_BGPF, offset, last).add_(weight_BGT[..., None] * grad_num_BGTF)
+            grad_w_BGT = (grad_num_BGTF * shifted_BGTF).sum(-1) + grad_den_BGT
+            grad_weights.append(grad_w_BGT.to(weight_BGT.dtype))
+        grad_kv_BGTF = grad_kv_pad_BGPF[:, :, last:].to(ctx.kv_dtype)
+        return (grad_kv_BGTF, *grad_weights)
+
+
+def _pad_front(x_BGTF: torch.Tensor, count: int) -> torch.Tensor:
+    """x with `count` zero steps in front: [B, G, count + T, F]."""
+    return torch.cat([x_BGTF.new_zeros(*x_BGTF.shape[:2], count, x_BGTF.shape[3]), x_BGTF], 2)
+
+
+def _shifted(x_pad_BGPF: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    """The view x[t - offset] (zeros where t < offset) of a tensor padded by `count`."""
+    length = x_pad_BGPF.shape[2] - count
+    return x_pad_BGPF.narrow(2, count - offset, length)
+
+
+def windowed_partial_accumulation(
+    k_BGTD: torch.Tensor,
+    v_BGTD: torch.Tensor,
+    alpha_BGT: torch.Tensor,
+    omega_BGT: torch.Tensor,
+    window: int = 12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial accumulations (ktilde, vtilde) of pre-RoPE keys and values, [B, G, T, D].
+
+    The offsets' weights go through autograd ([B, G, T] each); the weighted sums of the
+    keys and values through `_WeightedWindow`. Same forward arithmetic, in the same order,
+    as `windowed_partial_accumulation_reference`; gradients equal up to rounding."""
+    _check_accumulation_inputs(k_BGTD, alpha_BGT, omega_BGT, window)
     head_dim = k_BGTD.shape[-1]
     kv_BGT2D = torch.cat([k_BGTD, v_BGTD], dim=-1)
-    numerator_BGT2D = omega_BGT[..., None] * kv_BGT2D
-    denominator_BGT = omega_BGT
-    decay_BGT = torch.ones_like(alpha_BGT)
-    for offset in range(1, min(window, k_BGTD.shape[2])):
-        decay_BGT = decay_BGT * _shift_right(alpha_BGT, offset - 1, time_dim=2)
-        weight_BGT = decay_BGT * _shift_right(omega_BGT, offset, time_dim=2)
-        numerator_BGT2D = numerator_BGT2D + weight_BGT[..., None] * _shift_right(
-            kv_BGT2D, offset, time_dim=2
-        )
-        denominator_BGT = denominator_BGT + weight_BGT
-    kvtilde_BGT2D = numerator_BGT2D / denominator_BGT[..., None]
+    weights = _offset_weights(alpha_BGT, omega_BGT, window)
+    kvtilde_BGT2D = _WeightedWindow.apply(kv_BGT2D, *weights)
     return kvtilde_BGT2D[..., :head_dim], kvtilde_BGT2D[..., head_dim:]
 
 
@@ -428,15 +487,21 @@ def dmc_attention(
     num_heads, length, head_dim = q_BHTD.shape[1], q_BHTD.shape[2], q_BHTD.shape[3]
     num_groups, value_dim = ktilde_BGTD.shape[1], vtilde_BGTD.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    per_group = (q_BHTD.shape[0], num_groups, num_heads // num_groups, length)
+    local_out_BHTD = None
     if merge_delay == 0:
-        local_out_BHTD = _expand_groups(vtilde_BGTD, num_heads)
-        local_BHT = (q_BHTD * _expand_groups(ktilde_BGTD, num_heads)).sum(-1) * scale
+        if length <= 1:
+            return _expand_groups(vtilde_BGTD, num_heads)
+        # Each query head against its group's own slot, through [B, G, N, T, D] views
+        # (no copy of the slots per query head).
+        q_BGNTD = q_BHTD.reshape(*per_group, head_dim)
+        local_BHT = (q_BGNTD * ktilde_BGTD[:, :, None]).sum(-1).reshape(q_BHTD.shape[:3]) * scale
     else:
         local_BHT, local_out_BHTD = local_attention(
             q_BHTD, ktilde_BGTD, vtilde_BGTD, k_BGTD, v_BGTD, merge_delay, scale
         )
-    if merge_delay + 1 >= length:
-        return local_out_BHTD
+        if merge_delay + 1 >= length:
+            return local_out_BHTD
 
     q_aug_BHTE = torch.cat(
         [q_BHTD, torch.full_like(q_BHTD[..., :1], 1.0 / scale), local_BHT[..., None] / scale],
@@ -447,22 +512,32 @@ def dmc_attention(
     )
     k_self_BG1E = torch.zeros_like(k_aug_BGTE[:, :, :1])
     k_self_BG1E[..., -1] = 1.0
-    k_fill_BGWE = torch.zeros_like(k_aug_BGTE[:, :, :merge_delay])
-    k_fill_BGWE[..., head_dim] = HARD_MASK_VALUE
     shifted = length - 1 - merge_delay
-    keys_BGSE = torch.cat([k_self_BG1E, k_fill_BGWE, k_aug_BGTE[:, :, :shifted]], dim=2)
+    keys = [k_self_BG1E, k_aug_BGTE[:, :, :shifted]]
+    if merge_delay:
+        k_fill_BGWE = torch.zeros_like(k_aug_BGTE[:, :, :merge_delay])
+        k_fill_BGWE[..., head_dim] = HARD_MASK_VALUE
+        keys.insert(1, k_fill_BGWE)
+    keys_BGSE = torch.cat(keys, dim=2)
 
     # Values get the same width as q/k (one-hot channel + one zero channel): the CPU and
     # GPU fused SDPA kernels fall back to the O(T^2) math path when widths differ.
     v_aug_BGTF = F.pad(vtilde_BGTD, (0, q_aug_BHTE.shape[-1] - value_dim))
     v_self_BG1F = torch.zeros_like(v_aug_BGTF[:, :, :1])
     v_self_BG1F[..., value_dim] = 1.0
-    v_fill_BGWF = torch.zeros_like(v_aug_BGTF[:, :, :merge_delay])
-    values_BGSF = torch.cat([v_self_BG1F, v_fill_BGWF, v_aug_BGTF[:, :, :shifted]], dim=2)
+    values = [v_self_BG1F, v_aug_BGTF[:, :, :shifted]]
+    if merge_delay:
+        values.insert(1, torch.zeros_like(v_aug_BGTF[:, :, :merge_delay]))
+    values_BGSF = torch.cat(values, dim=2)
 
     out_BHTF = _causal_sdpa(q_aug_BHTE, keys_BGSE, values_BGSF, scale, num_heads // num_groups)
     self_weight_BHT1 = out_BHTF[..., value_dim : value_dim + 1]
-    return out_BHTF[..., :value_dim] + self_weight_BHT1 * local_out_BHTD
+    if local_out_BHTD is not None:
+        return out_BHTF[..., :value_dim] + self_weight_BHT1 * local_out_BHTD
+    # Without a delay the local output is the group's own slot value: added per group.
+    out_BGNTF = out_BHTF.reshape(*per_group, -1)
+    local_BGNTD = out_BGNTF[..., value_dim : value_dim + 1] * vtilde_BGTD[:, :, None]
+    return (out_BGNTF[..., :value_dim] + local_BGNTD).reshape(*q_BHTD.shape[:3], value_dim)
 
 
 def _causal_sdpa(

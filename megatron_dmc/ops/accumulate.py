@@ -82,7 +82,7 @@ class _WeightedWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kv_BGTF, *weights):
         dtype = torch.promote_types(kv_BGTF.dtype, weights[0].dtype)
-        kv_pad_BGPF = _pad_time(kv_BGTF.to(dtype), len(weights) - 1)
+        kv_pad_BGPF = _pad_front(kv_BGTF.to(dtype), len(weights) - 1)
         numerator_BGTF = weights[0][..., None] * kv_BGTF
         denominator_BGT = weights[0]
         for offset, weight_BGT in enumerate(weights[1:], start=1):
@@ -112,7 +112,7 @@ class _WeightedWindow(torch.autograd.Function):
         return (grad_kv_BGTF, *grad_weights)
 
 
-def _pad_time(x_BGTF: torch.Tensor, count: int) -> torch.Tensor:
+def _pad_front(x_BGTF: torch.Tensor, count: int) -> torch.Tensor:
     """x with `count` zero steps in front: [B, G, count + T, F]."""
     return torch.cat([x_BGTF.new_zeros(*x_BGTF.shape[:2], count, x_BGTF.shape[3]), x_BGTF], 2)
 

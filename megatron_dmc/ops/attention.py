@@ -131,15 +131,21 @@ def dmc_attention(
     num_heads, length, head_dim = q_BHTD.shape[1], q_BHTD.shape[2], q_BHTD.shape[3]
     num_groups, value_dim = ktilde_BGTD.shape[1], vtilde_BGTD.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    per_group = (q_BHTD.shape[0], num_groups, num_heads // num_groups, length)
+    local_out_BHTD = None
     if merge_delay == 0:
-        local_out_BHTD = _expand_groups(vtilde_BGTD, num_heads)
-        local_BHT = (q_BHTD * _expand_groups(ktilde_BGTD, num_heads)).sum(-1) * scale
+        if length <= 1:
+            return _expand_groups(vtilde_BGTD, num_heads)
+        # Each query head against its group's own slot, through [B, G, N, T, D] views
+        # (no copy of the slots per query head).
+        q_BGNTD = q_BHTD.reshape(*per_group, head_dim)
+        local_BHT = (q_BGNTD * ktilde_BGTD[:, :, None]).sum(-1).reshape(q_BHTD.shape[:3]) * scale
     else:
         local_BHT, local_out_BHTD = local_attention(
             q_BHTD, ktilde_BGTD, vtilde_BGTD, k_BGTD, v_BGTD, merge_delay, scale
         )
-    if merge_delay + 1 >= length:
-        return local_out_BHTD
+        if merge_delay + 1 >= length:
+            return local_out_BHTD
 
     q_aug_BHTE = torch.cat(
         [q_BHTD, torch.full_like(q_BHTD[..., :1], 1.0 / scale), local_BHT[..., None] / scale],
@@ -150,22 +156,32 @@ def dmc_attention(
     )
     k_self_BG1E = torch.zeros_like(k_aug_BGTE[:, :, :1])
     k_self_BG1E[..., -1] = 1.0
-    k_fill_BGWE = torch.zeros_like(k_aug_BGTE[:, :, :merge_delay])
-    k_fill_BGWE[..., head_dim] = HARD_MASK_VALUE
     shifted = length - 1 - merge_delay
-    keys_BGSE = torch.cat([k_self_BG1E, k_fill_BGWE, k_aug_BGTE[:, :, :shifted]], dim=2)
+    keys = [k_self_BG1E, k_aug_BGTE[:, :, :shifted]]
+    if merge_delay:
+        k_fill_BGWE = torch.zeros_like(k_aug_BGTE[:, :, :merge_delay])
+        k_fill_BGWE[..., head_dim] = HARD_MASK_VALUE
+        keys.insert(1, k_fill_BGWE)
+    keys_BGSE = torch.cat(keys, dim=2)
 
     # Values get the same width as q/k (one-hot channel + one zero channel): the CPU and
     # GPU fused SDPA kernels fall back to the O(T^2) math path when widths differ.
     v_aug_BGTF = F.pad(vtilde_BGTD, (0, q_aug_BHTE.shape[-1] - value_dim))
     v_self_BG1F = torch.zeros_like(v_aug_BGTF[:, :, :1])
     v_self_BG1F[..., value_dim] = 1.0
-    v_fill_BGWF = torch.zeros_like(v_aug_BGTF[:, :, :merge_delay])
-    values_BGSF = torch.cat([v_self_BG1F, v_fill_BGWF, v_aug_BGTF[:, :, :shifted]], dim=2)
+    values = [v_self_BG1F, v_aug_BGTF[:, :, :shifted]]
+    if merge_delay:
+        values.insert(1, torch.zeros_like(v_aug_BGTF[:, :, :merge_delay]))
+    values_BGSF = torch.cat(values, dim=2)
 
     out_BHTF = _causal_sdpa(q_aug_BHTE, keys_BGSE, values_BGSF, scale, num_heads // num_groups)
     self_weight_BHT1 = out_BHTF[..., value_dim : value_dim + 1]
-    return out_BHTF[..., :value_dim] + self_weight_BHT1 * local_out_BHTD
+    if local_out_BHTD is not None:
+        return out_BHTF[..., :value_dim] + self_weight_BHT1 * local_out_BHTD
+    # Without a delay the local output is the group's own slot value: added per group.
+    out_BGNTF = out_BHTF.reshape(*per_group, -1)
+    local_BGNTD = out_BGNTF[..., value_dim : value_dim + 1] * vtilde_BGTD[:, :, None]
+    return (out_BGNTF[..., :value_dim] + local_BGNTD).reshape(*q_BHTD.shape[:3], value_dim)
 
 
 def _causal_sdpa(
