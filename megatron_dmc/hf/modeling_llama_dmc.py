@@ -261,19 +261,6 @@ def chronological(state: WindowState) -> WindowState:
 
 # from megatron_dmc.ops.accumulate
 # Legend: B batch, G KV heads, T time, D head dim, W window.
-def _shift_right(x_BGT_: torch.Tensor, offset: int, time_dim: int) -> torch.Tensor:
-    """x[t - offset] along time_dim, zeros where t < offset."""
-    if offset == 0:
-        return x_BGT_
-    length = x_BGT_.shape[time_dim]
-    if offset >= length:
-        return torch.zeros_like(x_BGT_)
-    kept = x_BGT_.narrow(time_dim, 0, length - offset)
-    pad_shape = list(x_BGT_.shape)
-    pad_shape[time_dim] = offset
-    return torch.cat([x_BGT_.new_zeros(pad_shape), kept], dim=time_dim)
-
-
 def _check_accumulation_inputs(k_BGTD, alpha_BGT, omega_BGT, window: int) -> None:
     check_window(window)
     check_rank("k", k_BGTD, 4, "[batch, kv_heads, time, head_dim]")
@@ -285,57 +272,76 @@ def _check_accumulation_inputs(k_BGTD, alpha_BGT, omega_BGT, window: int) -> Non
         )
 
 
-def _offset_weights(alpha_BGT: torch.Tensor, omega_BGT: torch.Tensor, window: int) -> list:
-    """[w_0, .., w_{n-1}], n = min(W, T): w_o[t] = prod_{m=t-o+1..t} alpha_m * omega_{t-o}
-    (zero where t < o), the weight of token t - o in the slot of token t."""
-    weights = [omega_BGT]
-    decay_BGT = torch.ones_like(alpha_BGT)
-    for offset in range(1, min(window, alpha_BGT.shape[2])):
-        decay_BGT = decay_BGT * _shift_right(alpha_BGT, offset - 1, time_dim=2)
-        weights.append(decay_BGT * _shift_right(omega_BGT, offset, time_dim=2))
-    return weights
-
-
-class _WeightedWindow(torch.autograd.Function):
-    """kvtilde[t] = sum_o w_o[t] kv[t-o] / sum_o w_o[t] with a hand-written backward: the
-    shifted keys and values are views of one padded copy (no copy per offset, none saved),
-    and each offset's gradient is one product-sum and one in-place multiply-add."""
+class _WindowedAccumulation(torch.autograd.Function):
+    """kvtilde[t] = sum_o w_o[t] kv[t-o] / sum_o w_o[t] for o < n, with the weights w_o of
+    `_offset_weights`, and a hand-written backward. Every shifted tensor is a view of one
+    padded copy (no copy per offset, none saved); the forward does the reference's
+    arithmetic in the reference's order; the backward takes each offset's gradient as one
+    product-sum and one in-place multiply-add, and the weights' through the decay chain."""
 
     @staticmethod
-    def forward(ctx, kv_BGTF, *weights):
-        dtype = torch.promote_types(kv_BGTF.dtype, weights[0].dtype)
-        kv_pad_BGPF = _pad_front(kv_BGTF.to(dtype), len(weights) - 1)
+    def forward(ctx, kv_BGTF, alpha_BGT, omega_BGT, count):
+        last = count - 1
+        kv_pad_BGPF = _pad_front(kv_BGTF, last)
+        alpha_pad_BGP, omega_pad_BGP = (_pad_front(x[..., None], last)[..., 0]
+                                        for x in (alpha_BGT, omega_BGT))  # fmt: skip
+        weights, decays = [omega_BGT], [torch.ones_like(alpha_BGT)]
+        for offset in range(1, count):
+            decays.append(decays[-1] * _shifted(alpha_pad_BGP, offset - 1, last))
+            weights.append(decays[-1] * _shifted(omega_pad_BGP, offset, last))
         numerator_BGTF = weights[0][..., None] * kv_BGTF
         denominator_BGT = weights[0]
         for offset, weight_BGT in enumerate(weights[1:], start=1):
-            shifted_BGTF = _shifted(kv_pad_BGPF, offset, len(weights) - 1)
+            shifted_BGTF = _shifted(kv_pad_BGPF, offset, last)
             numerator_BGTF = numerator_BGTF.add_(weight_BGT[..., None] * shifted_BGTF)
             denominator_BGT = denominator_BGT + weight_BGT
         kvtilde_BGTF = numerator_BGTF / denominator_BGT[..., None]
-        ctx.save_for_backward(kv_pad_BGPF, denominator_BGT, kvtilde_BGTF, *weights)
-        ctx.kv_dtype = kv_BGTF.dtype
+        ctx.count = count
+        ctx.save_for_backward(kv_pad_BGPF, alpha_pad_BGP, omega_pad_BGP, denominator_BGT,
+                              kvtilde_BGTF, *weights, *decays)  # fmt: skip
+        ctx.dtypes = (kv_BGTF.dtype, alpha_BGT.dtype, omega_BGT.dtype)
         return kvtilde_BGTF
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_BGTF):
-        kv_pad_BGPF, denominator_BGT, kvtilde_BGTF, *weights = ctx.saved_tensors
-        last = len(weights) - 1
+        kv_pad_BGPF, alpha_pad_BGP, omega_pad_BGP, denominator_BGT, kvtilde_BGTF, *rest = (
+            ctx.saved_tensors
+        )
+        count, last = ctx.count, ctx.count - 1
+        weights, decays = rest[:count], rest[count:]
         grad_num_BGTF = grad_BGTF / denominator_BGT[..., None]
         grad_den_BGT = -(grad_num_BGTF * kvtilde_BGTF).sum(-1)
         grad_kv_pad_BGPF = torch.zeros_like(kv_pad_BGPF)
-        grad_weights = []
-        for offset, weight_BGT in enumerate(weights):
-            shifted_BGTF = _shifted(kv_pad_BGPF, offset, last)
+        grad_omega_pad_BGP = torch.zeros_like(omega_pad_BGP)
+        grad_alpha_pad_BGP = torch.zeros_like(alpha_pad_BGP)
+        grad_decay_BGT = None  # d loss / d decay_{o+1}, carried down the chain
+        for offset in range(last, -1, -1):
+            weight_BGT = weights[offset]
             _shifted(grad_kv_pad_BGPF, offset, last).add_(weight_BGT[..., None] * grad_num_BGTF)
+            shifted_BGTF = _shifted(kv_pad_BGPF, offset, last)
             grad_w_BGT = (grad_num_BGTF * shifted_BGTF).sum(-1) + grad_den_BGT
-            grad_weights.append(grad_w_BGT.to(weight_BGT.dtype))
-        grad_kv_BGTF = grad_kv_pad_BGPF[:, :, last:].to(ctx.kv_dtype)
-        return (grad_kv_BGTF, *grad_weights)
+            _shifted(grad_omega_pad_BGP, offset, last).add_(grad_w_BGT * decays[offset])
+            if offset == 0:
+                break
+            # decay_o = decay_{o-1} * alpha[t-o+1]; w_o = decay_o * omega[t-o]
+            grad_here_BGT = grad_w_BGT * _shifted(omega_pad_BGP, offset, last)
+            if grad_decay_BGT is not None:
+                grad_here_BGT = grad_here_BGT + grad_decay_BGT * _shifted(
+                    alpha_pad_BGP, offset, last
+                )
+            _shifted(grad_alpha_pad_BGP, offset - 1, last).add_(grad_here_BGT * decays[offset - 1])
+            grad_decay_BGT = grad_here_BGT
+        kv_dtype, alpha_dtype, omega_dtype = ctx.dtypes
+        grad_alpha_BGT = grad_alpha_pad_BGP[:, :, last:].to(alpha_dtype) if count > 1 else None
+        return (grad_kv_pad_BGPF[:, :, last:].to(kv_dtype), grad_alpha_BGT,
+                grad_omega_pad_BGP[:, :, last:].to(omega_dtype), None)  # fmt: skip
 
 
 def _pad_front(x_BGTF: torch.Tensor, count: int) -> torch.Tensor:
     """x with `count` zero steps in front: [B, G, count + T, F]."""
+    if count == 0:
+        return x_BGTF
     return torch.cat([x_BGTF.new_zeros(*x_BGTF.shape[:2], count, x_BGTF.shape[3]), x_BGTF], 2)
 
 
@@ -354,14 +360,14 @@ def windowed_partial_accumulation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial accumulations (ktilde, vtilde) of pre-RoPE keys and values, [B, G, T, D].
 
-    The offsets' weights go through autograd ([B, G, T] each); the weighted sums of the
-    keys and values through `_WeightedWindow`. Same forward arithmetic, in the same order,
-    as `windowed_partial_accumulation_reference`; gradients equal up to rounding."""
+    Through `_WindowedAccumulation`: the forward arithmetic of
+    `windowed_partial_accumulation_reference` in the same order, gradients equal up to
+    rounding."""
     _check_accumulation_inputs(k_BGTD, alpha_BGT, omega_BGT, window)
     head_dim = k_BGTD.shape[-1]
     kv_BGT2D = torch.cat([k_BGTD, v_BGTD], dim=-1)
-    weights = _offset_weights(alpha_BGT, omega_BGT, window)
-    kvtilde_BGT2D = _WeightedWindow.apply(kv_BGT2D, *weights)
+    count = min(window, k_BGTD.shape[2])
+    kvtilde_BGT2D = _WindowedAccumulation.apply(kv_BGT2D, alpha_BGT, omega_BGT, count)
     return kvtilde_BGT2D[..., :head_dim], kvtilde_BGT2D[..., head_dim:]
 
 
