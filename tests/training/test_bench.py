@@ -53,3 +53,18 @@ def test_bench_times_distillation_at_the_same_shape(capsys) -> None:
     self_taught = held["dmc_heads_lora_self"]
     assert self_taught["teacher"] == 0 and self_taught["teacher_logits"] == 2 * 64 * 8192 * 4
     assert "dmc_distill / DMC step time" in capsys.readouterr().out
+
+
+def test_bench_times_the_efficient_recipe_against_transformers(capsys) -> None:
+    """dmc_efficient: heads (zero-initialised: the first loss is vanilla's), delay 64, only
+    the heads train (no optimizer state for the base), the student as its own teacher."""
+    argv = ["--model", "tiny_gqa", "--num-layers", "2", "--seq-length", "96", "--efficient"]
+    result = bench.main([*argv, "--warmup", "0", "--reps", "1", "--num-microbatches", "1"])
+    assert {"dmc_efficient", "transformers"} <= set(result["median_s"])
+    assert result["first_lm_loss"]["dmc_efficient"] == pytest.approx(
+        result["first_lm_loss"]["vanilla"], rel=1e-5
+    )
+    held = result["state_bytes"]["dmc_efficient"]
+    assert held["teacher"] == 0 and held["trainable"] < held["weights"] / 100
+    assert held["optimizer"] == 2 * held["trainable"]
+    assert "dmc_efficient / transformers CPU-s per token" in capsys.readouterr().out
