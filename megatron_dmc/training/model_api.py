@@ -19,6 +19,7 @@ from megatron_dmc.model.builder import build_model
 from megatron_dmc.model.config import to_transformer_config
 from megatron_dmc.model.decisions import DecisionSums, gather_alpha_means
 from megatron_dmc.model.gpt import DMCGPTModel, pipeline_seq_length
+from megatron_dmc.model.grad_layout import standard_output_grad
 from megatron_dmc.model.lora import LORA_KEY
 from megatron_dmc.model.qkv import decision_row_selectors, zero_decision_rows
 from megatron_dmc.model.zero_out import ZeroOutSelfAttention, set_zero_out_lambda
@@ -81,7 +82,8 @@ def _wrap(module: torch.nn.Module, cfg: TrainConfig) -> DistributedDataParallel:
 
 def build(model_config: LlamaShape, cfg: TrainConfig, attention: str) -> DistributedDataParallel:
     """This rank's stage of the model for `attention` with the --dmc-trainable set applied
-    (adapters added, the rest frozen), wrapped in Megatron's DDP."""
+    (adapters added, the rest frozen), wrapped in Megatron's DDP; the output layer's
+    gradient goes through `standard_output_grad` (distillation's logits gradient)."""
     module = build_model(
         model_config,
         attention,
@@ -90,6 +92,7 @@ def build(model_config: LlamaShape, cfg: TrainConfig, attention: str) -> Distrib
         noise_seed=cfg.batch.seed,
     )
     apply_trainable(module, cfg.retrofit, cfg.batch.seed)
+    standard_output_grad(module)
     return _wrap(module, cfg)
 
 
