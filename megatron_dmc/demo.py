@@ -53,14 +53,17 @@ def _demo(argv: list[str]) -> int:
 
 def with_recipe(preset: Preset, recipe: str) -> Preset:
     """The preset with another recipe (checked again); a paper recipe keeps DMC rows only,
-    since DMS needs decision heads."""
+    since DMS needs decision heads, and its decisions exactly as trained (no calibration)."""
     from megatron_dmc.pipeline.recipes import recipe_path, uses_zero_out
 
     recipe_path(recipe)
-    methods = preset.train.methods
+    methods, calibrate = preset.train.methods, preset.train.calibrate_cr
     if uses_zero_out(effective_values(recipe, [])):
         methods = [m for m in methods if m == "dmc"] or ["dmc"]
-    train = dataclasses.replace(preset.train, recipe=recipe, methods=methods)
+        calibrate = False
+    train = dataclasses.replace(
+        preset.train, recipe=recipe, methods=methods, calibrate_cr=calibrate
+    )
     return dataclasses.replace(preset, train=train)
 
 

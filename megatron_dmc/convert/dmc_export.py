@@ -3,6 +3,7 @@
 Every config.json field is a metadata field with the dmc_ prefix (dmc_window_size,
 dmc_init_val, dmc_target_cr, dmc_decision_source, dmc_merge_delay, dmc_kv_method), as on
 the command line (--dmc-window-size ...) and in DMCConfig (window_size, init_val, ...);
+dmc_decision_threshold (0 as trained) is set after training by `eval calibrate`;
 the transformers classes live in megatron_dmc/hf/ and are copied into the export so that
 `from_pretrained(dir, trust_remote_code=True)` works offline.
 """
@@ -28,6 +29,7 @@ DMC_DEFAULTS: dict[str, Any] = {
     "decision_source": "channel",
     "merge_delay": 0,
     "kv_method": "dmc",
+    "decision_threshold": 0.0,
 }
 """Metadata fields (checkpoint_metadata(dmc=...)) and their release defaults."""
 
@@ -64,6 +66,7 @@ def dmc_hf_config(plain_config: dict[str, Any], dmc: dict[str, Any] | None) -> d
         dmc_decision_source=fields["decision_source"],
         dmc_merge_delay=fields["merge_delay"],
         dmc_kv_method=fields["kv_method"],
+        dmc_decision_threshold=fields["decision_threshold"],
         auto_map={
             "AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}",
             "AutoModelForCausalLM": f"{MODELING_MODULE}.{DMC_ARCHITECTURE}",

@@ -15,10 +15,13 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import DataLoader, Sampler
 
 from megatron_dmc.data.tokenizer import Tokenizer
@@ -37,6 +40,13 @@ def check_data_prefix(prefix: str | Path, flag: str = "--data-path") -> str:
             f"tools/preprocess_data.py --output-prefix {prefix}"
         )
     return prefix
+
+
+def indexed_tokens(prefix: str | Path, flag: str = "--data-path") -> torch.Tensor:
+    """Every document's tokens of an indexed dataset, concatenated (each ends in its EOD)."""
+    dataset = IndexedDataset(check_data_prefix(prefix, flag))
+    tokens = np.concatenate([dataset[i] for i in range(len(dataset))])
+    return torch.from_numpy(tokens.astype(np.int64))
 
 
 class _TokenizerInfo:

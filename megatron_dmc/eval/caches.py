@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -102,6 +102,15 @@ def engine_for(model: nn.Module, mode: str = "auto") -> LlamaForInference:
     if mode not in engines:
         engines[mode] = from_transformers(model, mode)
     return engines[mode]
+
+
+def set_decision_threshold(model: nn.Module, threshold: float) -> None:
+    """Give a DMC model (its config and every engine built over it) a new decision
+    threshold (`DMCConfig.decision_threshold`)."""
+    model.config.dmc_decision_threshold = float(threshold)
+    for engine in _ENGINES.get(model, {}).values():
+        if engine.dmc is not None:
+            engine.dmc = replace(engine.dmc, decision_threshold=float(threshold))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`python -m megatron_dmc.eval {run,table,tasks-dir,gqa}`: thin wrappers over the library."""
+"""`python -m megatron_dmc.eval {run,table,tasks-dir,gqa,calibrate}`: thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from megatron_dmc.cli_errors import Parser, run
-from megatron_dmc.eval import gqa
+from megatron_dmc.eval import calibrate_cli, gqa
 from megatron_dmc.eval.humaneval import HumanEvalSettings
 from megatron_dmc.eval.matched import MATCHED_CHUNK
 from megatron_dmc.eval.methods import METHODS, build_method, load_model, load_tokenizer
@@ -132,12 +132,16 @@ def _parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks-dir", help="write the local task YAMLs, print the directory")
     tasks.add_argument("--out", help="directory (default: a new temporary one)")
     sub.add_parser("gqa", help="mean-pool K/V heads (see python -m megatron_dmc.eval.gqa -h)")
+    sub.add_parser("calibrate", help="set a DMC/DMS export's decision threshold for a target CR")
     return parser
 
 
 def _main(argv: list[str]) -> None:
     if argv[:1] == ["gqa"]:
         gqa.main(argv[1:])
+        return
+    if argv[:1] == ["calibrate"]:
+        calibrate_cli.main(argv[1:])
         return
     args = _parser().parse_args(argv)
     if args.command == "run":

@@ -54,6 +54,11 @@ class LlamaDMCConfig(LlamaConfig):
     decision read at token t evicts token t-1 once it is more than dmc_merge_delay tokens
     behind); needs dmc_window_size 1 and dmc_decision_source "heads" or "query"."""
 
+    dmc_decision_threshold: int | float = 0.0
+    """tau: merge (or evict) iff the alpha logit exceeds tau. 0 as trained; `python -m
+    megatron_dmc.eval calibrate` sets it so that the real compression ratio at a given length
+    equals dmc_target_cr."""
+
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
         # a plain Llama config.json loaded into this class must not keep "llama"

@@ -652,8 +652,17 @@ class DMCConfig:
     needs window_size=1 and decision_source "heads" or "query"; `ops.dms.dms_config`
     builds one."""
 
+    decision_threshold: float = 0.0
+    """tau: every alpha logit is lowered by tau before it is used (eval: merge or evict iff
+    logit > tau). 0 while training; set after training by `eval.calibrate` so that the real
+    CR at the evaluation length equals the target."""
+
     def __post_init__(self) -> None:
         check_window(self.window_size)
+        if not math.isfinite(self.decision_threshold):
+            raise ValueError(
+                f"decision_threshold must be a finite number; got {self.decision_threshold!r}"
+            )
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 (the paper uses 0.1); got {self.temperature!r}"
@@ -749,6 +758,16 @@ def make_decisions(
 
 
 def resolve_decision_logits(
+    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
+) -> DecisionLogits:
+    """The layer's logits (given, or read from q and k) with the decision threshold applied."""
+    logits = _source_logits(q_BHTD, k_BGTD, config, logits)
+    if config.decision_threshold == 0.0:
+        return logits
+    return DecisionLogits(logits.alpha_BGT - config.decision_threshold, logits.omega_BGT)
+
+
+def _source_logits(
     q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
 ) -> DecisionLogits:
     if logits is None and config.uses_query:
@@ -996,6 +1015,7 @@ def ops_config(config: LlamaDMCConfig) -> DMCConfig:
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
         kv_method=config.dmc_kv_method,
+        decision_threshold=float(config.dmc_decision_threshold),
     )
 
 

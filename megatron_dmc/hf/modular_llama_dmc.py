@@ -76,6 +76,7 @@ def ops_config(config: LlamaDMCConfig) -> DMCConfig:
         decision_source=config.dmc_decision_source,
         merge_delay=config.dmc_merge_delay,
         kv_method=config.dmc_kv_method,
+        decision_threshold=float(config.dmc_decision_threshold),
     )
 
 

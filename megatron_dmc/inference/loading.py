@@ -53,6 +53,7 @@ def dmc_config_from_hf(config: dict[str, Any], mode: str = "auto") -> DMCConfig 
         decision_source=str(config.get("dmc_decision_source", "channel")),
         merge_delay=int(config.get("dmc_merge_delay", 0)),
         kv_method=str(config.get("dmc_kv_method", "dmc")),
+        decision_threshold=float(config.get("dmc_decision_threshold", 0.0)),
     )
 
 

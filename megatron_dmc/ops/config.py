@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_dmc.ops._checks import check_window
@@ -41,8 +42,17 @@ class DMCConfig:
     needs window_size=1 and decision_source "heads" or "query"; `ops.dms.dms_config`
     builds one."""
 
+    decision_threshold: float = 0.0
+    """tau: every alpha logit is lowered by tau before it is used (eval: merge or evict iff
+    logit > tau). 0 while training; set after training by `eval.calibrate` so that the real
+    CR at the evaluation length equals the target."""
+
     def __post_init__(self) -> None:
         check_window(self.window_size)
+        if not math.isfinite(self.decision_threshold):
+            raise ValueError(
+                f"decision_threshold must be a finite number; got {self.decision_threshold!r}"
+            )
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 (the paper uses 0.1); got {self.temperature!r}"

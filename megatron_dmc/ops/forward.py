@@ -70,6 +70,16 @@ def make_decisions(
 def resolve_decision_logits(
     q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
 ) -> DecisionLogits:
+    """The layer's logits (given, or read from q and k) with the decision threshold applied."""
+    logits = _source_logits(q_BHTD, k_BGTD, config, logits)
+    if config.decision_threshold == 0.0:
+        return logits
+    return DecisionLogits(logits.alpha_BGT - config.decision_threshold, logits.omega_BGT)
+
+
+def _source_logits(
+    q_BHTD: torch.Tensor, k_BGTD: torch.Tensor, config: DMCConfig, logits: DecisionLogits | None
+) -> DecisionLogits:
     if logits is None and config.uses_query:
         return query_decision_logits(q_BHTD, k_BGTD.shape[1], config.init_val)
     if logits is None:

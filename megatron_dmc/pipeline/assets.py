@@ -12,10 +12,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
+from megatron_dmc.data.gpt_dataset import indexed_tokens
 from megatron_dmc.pipeline.preset import Preset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -79,8 +79,4 @@ _CHECKPOINT_ONLY_FIELDS = ("dtype", "dmc_decision_heads")
 
 def held_out_tokens(prefix: str) -> torch.Tensor:
     """Every held-out document's tokens, concatenated (each ends in its EOD token)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
-    tokens = np.concatenate([dataset[i] for i in range(len(dataset))])
-    return torch.from_numpy(tokens.astype(np.int64))
+    return indexed_tokens(prefix)

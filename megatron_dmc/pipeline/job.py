@@ -1,7 +1,8 @@
 """The main job as a chain of steps:
 
 assets -> import HF into Megatron -> (zero_out, channel recipes only) -> retrofit + finetune
-per trained row (KV method x target CR) -> HF export -> (GQA pooling -> import -> plain uptraining -> HF export) -> decode
+per trained row (KV method x target CR) -> HF export -> (decision threshold calibration)
+-> (GQA pooling -> import -> plain uptraining -> HF export) -> decode
 benchmark -> evaluation -> report.
 """
 
@@ -57,6 +58,7 @@ class Job:
             steps.append(Step(f"export_{row_key(method, cr)}", f"Export {label} to HF",
                               lambda m=method, cr=cr: self._export(m, cr),
                               [lay.export_dir(method, cr)]))  # fmt: skip
+        steps += self._calibrate_steps()
         if self.preset.eval.gqa_kv_heads:
             steps.append(
                 Step("gqa", "GQA baseline: mean-pooled KV heads", self._gqa, [lay.gqa_dir])
@@ -70,6 +72,18 @@ class Job:
             Step("report", "Report", self._report, [lay.report, lay.summary, lay.plots_dir]),
         ]  # fmt: skip
         return steps
+
+    def _calibrate_steps(self) -> list[Step]:
+        if not self.preset.train.calibrate_cr:
+            return []
+        from megatron_dmc.eval.calibrate import CALIBRATION_FILE
+
+        length = self.preset.eval.context_len + self.preset.eval.continuation_len
+        return [Step(f"calibrate_{row_key(method, cr)}",
+                     f"Calibrate {label}: decision threshold for {cr_tag(cr)} at {length} tokens",
+                     lambda m=method, cr=cr: self._calibrate(m, cr),
+                     [self.layout.export_dir(method, cr) / CALIBRATION_FILE])
+                for label, method, cr in self.preset.rows()]  # fmt: skip
 
     def _gqa_uptrain_steps(self) -> list[Step]:
         lay = self.layout
@@ -144,6 +158,25 @@ class Job:
         out = self.layout.export_dir(method, cr)
         export_hf(self.layout.train_dir(method, cr), out, dmc=True, assets_from=self.assets.hf_dir)
         copy_generation_ids(Path(self.assets.hf_dir) / "config.json", out / "config.json")
+
+    def _calibrate(self, method: str, cr: float) -> None:
+        from megatron_dmc.eval.calibrate import (
+            CalibrationSettings,
+            calibrate_threshold,
+            write_calibration,
+        )
+        from megatron_dmc.eval.methods import load_model
+
+        e, export = self.preset.eval, self.layout.export_dir(method, cr)
+        settings = CalibrationSettings(
+            cr, e.context_len, e.continuation_len, self.preset.train.calibration_samples
+        )
+        tokens = held_out_tokens(self.assets.train_prefix)
+        calibration = calibrate_threshold(load_model(export), tokens, settings)
+        write_calibration(export, calibration)
+        print(f"   threshold {calibration.threshold:.3f}: real CR on training text "
+              f"{calibration.uncalibrated_cr:.3f} as trained -> {calibration.real_cr:.3f} "
+              f"({len(calibration.probes)} probes)")  # fmt: skip
 
     def _exports(self) -> dict[str, Path]:
         """{row label: HF export} of every trained row."""

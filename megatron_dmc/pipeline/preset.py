@@ -61,6 +61,14 @@ class TrainSettings:
     less in longer sequences, so the same merge rate compresses them more. Off by default:
     with the one-sided CR loss the CR drifts above either target, and the runs measured so
     far gained nothing from it (docs/demo.md)."""
+    calibrate_cr: bool = False
+    """After export, lower every trained row's decisions by one threshold so that its real
+    CR at the evaluation's context + continuation length, measured on training text, is
+    the target (`python -m megatron_dmc.eval calibrate`, eval/calibrate.py): the decisions
+    learnt at seq_length compress longer sequences more than asked. Off keeps the decisions
+    exactly as trained (the paper recipe)."""
+    calibration_samples: int = 2
+    """Blocks of training text measured per probe of that search."""
     extra_args: list[str] = field(default_factory=list)
     """Further `python -m megatron_dmc.train` flags, passed through as given."""
 

@@ -52,6 +52,7 @@ def outcome_lines(summary: dict) -> list[str]:
             f"{_reference_note(t.get('cr_reference_length'), cr)}); "
             f"on held-out decoding {_fmt(held_out, '.3f')}."
         )
+        lines += calibration_lines(t.get("calibration"))
         lines += protocol_lines(summary, (method, "h2o", "tova"), cr)
         if verdict != "reached":
             dmc_steps = t["stage_steps"]["retrofit"] + t["stage_steps"]["finetune"]
@@ -65,6 +66,19 @@ def outcome_lines(summary: dict) -> list[str]:
             f"{_fmt(loss[1], '.3f')} over {t['steps']} steps ({t['tokens']} tokens)"
         )
     return lines
+
+
+def calibration_lines(calibration: dict | None) -> list[str]:
+    if calibration is None:
+        return []
+    s = calibration["settings"]
+    length = s["context_len"] + s["continuation_len"]
+    return [
+        f"  - decision threshold {calibration['threshold']:.3f} (eval/calibrate.py): real CR "
+        f"at {length} tokens of training text {calibration['uncalibrated_cr']:.3f} as trained "
+        f"-> {calibration['real_cr']:.3f} (target {calibration['target_cr']:.2f}, "
+        f"{len(calibration['probes'])} probes of {s['samples']} samples)"
+    ]
 
 
 def gqa_outcome_lines(summary: dict) -> list[str]:

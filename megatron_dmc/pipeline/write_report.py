@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from megatron_dmc.eval.calibrate import CALIBRATION_FILE
 from megatron_dmc.eval.results import ResultRow, load_results
 from megatron_dmc.pipeline import plots, report, report_tasks, targets
 from megatron_dmc.pipeline.decode import DecodeResult
@@ -39,7 +40,8 @@ def row_training(preset: Preset, layout: RunLayout, runs: dict[str, list[dict]])
         steps += ["zero_out"] if first_iteration(preset, method) else []
         wall = [timings[s]["wall_s"] for s in steps if s in timings]
         t |= {"label": label, "method": method, "recipe": preset.train.recipe,
-              "wall_s": sum(wall) if len(wall) == len(steps) else None}  # fmt: skip
+              "wall_s": sum(wall) if len(wall) == len(steps) else None,
+              "calibration": read_calibration(layout.export_dir(method, cr))}  # fmt: skip
         out.append(t)
     return out
 
@@ -49,6 +51,12 @@ def trained_layer_head_cr(export_dir: Path) -> list[list[float]] | None:
     (metrics.jsonl does not carry it)."""
     config = json.loads((export_dir / "config.json").read_text())
     return config.get("dmc_layer_head_cr")
+
+
+def read_calibration(export_dir: Path) -> dict | None:
+    """The decision-threshold search of an export (eval/calibrate.py), None if not run."""
+    path = export_dir / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def gqa_training(preset: Preset, layout: RunLayout, rows: list[ResultRow]) -> dict | None:

@@ -81,11 +81,21 @@ def test_heads_roundtrip_is_bitwise_and_keeps_the_dmc_fields(tmp_path: Path) -> 
         export_hf(meg, tmp_path / "plain", dmc=False)
 
 
+def test_calibrated_threshold_survives_import_and_export(tmp_path: Path) -> None:
+    hf = write_heads_llama(tmp_path / "hf")
+    edit_config(hf, dmc_decision_threshold=1.75)
+    meg = import_hf(hf, tmp_path / "meg")
+    assert read_metadata(meg)["dmc"]["decision_threshold"] == 1.75
+    config = (export_hf(meg, tmp_path / "out") / "config.json").read_text()
+    assert '"dmc_decision_threshold": 1.75' in config
+
+
 def test_channel_export_writes_the_paper_defaults(tmp_path: Path) -> None:
     hf = write_tiny_llama(tmp_path / "hf")
     out = export_hf(import_hf(hf, tmp_path / "meg"), tmp_path / "dmc", dmc=True)
     config = (out / "config.json").read_text()
     assert '"dmc_decision_source": "channel"' in config and '"dmc_merge_delay": 0' in config
+    assert '"dmc_decision_threshold": 0.0' in config
 
 
 @pytest.mark.slow

@@ -20,6 +20,9 @@ MODES = {
     "heads": dict(dmc_decision_source="heads"),
     "channel+delay": dict(dmc_merge_delay=5),
     "heads+delay": dict(dmc_decision_source="heads", dmc_merge_delay=5),
+    "heads+delay+threshold": dict(
+        dmc_decision_source="heads", dmc_merge_delay=5, dmc_decision_threshold=-2.0
+    ),
 }
 
 
@@ -63,6 +66,7 @@ def test_full_forward_logits_match(export_dir):
     assert engine.dmc is not None and engine.dmc.window_size == 4
     assert engine.dmc.decision_source == hf.config.dmc_decision_source
     assert engine.dmc.merge_delay == hf.config.dmc_merge_delay
+    assert engine.dmc.decision_threshold == hf.config.dmc_decision_threshold
     ids_BT = _ids(40)
     with torch.no_grad():
         expected_BTV = hf(ids_BT, use_cache=False).logits

@@ -129,6 +129,21 @@ def test_export_is_a_dmc_model_and_decode_measured_it(job):
     assert all(d["tokens_per_s"] > 0 and d["kv_allocated_bytes"] > 0 for d in decode)
 
 
+def test_trained_rows_are_calibrated_and_the_report_says_so(job):
+    out, _ = job
+    summary = json.loads((out / "summary.json").read_text())
+    thresholds = []
+    for row in ("dmc_2x", "dms_2x"):
+        calibration = json.loads((out / f"export/{row}/calibration.json").read_text())
+        config = json.loads((out / f"export/{row}/config.json").read_text())
+        assert config["dmc_decision_threshold"] == calibration["threshold"]
+        assert calibration["probes"][0] == [0.0, calibration["uncalibrated_cr"]]
+        assert [calibration["settings"][k] for k in ("context_len", "continuation_len")] == [64, 16]
+        thresholds.append(calibration["threshold"])
+    assert [t["calibration"]["threshold"] for t in summary["training"]] == thresholds
+    assert (out / "report.md").read_text().count("- decision threshold ") == 2
+
+
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -153,7 +168,7 @@ def test_rerun_skips_every_finished_step(job, capsys):
     out, _ = job
     before = (out / "report.md").stat().st_mtime
     assert demo.main(["--preset", "tiny", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 13
+    assert capsys.readouterr().out.count("done before, skipped") == 15
     assert (out / "report.md").stat().st_mtime == before
 
 
