@@ -10,7 +10,8 @@ strides are not the standard ones, and `grad_output.matmul(weight)` in the layer
 [S, B, V] to [S*B, V]: it runs S matrix-vector products that each read the whole [V, C]
 weight (measured at S = 256 with SmolLM2's vocabulary: 2.5 s a step instead of about 20 ms
 for one product). `standard_output_grad` hands the layer a standard-strided copy of such a
-gradient; a gradient that already has standard strides passes unchanged. Same values.
+gradient (a tensor hook on the layer's output); a gradient that already has standard
+strides passes unchanged. Same values.
 """
 
 from __future__ import annotations
@@ -26,29 +27,23 @@ def _standard_strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-class _StandardGrad(torch.autograd.Function):
-    """Identity; its backward returns the gradient with standard (row-major) strides."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if grad.stride() == _standard_strides(grad):
-            return grad
-        return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
+def restride(grad: torch.Tensor) -> torch.Tensor:
+    """grad itself when its strides are standard, else a standard-strided copy."""
+    if grad.stride() == _standard_strides(grad):
+        return grad
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
-def _hook(module: torch.nn.Module, inputs, output):
-    if isinstance(output, tuple) and isinstance(output[0], torch.Tensor):
-        return (_StandardGrad.apply(output[0]), *output[1:])
-    return None
+def _hook(module: torch.nn.Module, inputs, output) -> None:
+    # A hook on the output tensor fires with the gradient the layer's backward receives,
+    # also when a loss later works on that tensor in place (Megatron's cross-entropy).
+    logits = output[0] if isinstance(output, tuple) else output
+    if isinstance(logits, torch.Tensor) and logits.requires_grad:
+        logits.register_hook(restride)
 
 
 def standard_output_grad(module: torch.nn.Module) -> None:
-    """Route the gradient of `module.output_layer`'s output (if this stage has one) through
-    `_StandardGrad`."""
+    """Restride the gradient of `module.output_layer`'s output (if this stage has one)."""
     output_layer = getattr(module, "output_layer", None)
     if output_layer is not None:
         output_layer.register_forward_hook(_hook)
