@@ -601,8 +601,13 @@ def local_attention(
     open_BHT = open_BHT.masked_fill(~visible_T, float("-inf"))
     open_BGRNW1 = F.pad(open_BHT, (0, n * w - t)).view(b, g, h // g, n, w, 1)
     all_BGRNWL = torch.cat([scores_BGRNWK, open_BGRNW1], dim=-1)
-    lse_BGRNW1 = torch.logsumexp(all_BGRNWL, dim=-1, keepdim=True)
-    probs_BGRNWL = torch.exp(all_BGRNWL - lse_BGRNW1)
+    # One exp for the probabilities and the log-normaliser, none in the backward (a
+    # logsumexp, then exp(all - lse), takes three over the scores).
+    max_BGRNW1 = all_BGRNWL.detach().amax(dim=-1, keepdim=True)
+    exp_BGRNWL = torch.exp(all_BGRNWL - max_BGRNW1)
+    sum_BGRNW1 = exp_BGRNWL.sum(dim=-1, keepdim=True)
+    probs_BGRNWL = exp_BGRNWL / sum_BGRNW1
+    lse_BGRNW1 = max_BGRNW1 + torch.log(sum_BGRNW1)
     band_BGRNWD = torch.einsum(
         "bgrnwk,bgnkd->bgrnwd", probs_BGRNWL[..., :-1], _key_blocks(v_BGTD, w, n)
     )
