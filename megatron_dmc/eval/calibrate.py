@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,15 +43,16 @@ class CalibrationSettings:
     """Disjoint blocks of context_len + continuation_len tokens measured per probe."""
     tolerance: float = 0.02
     """Stop once the real CR is within [target, target * (1 + tolerance)]."""
-    max_probes: int = 12
+    narrowing_probes: int = 10
+    """Probes at most once the target is bracketed (bracketing takes at most 8)."""
 
     def __post_init__(self) -> None:
         if not self.target_cr >= 1.0:
             raise ValueError(f"target CR must be >= 1; got {self.target_cr!r}")
-        if self.samples < 1 or self.max_probes < 2 or not self.tolerance > 0:
+        if self.samples < 1 or self.narrowing_probes < 1 or not self.tolerance > 0:
             raise ValueError(
-                "samples must be >= 1, max probes >= 2 and tolerance > 0; got "
-                f"{self.samples}, {self.max_probes}, {self.tolerance}"
+                "samples and narrowing probes must be >= 1 and tolerance > 0; got "
+                f"{self.samples}, {self.narrowing_probes}, {self.tolerance}"
             )
 
 
@@ -72,7 +74,6 @@ def calibrate_threshold(
     model: nn.Module, token_ids: torch.Tensor, settings: CalibrationSettings
 ) -> Calibration:
     """Search tau for a loaded DMC/DMS model (left at the chosen tau) on `token_ids`."""
-    probes: list[tuple[float, float]] = []
 
     def measure(threshold: float) -> float:
         set_decision_threshold(model, threshold)
@@ -84,15 +85,28 @@ def calibrate_threshold(
             settings.continuation_len,
             max_samples=settings.samples,
         )
-        probes.append((threshold, float(result.real_cr)))
+        return float(result.real_cr)
+
+    calibration = search_threshold(measure, settings)
+    set_decision_threshold(model, calibration.threshold)
+    return calibration
+
+
+def search_threshold(
+    measure: Callable[[float], float], settings: CalibrationSettings
+) -> Calibration:
+    """The search itself, over any `measure(tau) -> real CR` that falls as tau grows."""
+    probes: list[tuple[float, float]] = []
+
+    def probe(threshold: float) -> float:
+        probes.append((threshold, measure(threshold)))
         return probes[-1][1]
 
-    uncalibrated = measure(0.0)
-    bracket = _bracket(measure, uncalibrated, settings)
+    uncalibrated = probe(0.0)
+    bracket = _bracket(probe, uncalibrated, settings)
     if bracket is not None:
-        _narrow(measure, bracket, settings)
+        _narrow(probe, bracket, settings)
     threshold, real_cr = _choice(probes, settings.target_cr)
-    set_decision_threshold(model, threshold)
     return Calibration(
         settings.target_cr, threshold, real_cr, uncalibrated, asdict(settings), probes
     )
@@ -118,17 +132,18 @@ def _bracket(measure, cr_at_zero: float, settings: CalibrationSettings):
 
 
 def _narrow(measure, bracket, settings: CalibrationSettings) -> None:
-    """False position (Illinois) on real CR - target inside the bracket."""
+    """False position (Illinois) inside the bracket, aimed at the middle of the accepted
+    band [target, target * (1 + tolerance)]."""
     (t_hi, cr_hi), (t_lo, cr_lo) = bracket
     weight_hi = weight_lo = 1.0
-    target, side = settings.target_cr, 0
-    for _ in range(settings.max_probes - 2):
-        gap_hi, gap_lo = (cr_hi - target) * weight_hi, (cr_lo - target) * weight_lo
+    aim, side = settings.target_cr * (1 + settings.tolerance / 2), 0
+    for _ in range(settings.narrowing_probes):
+        gap_hi, gap_lo = (cr_hi - aim) * weight_hi, (cr_lo - aim) * weight_lo
         tau = t_hi + (t_lo - t_hi) * gap_hi / (gap_hi - gap_lo)
         cr = measure(tau)
         if _accepted(cr, settings) or abs(t_lo - t_hi) < 1e-3:
             return
-        if cr > target:
+        if cr > aim:
             t_hi, cr_hi, weight_hi = tau, cr, 1.0
             weight_lo, side = (weight_lo / 2 if side == 1 else 1.0), 1
         else:

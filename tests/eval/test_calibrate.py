@@ -15,6 +15,7 @@ from megatron_dmc.eval.calibrate import (
     CALIBRATION_FILE,
     CalibrationSettings,
     calibrate_threshold,
+    search_threshold,
 )
 from megatron_dmc.eval.calibrate_cli import main as calibrate_main
 from megatron_dmc.eval.methods import build_method, load_model
@@ -45,6 +46,29 @@ def _real_cr(model, tokens: torch.Tensor) -> float:
         model, build_method("dmc"), tokens, CONTEXT, CONTINUATION, max_samples=SAMPLES
     )
     return float(result.real_cr)
+
+
+def _staircase(threshold: float) -> float:
+    """A real CR that falls in steps of 0.01 as tau grows (2.4 at 0, 1.0 from tau = 7)."""
+    return max(1.0, round(2.4 - 0.2 * threshold, 2))
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.8, 3.9])
+def test_search_brackets_both_ways_and_keeps_the_largest_tau_reaching_the_target(target):
+    settings = CalibrationSettings(target, tolerance=0.02)
+    calibration = search_threshold(_staircase, settings)
+    assert calibration.uncalibrated_cr == 2.4 and calibration.probes[0] == (0.0, 2.4)
+    assert target <= calibration.real_cr <= target * 1.02
+    assert (calibration.threshold > 0) == (target < 2.4)
+    reaching = [t for t, cr in calibration.probes if cr >= target]
+    assert calibration.threshold == max(reaching)
+    assert len(calibration.probes) <= 8 + settings.narrowing_probes
+
+
+def test_unreachable_target_keeps_the_most_compressing_probe():
+    calibration = search_threshold(lambda t: min(3.0, _staircase(t)), CalibrationSettings(5.0))
+    assert calibration.real_cr == 3.0 and calibration.threshold < 0
+    assert [t for t, _ in calibration.probes[:3]] == [0.0, -1.0, -2.0]
 
 
 @pytest.mark.parametrize("target", [1.3, 2.5])
