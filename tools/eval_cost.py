@@ -73,10 +73,10 @@ def main() -> None:
     parser.add_argument("--hf-dmc", action="store_true")
     parser.add_argument("--merge-delay", type=int, default=0, help="also time DMC with this delay")
     args = parser.parse_args()
-    from megatron_dmc.pipeline.assets import held_out_tokens
+    from megatron_dmc.data.gpt_dataset import indexed_tokens
 
     torch.manual_seed(0)
-    tokens = held_out_tokens(args.held_out)
+    tokens = indexed_tokens(args.held_out)
     model = load_model(args.model)
     twin = dmc_twin(model, args.merge_rate, tokens[: args.context])
     runs = [("vanilla/transformers", model, NativeCache("vanilla"))]

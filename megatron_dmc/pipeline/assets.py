@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_dmc.data.gpt_dataset import indexed_tokens
 from megatron_dmc.pipeline.preset import Preset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -75,8 +74,3 @@ def write_model_yaml(hf_dir: str | Path, path: Path) -> None:
 
 _CHECKPOINT_ONLY_FIELDS = ("dtype", "dmc_decision_heads")
 """Facts about stored weights, not the model a training run builds."""
-
-
-def held_out_tokens(prefix: str) -> torch.Tensor:
-    """Every held-out document's tokens, concatenated (each ends in its EOD token)."""
-    return indexed_tokens(prefix)

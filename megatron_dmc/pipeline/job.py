@@ -14,8 +14,9 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from megatron_dmc.data.gpt_dataset import indexed_tokens
 from megatron_dmc.pipeline import retrofit
-from megatron_dmc.pipeline.assets import Assets, build_assets, held_out_tokens, write_model_yaml
+from megatron_dmc.pipeline.assets import Assets, build_assets, write_model_yaml
 from megatron_dmc.pipeline.eval_tasks import TASKS_DIR, run_task_evaluation
 from megatron_dmc.pipeline.layout import RunLayout, cr_tag, row_key
 from megatron_dmc.pipeline.preset import Preset
@@ -171,7 +172,7 @@ class Job:
         settings = CalibrationSettings(
             cr, e.context_len, e.continuation_len, self.preset.train.calibration_samples
         )
-        tokens = held_out_tokens(self.assets.train_prefix)
+        tokens = indexed_tokens(self.assets.train_prefix)
         calibration = calibrate_threshold(load_model(export), tokens, settings)
         write_calibration(export, calibration)
         print(f"   threshold {calibration.threshold:.3f}: real CR on training text "
@@ -224,7 +225,7 @@ class Job:
         from megatron_dmc.pipeline.decode import run_decode, run_headline, save_results
 
         exports = self._exports()
-        tokens = held_out_tokens(self.assets.held_out_prefix)
+        tokens = indexed_tokens(self.assets.held_out_prefix)
         results = run_decode(self.assets.hf_dir, exports, tokens, self.preset.decode)
         save_results(results, self.layout.decode_file)
         run_headline(self.assets.hf_dir, exports, tokens, self.preset.decode,
@@ -243,7 +244,7 @@ class Job:
     def _eval(self) -> None:
         from megatron_dmc.pipeline.evaluation import run_evaluation
 
-        tokens = held_out_tokens(self.assets.held_out_prefix)
+        tokens = indexed_tokens(self.assets.held_out_prefix)
         run_evaluation(self._eval_jobs(), tokens, self.preset.eval, self.layout.eval_dir)
 
     def _task_steps(self) -> list[Step]:
