@@ -5,7 +5,11 @@ Every variant is the paper recipe plus a delta; the names compose with `+`:
 `paper` (nothing added), `heads` (decision heads, no zero_out), `distill` (KL to the model
 with compression off as the only task loss), `frozen` (only the decision heads train),
 `lora` (heads, the base frozen with rank-8 LoRA adapters on q/k/v/o), `delayN` (the most
-recent N tokens exact). Each variant runs the main job's steps (import, zero_out where the
+recent N tokens exact), `lr10` (the decision rows' update 10x the base LR instead of the paper
+recipe's 1000x: the efficient recipe's multiplier), `calibrated` (after export the decision
+threshold is calibrated so that the real CR at the evaluation length is the target, as in
+the main job; eval/calibrate.py). `heads+distill+frozen+delay64+lr10+calibrated` is the
+efficient recipe of the main job. Each variant runs the main job's steps (import, zero_out where the
 variant has channel decisions, retrofit + finetune per target, export, evaluation without
 baselines or tasks) on the preset's data, steps per target and held-out protocols, in
 OUT/<variant>/; the preset's `train.extra_args` are not applied. Writes OUT/ablation.md and
@@ -35,10 +39,13 @@ DELTAS = {
     "distill": ["--dmc-distill-weight", "1", "--dmc-lm-loss-weight", "0"],
     "frozen": ["--dmc-trainable", "dmc-heads"],
     "lora": ["--dmc-decision-source", "heads", "--dmc-trainable", "lora", "--dmc-lora-rank", "8"],
+    "lr10": ["--dmc-decision-lr-mult", "10"],
+    "calibrated": [],
 }
 """Flags each name adds to the paper recipe (`delayN` adds --dmc-merge-delay N)."""
 DEFAULT_VARIANTS = ("paper,heads,heads+distill,heads+distill+frozen,heads+distill+frozen+delay16,"
-                    "heads+distill+frozen+delay64,lora+distill+delay64")  # fmt: skip
+                    "heads+distill+frozen+delay64,lora+distill+delay64,"
+                    "heads+distill+frozen+delay64+lr10+calibrated")  # fmt: skip
 SHORT = {
     "ppl_matched_continuation": "matched continuation",
     "ppl_matched_strided": "matched whole-sequence",
@@ -46,7 +53,7 @@ SHORT = {
     "ppl_strided": "whole-sequence",
 }
 """Column names of the protocols (goals.PROTOCOLS names them in full)."""
-STEPS = re.compile(r"assets|import|zero_out|retrofit_.*|export_.*|eval")
+STEPS = re.compile(r"assets|import|zero_out|retrofit_.*|export_.*|calibrate_.*|eval")
 """The main job's steps an ablation variant runs."""
 
 
@@ -73,7 +80,8 @@ def variant_preset(base: Preset, name: str, targets: list[float]) -> Preset:
     from megatron_dmc.pipeline.eval_tasks import PaperTasks
 
     train = dataclasses.replace(base.train, recipe="paper", methods=["dmc"],
-                                extra_args=variant_flags(name))  # fmt: skip
+                                extra_args=variant_flags(name),
+                                calibrate_cr="calibrated" in name.split("+"))  # fmt: skip
     evaluation = dataclasses.replace(base.eval, tasks=[], baselines=[], gqa_kv_heads=None,
                                      gqa_uptrain=False)  # fmt: skip
     try:

@@ -24,3 +24,12 @@ def test_growable_pool_grows_and_keeps_pages():
     torch.testing.assert_close(pool.k_flat[:4], torch.arange(12.0).view(4, 3))
     pool.release(first_K)
     assert sorted(pool.allocate(2).tolist()) == sorted(first_K.tolist())
+
+
+def test_fresh_pool_hands_out_ascending_ids_so_streams_lie_in_address_order():
+    pool = PagePool(6, 2, 3, growable=True)
+    assert pool.allocate(3).tolist() == [0, 1, 2]
+    assert pool.allocate(2).tolist() == [3, 4]
+    assert pool.allocate(3).tolist() == [5, 6, 7]
+    pool.release(torch.tensor([1, 2]))
+    assert pool.allocate(2).tolist() == [2, 1]

@@ -143,6 +143,14 @@ def test_ablation_variants_compose_deltas_on_the_paper_recipe():
         variant_flags("heads+delay")
     default = load_preset("default")
     assert variant_preset(default, "heads+distill+frozen+delay64", [2.0, 4.0]).rows()
+    assert not variant_preset(default, "heads", [2.0]).train.calibrate_cr
+
+
+def test_ablation_variant_of_the_efficient_recipe_matches_its_yaml():
+    default = load_preset("default")
+    efficient = variant_preset(default, "heads+distill+frozen+delay64+lr10+calibrated", [4.0])
+    assert efficient.train.calibrate_cr and not efficient.uses_zero_out
+    assert efficient.recipe_values() == default.recipe_values()
 
 
 def test_ablation_table_has_a_row_per_variant_and_target():

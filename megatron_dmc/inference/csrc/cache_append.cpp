@@ -109,7 +109,7 @@ int64_t append_all(const Layout& s, const Slabs<scalar_t>& m, const int64_t* seq
     }
   }
   if (needed > num_free) return -1;
-  int64_t next = num_free - needed;
+  int64_t top = num_free;  // pops the top of the stack first, as PagePool.allocate
   std::vector<scalar_t> key(dim), value(dim), rotated(dim);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -127,7 +127,7 @@ int64_t append_all(const Layout& s, const Slabs<scalar_t>& m, const int64_t* seq
       rope<scalar_t>(key.data(), t.cos, t.sin, dim, s.compress && s.channel, rotated.data());
       const int64_t slot = m.lengths[row] - merges;
       int64_t* table = m.table + row * s.width;
-      if (!merges && slot % s.page == 0) table[slot / s.page] = free_pages[next++];
+      if (!merges && slot % s.page == 0) table[slot / s.page] = free_pages[--top];
       const int64_t offset = (table[slot / s.page] * s.page + slot % s.page) * dim;
       std::copy(rotated.begin(), rotated.end(), m.k_pages + offset);
       std::copy(value.begin(), value.end(), m.v_pages + offset);

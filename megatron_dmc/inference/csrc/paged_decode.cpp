@@ -23,6 +23,9 @@ namespace {
 
 // Pages of a stream scored before one softmax update (the scores of a block stay in L1).
 constexpr int64_t kBlockPages = 8;
+// Pages ahead whose keys are prefetched while a page is scored: a stream's pages lie
+// anywhere in the pool, so the hardware prefetcher cannot follow them.
+constexpr int64_t kPrefetchPages = 4;
 
 struct Shape {
   int64_t group, dim, page, width, ring;
@@ -169,13 +172,17 @@ void one_stream(const scalar_t* q, const scalar_t* k_pages, const scalar_t* v_pa
   std::fill(w.sum_s, w.sum_s + s.group, acc_t(0));
   const int64_t pages = (length + s.page - 1) / s.page;
   const int64_t page_bytes = page_elems * static_cast<int64_t>(sizeof(scalar_t));
-  if (pages > 0) prefetch(k_pages + table[0] * page_elems, page_bytes);
+  for (int64_t p = 0; p < std::min(pages, kPrefetchPages); ++p) {
+    prefetch(k_pages + table[p] * page_elems, page_bytes);
+  }
   for (int64_t first = 0; first < pages; first += kBlockPages) {
     const int64_t last = std::min(pages, first + kBlockPages);
     int64_t count = 0;
     for (int64_t p = first; p < last; ++p) {
       const int64_t filled = std::min(s.page, length - p * s.page);
-      if (p + 1 < pages) prefetch(k_pages + table[p + 1] * page_elems, page_bytes);
+      if (p + kPrefetchPages < pages) {
+        prefetch(k_pages + table[p + kPrefetchPages] * page_elems, page_bytes);
+      }
       prefetch(v_pages + table[p] * page_elems, page_bytes);
       score_keys<kDim, scalar_t, acc_t>(k_pages + table[p] * page_elems, filled, count, s, w);
       count += filled;
