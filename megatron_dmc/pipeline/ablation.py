@@ -119,9 +119,15 @@ def variant_rows(preset: Preset, layout: RunLayout, variant: str) -> list[dict]:
         rise = {key: ppl_change(summary, "dmc", cr, key) for key in ppl}
         rows.append({"variant": variant, "target_cr": cr, "steps": t["steps"],
                      "tokens": t["tokens"], "wall_s": t["wall_s"],
-                     "final_achieved_cr": t["final_achieved_cr"], "ppl": ppl, "rise": rise,
-                     "flags": preset.train.extra_args})  # fmt: skip
+                     "final_achieved_cr": t["final_achieved_cr"],
+                     "held_out_cr": (dmc.get("real_cr") or {}).get("continuation"),
+                     "threshold": (t.get("calibration") or {}).get("threshold"),
+                     "ppl": ppl, "rise": rise, "flags": preset.train.extra_args})  # fmt: skip
     return rows
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def ablation_markdown(data: dict) -> str:
@@ -129,13 +135,13 @@ def ablation_markdown(data: dict) -> str:
     from megatron_dmc.pipeline.report import table
 
     keys = [(k, n) for k, n in SHORT.items() if any(k in r["ppl"] for r in data["rows"])]
-    header = ["variant", "target", "tokens", "wall s", "achieved CR"]
+    header = ["variant", "target", "tokens", "wall s", "achieved CR", "held-out CR"]
     header += [f"{name} ppl (rise)" for _, name in keys]
     rows = []
     for r in data["rows"]:
         cells = [r["variant"], cr_tag(r["target_cr"]), str(r["tokens"]),
                  "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}",
-                 "–" if r["final_achieved_cr"] is None else f"{r['final_achieved_cr']:.3f}"]  # fmt: skip
+                 _number(r["final_achieved_cr"]), _number(r.get("held_out_cr"))]  # fmt: skip
         for key, _ in keys:
             ppl, rise = r["ppl"].get(key), r["rise"].get(key)
             cells.append("–" if ppl is None else f"{ppl:.2f} ({rise:+.1f}%)")

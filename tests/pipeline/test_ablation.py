@@ -1,7 +1,8 @@
 """The ablation end to end on the tiny preset (at one rank): two variants (the paper recipe,
-with zero_out, and decision heads + distillation + frozen base + delay 8, without) train on
-the same data and steps, are evaluated on the same protocols, and land in one table; the
-main job's report section picks the table up."""
+with zero_out, and decision heads + distillation + frozen base + delay 8 + the efficient
+recipe's LR multiplier + a calibrated threshold, without) train on the same data and steps,
+are evaluated on the same protocols, and land in one table; the main job's report section
+picks the table up."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from megatron_dmc.pipeline.targets import section
 from tests.assets.helpers import needs_gensim, needs_smollm2
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist, needs_gensim, needs_smollm2]
-VARIANTS = ("paper", "heads+distill+frozen+delay8")
+VARIANTS = ("paper", "heads+distill+frozen+delay8+lr10+calibrated")
 
 
 def one_rank_tiny_preset(folder: Path) -> Path:
@@ -48,7 +49,10 @@ def test_two_variants_train_on_the_same_budget_and_fill_the_table(tmp_path: Path
         assert row["wall_s"] > 0 and row["final_achieved_cr"] > 1.0
         assert {"ppl_continuation", "ppl_strided", "ppl_matched_continuation"} <= set(row["ppl"])
         assert all(math.isfinite(v) for v in [*row["ppl"].values(), *row["rise"].values()])
+        assert row["held_out_cr"] > 1.0
     assert "--dmc-merge-delay" in rows[VARIANTS[1]]["flags"]
+    assert rows["paper"]["threshold"] is None and rows[VARIANTS[1]]["threshold"] is not None
+    assert (out / VARIANTS[1] / "export" / "dmc_2x" / "calibration.json").is_file()
     table = (out / "ablation.md").read_text()
     assert all(f"| {v} | 2x |" in table for v in VARIANTS)
     summary = {"training": [], "preset": {}, "results": []}
