@@ -40,9 +40,10 @@ DELTAS = {
     "frozen": ["--dmc-trainable", "dmc-heads"],
     "lora": ["--dmc-decision-source", "heads", "--dmc-trainable", "lora", "--dmc-lora-rank", "8"],
     "lr10": ["--dmc-decision-lr-mult", "10"],
-    "calibrated": [],
 }
 """Flags each name adds to the paper recipe (`delayN` adds --dmc-merge-delay N)."""
+CALIBRATED = "calibrated"
+"""The part that adds a step, not a flag: the main job's threshold calibration."""
 DEFAULT_VARIANTS = ("paper,heads,heads+distill,heads+distill+frozen,heads+distill+frozen+delay16,"
                     "heads+distill+frozen+delay64,lora+distill+delay64,"
                     "heads+distill+frozen+delay64+lr10+calibrated")  # fmt: skip
@@ -64,12 +65,14 @@ def variant_flags(name: str) -> list[str]:
         delay = re.fullmatch(r"delay(\d+)", part)
         if delay:
             flags += ["--dmc-merge-delay", delay.group(1)]
+        elif part == CALIBRATED:
+            continue
         elif part in DELTAS:
             flags += DELTAS[part]
         else:
             raise ValueError(
-                f"variant {name!r}: unknown part {part!r}; compose {sorted(DELTAS)} and delayN "
-                "with +"
+                f"variant {name!r}: unknown part {part!r}; compose {sorted(DELTAS)}, "
+                f"{CALIBRATED} and delayN with +"
             )
     return flags
 
@@ -81,7 +84,7 @@ def variant_preset(base: Preset, name: str, targets: list[float]) -> Preset:
 
     train = dataclasses.replace(base.train, recipe="paper", methods=["dmc"],
                                 extra_args=variant_flags(name),
-                                calibrate_cr="calibrated" in name.split("+"))  # fmt: skip
+                                calibrate_cr=CALIBRATED in name.split("+"))  # fmt: skip
     evaluation = dataclasses.replace(base.eval, tasks=[], baselines=[], gqa_kv_heads=None,
                                      gqa_uptrain=False)  # fmt: skip
     try:
@@ -135,13 +138,14 @@ def ablation_markdown(data: dict) -> str:
     from megatron_dmc.pipeline.report import table
 
     keys = [(k, n) for k, n in SHORT.items() if any(k in r["ppl"] for r in data["rows"])]
-    header = ["variant", "target", "tokens", "wall s", "achieved CR", "held-out CR"]
+    header = ["variant", "target", "tokens", "wall s", "achieved CR", "held-out CR", "threshold"]
     header += [f"{name} ppl (rise)" for _, name in keys]
     rows = []
     for r in data["rows"]:
         cells = [r["variant"], cr_tag(r["target_cr"]), str(r["tokens"]),
                  "–" if r["wall_s"] is None else f"{r['wall_s']:.0f}",
-                 _number(r["final_achieved_cr"]), _number(r.get("held_out_cr"))]  # fmt: skip
+                 _number(r["final_achieved_cr"]), _number(r.get("held_out_cr")),
+                 _number(r.get("threshold"))]  # fmt: skip
         for key, _ in keys:
             ppl, rise = r["ppl"].get(key), r["rise"].get(key)
             cells.append("–" if ppl is None else f"{ppl:.2f} ({rise:+.1f}%)")

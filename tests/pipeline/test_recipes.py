@@ -160,7 +160,7 @@ def test_ablation_table_has_a_row_per_variant_and_target():
     text = ablation_markdown({"preset": "tiny", "command": "cmd", "rows": rows})
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(lines) == 5 and lines[2].startswith(
-        "| paper | 4x | 640 | 12 | 3.900 | – | 11.00 (+10.0%)"
+        "| paper | 4x | 640 | 12 | 3.900 | – | – | 11.00 (+10.0%)"
     )
     assert dataclasses.is_dataclass(load_preset("tiny"))
 

@@ -23,8 +23,8 @@ namespace {
 
 // Pages of a stream scored before one softmax update (the scores of a block stay in L1).
 constexpr int64_t kBlockPages = 8;
-// Pages ahead whose keys are prefetched while a page is scored: a stream's pages lie
-// anywhere in the pool, so the hardware prefetcher cannot follow them.
+// Pages ahead whose keys are prefetched while a page is scored: pages taken during decode
+// interleave between streams, and the hardware prefetcher stops at each 4 KiB page.
 constexpr int64_t kPrefetchPages = 4;
 
 struct Shape {
